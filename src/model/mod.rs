@@ -1,0 +1,65 @@
+//! Hugging Face checkpoints: config, weights, decoder, KV cache, tokenizer.
+pub mod config;
+pub mod device;
+pub mod kv_cache;
+pub mod llama;
+pub mod rope;
+pub mod tokenizer;
+pub mod weights;
+
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind};
+
+pub use config::ModelConfig;
+pub use kv_cache::{KvCache, Step};
+pub use llama::Llama;
+pub use tokenizer::{Message, Tokenizer};
+pub use weights::Weights;
+
+/// A loaded checkpoint directory: decoder, tokenizer and stop tokens.
+pub struct Model {
+    pub dir: PathBuf,
+    pub net: Llama,
+    pub tok: Tokenizer,
+    /// Token ids that end a generation.
+    pub eos: Vec<i64>,
+}
+
+impl Model {
+    pub fn load(dir: &Path, device: Device, dtype: Kind) -> Result<Self> {
+        if !dir.is_dir() {
+            anyhow::bail!("{}: not a model directory", dir.display());
+        }
+        let cfg = ModelConfig::load(dir)?;
+        let tok = Tokenizer::load(dir)?;
+        let weights = Weights::open(dir, device, dtype)?;
+        let eos = stop_tokens(dir, &cfg, &tok)?;
+        let net = Llama::load(cfg, &weights)?;
+        Ok(Model {
+            dir: dir.to_path_buf(),
+            net,
+            tok,
+            eos,
+        })
+    }
+}
+
+/// generation_config.json's `eos_token_id`, else config.json's, else the tokenizer's.
+fn stop_tokens(dir: &Path, cfg: &ModelConfig, tok: &Tokenizer) -> Result<Vec<i64>> {
+    let path = dir.join("generation_config.json");
+    if path.exists() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: malformed JSON", path.display()))?;
+        let ids = config::token_ids(v.get("eos_token_id"));
+        if !ids.is_empty() {
+            return Ok(ids);
+        }
+    }
+    if !cfg.eos_token_ids.is_empty() {
+        return Ok(cfg.eos_token_ids.clone());
+    }
+    Ok(tok.eos_id().into_iter().collect())
+}
