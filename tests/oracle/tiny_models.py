@@ -96,8 +96,11 @@ def main():
             assert torch.equal(reloaded.model.rotary_emb.inv_freq, model.model.rotary_emb.inv_freq), name
         with torch.no_grad():
             logits = model(input_ids=ids, attention_mask=mask, position_ids=positions).logits
-            greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+            # No stop token (min_new_tokens would instead mask EOS out of the argmax).
+            model.generation_config.eos_token_id = None
+            greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW,
                                     do_sample=False, pad_token_id=0)[:, L:]
+            assert greedy.shape[1] == NEW
         save_file({"input_ids": ids, "attention_mask": mask, "logits": logits.contiguous(),
                    "greedy": greedy.contiguous()}, os.path.join(d, "expected.safetensors"))
     print("ok")

@@ -1,0 +1,107 @@
+//! Shared test helpers: where the Python oracle and models live, and fixtures
+//! produced once by transformers and cached under the target directory.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use tch::Tensor;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The project virtualenv's Python (TARPO_VENV, else ./.venv).
+pub fn python() -> PathBuf {
+    let venv = std::env::var_os("TARPO_VENV").map(PathBuf::from).unwrap_or_else(|| root().join(".venv"));
+    let py = venv.join("bin/python");
+    assert!(py.exists(), "{} not found: run ./dev.sh setup (or set TARPO_VENV)", py.display());
+    py
+}
+
+/// Directory of prepared models (TARPO_MODELS, else ./models).
+pub fn models() -> PathBuf {
+    std::env::var_os("TARPO_MODELS").map(PathBuf::from).unwrap_or_else(|| root().join("models"))
+}
+
+pub fn smollm2() -> PathBuf {
+    let d = models().join("SmolLM2-135M-Instruct");
+    assert!(d.join("model.safetensors").exists(), "{} missing: run ./dev.sh setup", d.display());
+    d
+}
+
+/// Scratch space inside the target directory.
+pub fn scratch(name: &str) -> PathBuf {
+    let base = std::env::var_os("CARGO_TARGET_TMPDIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join("tarpo-tests"));
+    let d = base.join(name);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Runs `python tests/oracle/SCRIPT args...`, panicking with its stderr on failure.
+pub fn run_python(script: &str, args: &[&str]) -> String {
+    let out = Command::new(python())
+        .arg(root().join("tests/oracle").join(script))
+        .args(args)
+        .env("HF_HUB_OFFLINE", "1")
+        .env("TRANSFORMERS_VERBOSITY", "error")
+        .output()
+        .expect("run python");
+    assert!(
+        out.status.success(),
+        "{script} failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Output of an oracle script, computed once per script version and cached:
+/// written to a temporary directory and renamed into place, so concurrent
+/// test binaries never see half a fixture.
+pub fn cached_oracle(script: &str, extra: &[&str]) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let src = std::fs::read(root().join("tests/oracle").join(script)).unwrap();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    src.hash(&mut h);
+    extra.hash(&mut h);
+    let dir = scratch("oracle").join(format!("{}-{:016x}", script.trim_end_matches(".py"), h.finish()));
+    if dir.join(".done").exists() {
+        return dir;
+    }
+    let tmp = PathBuf::from(format!("{}.tmp{}", dir.display(), std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let mut args = vec![tmp.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    run_python(script, &args);
+    std::fs::write(tmp.join(".done"), "").unwrap();
+    if std::fs::rename(&tmp, &dir).is_err() {
+        // Another process got there first; its copy is identical.
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+    dir
+}
+
+static TINY: OnceLock<PathBuf> = OnceLock::new();
+
+/// Tiny random-weight models and transformers' outputs on them.
+pub fn tiny_models() -> &'static Path {
+    TINY.get_or_init(|| cached_oracle("tiny_models.py", &[]))
+}
+
+pub const TINY_NAMES: [&str; 4] =
+    ["llama_mha_tied", "llama_gqa_llama3_bias", "qwen2_mqa_tied_legacy_theta", "qwen2_gqa_untied_linear"];
+
+/// Named tensors of a safetensors file.
+pub fn read_tensors(path: &Path) -> std::collections::HashMap<String, Tensor> {
+    Tensor::read_safetensors(path).unwrap().into_iter().collect()
+}
+
+/// The `tarpo` binary.
+pub fn tarpo() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tarpo"))
+}
+
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().max().double_value(&[])
+}
