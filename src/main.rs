@@ -49,7 +49,7 @@ enum Cmd {
         #[command(flatten)]
         model: ModelArgs,
         /// Prompt text.
-        #[arg(long, conflicts_with = "prompt_ids")]
+        #[arg(long)]
         prompt: Option<String>,
         /// Print the generated ids as a JSON array; with a value (1,2,3), also take the prompt as ids.
         #[arg(long = "ids", num_args = 0..=1, default_missing_value = "", value_name = "IDS")]
@@ -127,6 +127,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let m = model.load()?;
             let prompt_tokens = match (&prompt, prompt_ids.as_deref()) {
+                (Some(_), Some(ids)) if !ids.is_empty() => bail!("give either --prompt TEXT or --ids 1,2,3, not both"),
                 (None, Some(ids)) if !ids.is_empty() => parse_ids(ids)?,
                 (Some(text), _) if chat => {
                     let text = m

@@ -65,6 +65,8 @@ pub fn cached_oracle(script: &str, extra: &[&str]) -> PathBuf {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     src.hash(&mut h);
     extra.hash(&mut h);
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
     let dir = scratch("oracle").join(format!("{}-{:016x}", script.trim_end_matches(".py"), h.finish()));
     if dir.join(".done").exists() {
         return dir;
