@@ -127,7 +127,9 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let m = model.load()?;
             let prompt_tokens = match (&prompt, prompt_ids.as_deref()) {
-                (Some(_), Some(ids)) if !ids.is_empty() => bail!("give either --prompt TEXT or --ids 1,2,3, not both"),
+                (Some(_), Some(ids)) if !ids.is_empty() => {
+                    bail!("give either --prompt TEXT or --ids 1,2,3, not both")
+                }
                 (None, Some(ids)) if !ids.is_empty() => parse_ids(ids)?,
                 (Some(text), _) if chat => {
                     let text = m

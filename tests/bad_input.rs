@@ -22,13 +22,20 @@ fn logits(dir: &Path) -> (String, String, bool) {
         .args(["logits", "--model", dir.to_str().unwrap(), "--ids", "2,3,4"])
         .output()
         .unwrap();
-    (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap(), out.status.success())
+    (
+        String::from_utf8(out.stdout).unwrap(),
+        String::from_utf8(out.stderr).unwrap(),
+        out.status.success(),
+    )
 }
 
 fn expect_error(dir: &Path, needles: &[&str]) {
     let (_, err, ok) = logits(dir);
     assert!(!ok, "{}: expected failure", dir.display());
-    assert!(!err.contains("panicked") && !err.contains("internal error"), "panic: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("internal error"),
+        "panic: {err}"
+    );
     assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
     assert!(err.starts_with("error: "), "{err}");
     for n in needles {
@@ -56,30 +63,62 @@ fn config_errors() {
 
     let d = copy_model("unknown_arch");
     let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
-    std::fs::write(d.join("config.json"), cfg.replace("\"llama\"", "\"gpt2\"").replace("LlamaForCausalLM", "GPT2LMHeadModel"))
-        .unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"llama\"", "\"gpt2\"")
+            .replace("LlamaForCausalLM", "GPT2LMHeadModel"),
+    )
+    .unwrap();
     expect_error(&d, &["config.json", "unknown architecture", "gpt2"]);
 
     let d = copy_model("missing_key");
     let cfg = std::fs::read_to_string(d.join("config.json")).unwrap();
-    std::fs::write(d.join("config.json"), cfg.replace("\"num_hidden_layers\"", "\"num_layers\"")).unwrap();
+    std::fs::write(
+        d.join("config.json"),
+        cfg.replace("\"num_hidden_layers\"", "\"num_layers\""),
+    )
+    .unwrap();
     expect_error(&d, &["config.json", "num_hidden_layers"]);
 }
 
 #[test]
 fn weight_errors() {
     let d = copy_model("missing_tensor");
-    let ts: Vec<_> = tensors(&d).into_iter().filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight").collect();
+    let ts: Vec<_> = tensors(&d)
+        .into_iter()
+        .filter(|(n, _)| n != "model.layers.1.mlp.up_proj.weight")
+        .collect();
     write(&d.join("model.safetensors"), &ts);
-    expect_error(&d, &["model.safetensors", "model.layers.1.mlp.up_proj.weight", "missing"]);
+    expect_error(
+        &d,
+        &[
+            "model.safetensors",
+            "model.layers.1.mlp.up_proj.weight",
+            "missing",
+        ],
+    );
 
     let d = copy_model("misshapen_tensor");
     let ts: Vec<_> = tensors(&d)
         .into_iter()
-        .map(|(n, t)| if n == "model.layers.0.self_attn.k_proj.weight" { (n, t.narrow(0, 0, 8)) } else { (n, t) })
+        .map(|(n, t)| {
+            if n == "model.layers.0.self_attn.k_proj.weight" {
+                (n, t.narrow(0, 0, 8))
+            } else {
+                (n, t)
+            }
+        })
         .collect();
     write(&d.join("model.safetensors"), &ts);
-    expect_error(&d, &["model.safetensors", "model.layers.0.self_attn.k_proj.weight", "shape [8, 64]", "expected [64, 64]"]);
+    expect_error(
+        &d,
+        &[
+            "model.safetensors",
+            "model.layers.0.self_attn.k_proj.weight",
+            "shape [8, 64]",
+            "expected [64, 64]",
+        ],
+    );
 
     let d = copy_model("truncated");
     let bytes = std::fs::read(d.join("model.safetensors")).unwrap();
@@ -113,7 +152,10 @@ fn bad_arguments() {
     let (err, ok) = run(&["logits", "--model", m, "--ids", "2,x"]);
     assert!(!ok && err.contains("\"x\" is not an integer"), "{err}");
     let (err, ok) = run(&["logits", "--model", m, "--ids", "2,99999"]);
-    assert!(!ok && err.contains("99999 is outside the vocabulary"), "{err}");
+    assert!(
+        !ok && err.contains("99999 is outside the vocabulary"),
+        "{err}"
+    );
     let (err, ok) = run(&["logits", "--model", m, "--ids", "2", "--device", "tpu"]);
     assert!(!ok && err.contains("unknown device \"tpu\""), "{err}");
     let (err, ok) = run(&["generate", "--model", m, "--prompt", "hi", "--top-p", "0"]);
@@ -121,7 +163,10 @@ fn bad_arguments() {
     let (err, ok) = run(&["generate", "--model", m, "--prompt", "hi", "--chat"]);
     assert!(!ok && err.contains("no chat template"), "{err}");
     let (err, ok) = run(&["logits", "--model", "/nonexistent/model", "--ids", "2"]);
-    assert!(!ok && err.contains("/nonexistent/model: not a model directory"), "{err}");
+    assert!(
+        !ok && err.contains("/nonexistent/model: not a model directory"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -131,11 +176,17 @@ fn sharded_checkpoint_loads_like_single_file() {
     assert!(ok);
     let ts = tensors(&d);
     let (a, b): (Vec<_>, Vec<_>) = ts.into_iter().enumerate().partition(|(i, _)| i % 2 == 0);
-    let strip = |v: Vec<(usize, (String, Tensor))>| v.into_iter().map(|(_, x)| x).collect::<Vec<_>>();
+    let strip =
+        |v: Vec<(usize, (String, Tensor))>| v.into_iter().map(|(_, x)| x).collect::<Vec<_>>();
     let (a, b) = (strip(a), strip(b));
     let mut map = serde_json::Map::new();
-    for (name, file) in a.iter().map(|(n, _)| (n, "model-00001-of-00002.safetensors"))
-        .chain(b.iter().map(|(n, _)| (n, "model-00002-of-00002.safetensors")))
+    for (name, file) in a
+        .iter()
+        .map(|(n, _)| (n, "model-00001-of-00002.safetensors"))
+        .chain(
+            b.iter()
+                .map(|(n, _)| (n, "model-00002-of-00002.safetensors")),
+        )
     {
         map.insert(name.clone(), file.into());
     }

@@ -10,7 +10,10 @@ use tch::{Device, Kind, Tensor};
 fn load(name: &str) -> (Model, std::collections::HashMap<String, Tensor>) {
     let dir = common::tiny_models().join(name);
     let model = Model::load(&dir, Device::Cpu, Kind::Float).unwrap();
-    (model, common::read_tensors(&dir.join("expected.safetensors")))
+    (
+        model,
+        common::read_tensors(&dir.join("expected.safetensors")),
+    )
 }
 
 fn rows(ids: &Tensor, mask: &Tensor) -> Vec<Vec<i64>> {
@@ -18,7 +21,13 @@ fn rows(ids: &Tensor, mask: &Tensor) -> Vec<Vec<i64>> {
     let mask = Vec::<Vec<i64>>::try_from(mask).unwrap();
     ids.iter()
         .zip(&mask)
-        .map(|(r, m)| r.iter().zip(m).filter(|(_, &v)| v == 1).map(|(&t, _)| t).collect())
+        .map(|(r, m)| {
+            r.iter()
+                .zip(m)
+                .filter(|(_, &v)| v == 1)
+                .map(|(&t, _)| t)
+                .collect()
+        })
         .collect()
 }
 
@@ -29,10 +38,20 @@ fn padded_batch_logits_match_transformers() {
         let (m, exp) = load(name);
         let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
         let valid = mask.to_kind(Kind::Bool);
-        let h = m.net.forward(&m.net.embed(ids).unwrap(), &Step::full(&valid).unwrap(), None).unwrap();
+        let h = m
+            .net
+            .forward(
+                &m.net.embed(ids).unwrap(),
+                &Step::full(&valid).unwrap(),
+                None,
+            )
+            .unwrap();
         let logits = m.net.logits(&h).unwrap();
         let sel = valid.unsqueeze(-1).expand_as(&logits);
-        let diff = common::max_abs_diff(&logits.masked_select(&sel), &exp["logits"].masked_select(&sel));
+        let diff = common::max_abs_diff(
+            &logits.masked_select(&sel),
+            &exp["logits"].masked_select(&sel),
+        );
         assert!(diff < 1e-4, "{name}: max |logit diff| {diff}");
         // Sanity: the logits are not trivially small, so 1e-4 is a real bound.
         assert!(exp["logits"].abs().max().double_value(&[]) > 1.0, "{name}");
@@ -51,16 +70,37 @@ fn cached_decoding_matches_uncached_forward() {
     let mut cache = m.net.new_cache(b, l).unwrap();
     let valid = mask.to_kind(Kind::Bool);
     let step = cache.step(&valid.narrow(1, 0, split)).unwrap();
-    let mut outs = vec![m.net.forward(&m.net.embed(&ids.narrow(1, 0, split)).unwrap(), &step, Some(&cache)).unwrap()];
+    let mut outs = vec![m
+        .net
+        .forward(
+            &m.net.embed(&ids.narrow(1, 0, split)).unwrap(),
+            &step,
+            Some(&cache),
+        )
+        .unwrap()];
     for t in split..l {
         let step = cache.step(&valid.narrow(1, t, 1)).unwrap();
-        outs.push(m.net.forward(&m.net.embed(&ids.narrow(1, t, 1)).unwrap(), &step, Some(&cache)).unwrap());
+        outs.push(
+            m.net
+                .forward(
+                    &m.net.embed(&ids.narrow(1, t, 1)).unwrap(),
+                    &step,
+                    Some(&cache),
+                )
+                .unwrap(),
+        );
     }
     let logits = m.net.logits(&Tensor::cat(&outs, 1)).unwrap();
     let sel = valid.unsqueeze(-1).expand_as(&logits);
-    let diff = common::max_abs_diff(&logits.masked_select(&sel), &exp["logits"].masked_select(&sel));
+    let diff = common::max_abs_diff(
+        &logits.masked_select(&sel),
+        &exp["logits"].masked_select(&sel),
+    );
     assert!(diff < 1e-4, "cached vs transformers: {diff}");
-    assert_eq!(cache.lengths().unwrap(), Vec::<i64>::try_from(mask.sum_dim_intlist(1, false, Kind::Int64)).unwrap());
+    assert_eq!(
+        cache.lengths().unwrap(),
+        Vec::<i64>::try_from(mask.sum_dim_intlist(1, false, Kind::Int64)).unwrap()
+    );
 }
 
 #[test]
@@ -68,7 +108,12 @@ fn greedy_generation_matches_transformers() {
     for name in common::TINY_NAMES {
         let (m, exp) = load(name);
         let prompts = rows(&exp["input_ids"], &exp["attention_mask"]);
-        let opts = GenerateOptions { max_new: 32, sampling: Sampling::greedy(), seed: 0, eos: vec![] };
+        let opts = GenerateOptions {
+            max_new: 32,
+            sampling: Sampling::greedy(),
+            seed: 0,
+            eos: vec![],
+        };
         let got = generate(&m.net, &prompts, &opts).unwrap();
         let want = Vec::<Vec<i64>>::try_from(&exp["greedy"]).unwrap();
         assert_eq!(got, want, "{name}");
@@ -84,8 +129,17 @@ fn greedy_generation_matches_transformers() {
 fn sampling_is_seeded_and_stops_at_eos() {
     let (m, exp) = load("qwen2_gqa_untied_linear");
     let prompts = rows(&exp["input_ids"], &exp["attention_mask"]);
-    let sampling = Sampling { temperature: 1.5, top_k: 40, top_p: 0.95 };
-    let opts = |seed, eos: Vec<i64>| GenerateOptions { max_new: 24, sampling, seed, eos };
+    let sampling = Sampling {
+        temperature: 1.5,
+        top_k: 40,
+        top_p: 0.95,
+    };
+    let opts = |seed, eos: Vec<i64>| GenerateOptions {
+        max_new: 24,
+        sampling,
+        seed,
+        eos,
+    };
     let a = generate(&m.net, &prompts, &opts(3, vec![])).unwrap();
     let b = generate(&m.net, &prompts, &opts(3, vec![])).unwrap();
     let c = generate(&m.net, &prompts, &opts(4, vec![])).unwrap();
@@ -98,7 +152,10 @@ fn sampling_is_seeded_and_stops_at_eos() {
     let first = a[0].iter().position(|&t| t == stop).unwrap();
     assert_eq!(d[0], a[0][..=first].to_vec());
     for (row_d, row_a) in d.iter().zip(&a) {
-        let cut = row_a.iter().position(|&t| t == stop).map_or(row_a.len(), |p| p + 1);
+        let cut = row_a
+            .iter()
+            .position(|&t| t == stop)
+            .map_or(row_a.len(), |p| p + 1);
         assert_eq!(row_d, &row_a[..cut]);
     }
 }

@@ -5,6 +5,7 @@
 use super::config::ModelConfig;
 use super::kv_cache::{KvCache, Step};
 use super::rope::{self, Rope};
+use super::small_matmul;
 use super::weights::Weights;
 use anyhow::{Context, Result};
 use tch::{Kind, Tensor};
@@ -26,8 +27,24 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        linear(x, &self.weight, self.bias.as_ref())
     }
+}
+
+/// x W^T + b for x (.., in) and W (out, in); few-row CPU products (decoding)
+/// go to the streaming kernel in `small_matmul`.
+pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
+    let size = x.size();
+    let (inp, out) = (w.size()[1], w.size()[0]);
+    let rows = if inp == 0 { 0 } else { x.numel() as i64 / inp };
+    if !small_matmul::applies(x, w, rows) {
+        return Ok(x.f_linear(w, b)?);
+    }
+    let mut out_shape = size;
+    if let Some(last) = out_shape.last_mut() {
+        *last = out;
+    }
+    Ok(small_matmul::matmul(x, w, b)?.f_reshape(out_shape.as_slice())?)
 }
 
 pub struct RmsNorm {
@@ -89,7 +106,7 @@ impl Attention {
     ) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let split = |y: Tensor, n: i64| -> Result<Tensor> {
-            Ok(y.f_view([b, t, n, self.head_dim])?.f_transpose(1, 2)?) // (B, n, T, D)
+            Ok(y.f_reshape([b, t, n, self.head_dim])?.f_transpose(1, 2)?) // (B, n, T, D)
         };
         let q = rope::apply(&split(self.q.forward(x)?, self.heads)?, cos, sin)?;
         let k = rope::apply(&split(self.k.forward(x)?, self.kv_heads)?, cos, sin)?;
@@ -237,7 +254,37 @@ impl Llama {
 
     /// (.., H) hidden states -> (.., V) logits in the model dtype.
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
-        Ok(h.f_linear::<&Tensor>(self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)?)
+        linear(h, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)
+    }
+
+    /// Every weight tensor, once (a tied LM head is the embedding).
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        let mut out = vec![&self.embed_tokens, &self.norm.weight];
+        out.extend(self.lm_head.as_ref());
+        for l in &self.layers {
+            out.extend([&l.input_norm.weight, &l.post_norm.weight]);
+            for lin in [
+                &l.attn.q,
+                &l.attn.k,
+                &l.attn.v,
+                &l.attn.o,
+                &l.mlp.gate,
+                &l.mlp.up,
+                &l.mlp.down,
+            ] {
+                out.push(&lin.weight);
+                out.extend(lin.bias.as_ref());
+            }
+        }
+        out
+    }
+
+    /// Bytes of weights read by one decode step (every weight once).
+    pub fn weight_bytes(&self) -> i64 {
+        self.tensors()
+            .iter()
+            .map(|t| t.numel() as i64 * t.kind().elt_size_in_bytes() as i64)
+            .sum()
     }
 
     pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {

@@ -4,6 +4,7 @@ pub mod device;
 pub mod kv_cache;
 pub mod llama;
 pub mod rope;
+pub mod small_matmul;
 pub mod tokenizer;
 pub mod weights;
 

@@ -16,6 +16,23 @@ pub struct GenerateOptions {
     pub eos: Vec<i64>,
 }
 
+/// Sets libtorch's intra-op thread count until dropped.
+pub struct IntraOpThreads(i32);
+
+impl IntraOpThreads {
+    pub fn set(n: i32) -> Self {
+        let old = tch::get_num_threads();
+        tch::set_num_threads(n);
+        IntraOpThreads(old)
+    }
+}
+
+impl Drop for IntraOpThreads {
+    fn drop(&mut self) {
+        tch::set_num_threads(self.0);
+    }
+}
+
 /// Left-pads `prompts` into (B, L) ids and a (B, L) validity mask.
 pub fn left_pad(prompts: &[Vec<i64>], device: tch::Device) -> Result<(Tensor, Tensor)> {
     if prompts.is_empty() {
@@ -68,6 +85,10 @@ pub fn generate(
     let h = net.forward(&net.embed(&ids)?, &step, Some(&cache))?;
     let mut logits = net.logits(&h.f_narrow(1, l - 1, 1)?.f_squeeze_dim(1)?)?;
 
+    // Decode steps are small: their matmuls run on our own threads
+    // (model::small_matmul), and libtorch's OpenMP workers, left spinning
+    // between ops, would only compete with them for the cores.
+    let _threads = (device == tch::Device::Cpu).then(|| IntraOpThreads::set(1));
     let mut out: Vec<Vec<i64>> = vec![Vec::new(); b as usize];
     let mut done = vec![false; b as usize];
     let one_new = Tensor::f_ones([b, 1], (Kind::Bool, device))?;

@@ -12,28 +12,38 @@ pub fn root() -> PathBuf {
 
 /// The project virtualenv's Python (TARPO_VENV, else ./.venv).
 pub fn python() -> PathBuf {
-    let venv = std::env::var_os("TARPO_VENV").map(PathBuf::from).unwrap_or_else(|| root().join(".venv"));
+    let venv = std::env::var_os("TARPO_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join(".venv"));
     let py = venv.join("bin/python");
-    assert!(py.exists(), "{} not found: run ./dev.sh setup (or set TARPO_VENV)", py.display());
+    assert!(
+        py.exists(),
+        "{} not found: run ./dev.sh setup (or set TARPO_VENV)",
+        py.display()
+    );
     py
 }
 
 /// Directory of prepared models (TARPO_MODELS, else ./models).
 pub fn models() -> PathBuf {
-    std::env::var_os("TARPO_MODELS").map(PathBuf::from).unwrap_or_else(|| root().join("models"))
+    std::env::var_os("TARPO_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("models"))
 }
 
 pub fn smollm2() -> PathBuf {
     let d = models().join("SmolLM2-135M-Instruct");
-    assert!(d.join("model.safetensors").exists(), "{} missing: run ./dev.sh setup", d.display());
+    assert!(
+        d.join("model.safetensors").exists(),
+        "{} missing: run ./dev.sh setup",
+        d.display()
+    );
     d
 }
 
 /// Scratch space inside the target directory.
 pub fn scratch(name: &str) -> PathBuf {
-    let base = std::env::var_os("CARGO_TARGET_TMPDIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| std::env::temp_dir().join("tarpo-tests"));
+    let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     let d = base.join(name);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -67,7 +77,11 @@ pub fn cached_oracle(script: &str, extra: &[&str]) -> PathBuf {
     extra.hash(&mut h);
     static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
     let _one_at_a_time = LOCK.lock().unwrap_or_else(|e| e.into_inner());
-    let dir = scratch("oracle").join(format!("{}-{:016x}", script.trim_end_matches(".py"), h.finish()));
+    let dir = scratch("oracle").join(format!(
+        "{}-{:016x}",
+        script.trim_end_matches(".py"),
+        h.finish()
+    ));
     if dir.join(".done").exists() {
         return dir;
     }
@@ -91,12 +105,19 @@ pub fn tiny_models() -> &'static Path {
     TINY.get_or_init(|| cached_oracle("tiny_models.py", &[]))
 }
 
-pub const TINY_NAMES: [&str; 4] =
-    ["llama_mha_tied", "llama_gqa_llama3_bias", "qwen2_mqa_tied_legacy_theta", "qwen2_gqa_untied_linear"];
+pub const TINY_NAMES: [&str; 4] = [
+    "llama_mha_tied",
+    "llama_gqa_llama3_bias",
+    "qwen2_mqa_tied_legacy_theta",
+    "qwen2_gqa_untied_linear",
+];
 
 /// Named tensors of a safetensors file.
 pub fn read_tensors(path: &Path) -> std::collections::HashMap<String, Tensor> {
-    Tensor::read_safetensors(path).unwrap().into_iter().collect()
+    Tensor::read_safetensors(path)
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 /// The `tarpo` binary.
