@@ -71,7 +71,14 @@ case "$cmd" in
     setup_tokenizers
     build
     step "running the test suite"
-    cargo test --release -- --test-threads=2 ;;
+    log=$(mktemp)
+    set +e
+    cargo test --release -- --test-threads=2 2>&1 | tee "$log"
+    status=${PIPESTATUS[0]}
+    set -e
+    awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+    rm -f "$log"
+    exit "$status" ;;
   bench)
     build
     cargo bench --bench rollout ;;
