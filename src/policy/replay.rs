@@ -1,0 +1,184 @@
+//! Teacher-forced replay of a rollout, with autograd.
+//!
+//! Rebuilds exactly the inputs the rollout fed the model: prompt tokens, then
+//! for each generated token its embedding (hard) or its mixture rebuilt from
+//! the recorded top-k ids and weights with the current embedding matrix (soft),
+//! with the rollout's positions and attention mask (the reference code dropped
+//! the mask in training). One forward gives every position's hidden state, from
+//! which token and router log-probs follow.
+use super::mix;
+use super::rollout::Rollout;
+use super::router::{Router, SOFT};
+use crate::model::{Llama, Step};
+use anyhow::{bail, Result};
+use tch::{Kind, Tensor};
+
+pub struct ReplayBatch {
+    /// Rollout rows in this batch.
+    pub rows: Vec<usize>,
+    /// (B, W, H) input embeddings: left-padded prompts, then generated inputs.
+    pub inputs: Tensor,
+    /// (B, W) real positions.
+    pub valid: Tensor,
+    /// (B, T) generated tokens, their modes, and which are real.
+    pub tokens: Tensor,
+    pub modes: Tensor,
+    pub mask: Tensor,
+    /// (B, T) router decisions (real and not forced).
+    pub router_mask: Tensor,
+    /// Width of the left-padded prompt block.
+    pub prompt_width: i64,
+}
+
+/// Builds the replay inputs for `rows` of the rollout.
+pub fn build(net: &Llama, ro: &Rollout, rows: &[usize]) -> Result<ReplayBatch> {
+    if rows.is_empty() {
+        bail!("replay of no rows");
+    }
+    if let Some(&r) = rows.iter().find(|&&r| r >= ro.records.len()) {
+        bail!(
+            "replay row {r} out of range (rollout has {} rows)",
+            ro.records.len()
+        );
+    }
+    let dev = net.embed_tokens.device();
+    let k = ro.mix_k as usize;
+    let p = rows.iter().map(|&r| ro.prompts[r].len()).max().unwrap_or(0);
+    let t = rows.iter().map(|&r| ro.records[r].len()).max().unwrap_or(0);
+    if t == 0 {
+        bail!("replay of completions with no generated tokens");
+    }
+    let b = rows.len();
+    let (mut prompt, mut pvalid) = (vec![0i64; b * p], vec![false; b * p]);
+    let (mut toks, mut modes, mut mask, mut rmask) = (
+        vec![0i64; b * t],
+        vec![0i64; b * t],
+        vec![false; b * t],
+        vec![false; b * t],
+    );
+    let (mut mids, mut mw) = (vec![0i64; b * t * k], vec![0f32; b * t * k]);
+    for (i, &r) in rows.iter().enumerate() {
+        let pr = &ro.prompts[r];
+        let off = p - pr.len();
+        for (j, &id) in pr.iter().enumerate() {
+            prompt[i * p + off + j] = id;
+            pvalid[i * p + off + j] = true;
+        }
+        for (j, rec) in ro.records[r].iter().enumerate() {
+            let at = i * t + j;
+            toks[at] = rec.token;
+            modes[at] = rec.mode;
+            mask[at] = true;
+            rmask[at] = !rec.forced;
+            if rec.mode == SOFT {
+                if rec.mix_ids.len() != k || rec.mix_weights.len() != k {
+                    bail!("row {r} token {j}: soft record without its {k} mixture entries");
+                }
+                mids[at * k..(at + 1) * k].copy_from_slice(&rec.mix_ids);
+                mw[at * k..(at + 1) * k].copy_from_slice(&rec.mix_weights);
+            }
+        }
+    }
+    let (bi, pi, ti, ki) = (b as i64, p as i64, t as i64, k as i64);
+    let tensor = |v: &[i64], shape: &[i64]| -> Result<Tensor> {
+        Ok(Tensor::from_slice(v).f_view(shape)?.f_to_device(dev)?)
+    };
+    let flags = |v: &[bool]| -> Result<Tensor> {
+        Ok(Tensor::from_slice(v).f_view([bi, -1])?.f_to_device(dev)?)
+    };
+    let tokens = tensor(&toks, &[bi, ti])?;
+    let modes_t = tensor(&modes, &[bi, ti])?;
+    let mask_t = flags(&mask)?;
+
+    // Inputs of generated tokens 0..T-2 (the last token's input predicts nothing).
+    let n = ti - 1;
+    let hard = net.embed(&tokens.f_narrow(1, 0, n)?)?;
+    let soft = mix::embed(
+        &net.embed_tokens,
+        &tensor(&mids, &[bi, ti, ki])?.f_narrow(1, 0, n)?,
+        &Tensor::from_slice(&mw)
+            .f_view([bi, ti, ki])?
+            .f_to_device(dev)?
+            .f_narrow(1, 0, n)?,
+    )?;
+    let is_soft = modes_t.f_narrow(1, 0, n)?.f_eq(SOFT)?.f_unsqueeze(-1)?;
+    let gen_inputs = soft.f_where_self(&is_soft, &hard)?;
+    let prompt_inputs = net.embed(&tensor(&prompt, &[bi, pi])?)?;
+    let inputs = Tensor::f_cat(&[&prompt_inputs, &gen_inputs], 1)?;
+    // A generated input is real iff the token after it is.
+    let gen_valid = mask_t.f_narrow(1, 1, n)?;
+    let valid = Tensor::f_cat(&[&flags(&pvalid)?, &gen_valid], 1)?;
+    Ok(ReplayBatch {
+        rows: rows.to_vec(),
+        inputs,
+        valid,
+        tokens,
+        modes: modes_t,
+        mask: mask_t,
+        router_mask: flags(&rmask)?,
+        prompt_width: pi,
+    })
+}
+
+pub struct Scores {
+    /// (B, T, H) final-normed hidden states at the positions that predict each token.
+    pub hidden: Tensor,
+    /// (B, T) log p(y_t) under softmax(z / temperature).
+    pub logp: Tensor,
+    /// (B, T) entropy of that distribution.
+    pub entropy: Tensor,
+    /// (B, T) log pi_r(m_t | h_t), with a router.
+    pub router_logp: Option<Tensor>,
+    /// (B, T, 2) log pi_r(. | h_t), with a router.
+    pub router_all: Option<Tensor>,
+}
+
+/// One forward over the replayed inputs (with autograd unless disabled by the caller).
+pub fn score(
+    net: &Llama,
+    router: Option<&Router>,
+    batch: &ReplayBatch,
+    temperature: f64,
+) -> Result<Scores> {
+    if !(temperature > 0.0) {
+        bail!("scoring temperature must be > 0, got {temperature}");
+    }
+    let h = net.forward(&batch.inputs, &Step::full(&batch.valid)?, None)?;
+    let t = batch.tokens.size()[1];
+    let at = Tensor::f_arange_start(
+        batch.prompt_width - 1,
+        batch.prompt_width - 1 + t,
+        (Kind::Int64, h.device()),
+    )?;
+    let hidden = h.f_index_select(1, &at)?; // (B, T, H)
+    let logp_all = net
+        .logits(&hidden)?
+        .f_to_kind(Kind::Float)?
+        .f_div_scalar(temperature)?
+        .f_log_softmax(-1, Kind::Float)?;
+    let logp = logp_all
+        .f_gather(-1, &batch.tokens.f_unsqueeze(-1)?, false)?
+        .f_squeeze_dim(-1)?;
+    let entropy = logp_all
+        .f_exp()?
+        .f_mul(&logp_all)?
+        .f_sum_dim_intlist(-1, false, Kind::Float)?
+        .f_neg()?;
+    let (router_logp, router_all) = match router {
+        Some(r) => {
+            let all = r.log_probs(&hidden)?;
+            let lp = all
+                .f_gather(-1, &batch.modes.f_unsqueeze(-1)?, false)?
+                .f_squeeze_dim(-1)?;
+            (Some(lp), Some(all))
+        }
+        None => (None, None),
+    };
+    Ok(Scores {
+        hidden,
+        logp,
+        entropy,
+        router_logp,
+        router_all,
+    })
+}

@@ -1,0 +1,320 @@
+//! The rollout engine: batched, KV-cached sampling of a group of completions
+//! where every generated token's next input is chosen per token.
+//!
+//! At step t of each sequence: the backbone gives h_t and p_t = softmax(z_t / T);
+//! the token y_t ~ p_t is always sampled (it is the text, the reward and the
+//! loss); the router samples the mode m_t ~ pi_r(. | h_t), forced hard once the
+//! answer marker is complete or the sequence ends; the next input is E[y_t]
+//! (hard) or the renormalised top-k mixture of p_t (soft). Every token's record
+//! is kept for replay, losses and analysis. Without a router this is plain
+//! generation.
+use super::mix;
+use super::router::{Router, HARD, SOFT};
+use super::sampler::{sample, Rng, Sampling};
+use crate::model::{Llama, Tokenizer};
+use anyhow::{bail, Result};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, Clone)]
+pub struct RolloutOptions {
+    pub max_new: usize,
+    pub sampling: Sampling,
+    pub seed: u64,
+    /// Generation stops for a sequence after one of these tokens.
+    pub eos: Vec<i64>,
+    /// Size of the soft mixture (top-k of p_t, renormalised).
+    pub mix_k: i64,
+    /// Once this text is complete in a completion, its later steps are hard.
+    pub answer_marker: Option<String>,
+    /// Keep every step's next-input embeddings (tests and analysis).
+    pub keep_inputs: bool,
+}
+
+impl RolloutOptions {
+    pub fn new(max_new: usize, sampling: Sampling, seed: u64, eos: Vec<i64>) -> Self {
+        RolloutOptions {
+            max_new,
+            sampling,
+            seed,
+            eos,
+            mix_k: 10,
+            answer_marker: None,
+            keep_inputs: false,
+        }
+    }
+}
+
+/// What happened at one generated token.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenRecord {
+    pub token: i64,
+    /// HARD or SOFT: how this token is fed back as the next input.
+    pub mode: i64,
+    /// Not a router decision (after the answer marker, or the last token).
+    pub forced: bool,
+    /// log p_t(y_t) under softmax(z_t / T) (before top-k/top-p truncation).
+    pub logp: f32,
+    /// log pi_r(m_t | h_t); 0 without a router.
+    pub router_logp: f32,
+    pub p_soft: f32,
+    /// Entropy of p_t.
+    pub entropy: f32,
+    /// Entropy of the top-k mixture weights.
+    pub topk_entropy: f32,
+    /// The mixture (ids and renormalised weights); empty for hard tokens.
+    pub mix_ids: Vec<i64>,
+    pub mix_weights: Vec<f32>,
+}
+
+pub struct Rollout {
+    pub prompts: Vec<Vec<i64>>,
+    /// Per sequence, one record per generated token.
+    pub records: Vec<Vec<TokenRecord>>,
+    /// With `keep_inputs`: per step, the (B, H) next-input embeddings.
+    pub inputs: Vec<Tensor>,
+    pub temperature: f64,
+    pub mix_k: i64,
+}
+
+impl Rollout {
+    pub fn tokens(&self) -> Vec<Vec<i64>> {
+        self.records
+            .iter()
+            .map(|r| r.iter().map(|t| t.token).collect())
+            .collect()
+    }
+}
+
+/// Left-pads `prompts` into (B, L) ids and a (B, L) validity mask.
+pub fn left_pad(prompts: &[Vec<i64>], device: Device) -> Result<(Tensor, Tensor)> {
+    if prompts.is_empty() {
+        bail!("no prompts given");
+    }
+    if let Some(i) = prompts.iter().position(|p| p.is_empty()) {
+        bail!("prompt {i} is empty");
+    }
+    let l = prompts.iter().map(Vec::len).max().unwrap_or(0);
+    let mut ids = Vec::with_capacity(prompts.len() * l);
+    let mut valid = Vec::with_capacity(prompts.len() * l);
+    for p in prompts {
+        let pad = l - p.len();
+        ids.extend(std::iter::repeat_n(0i64, pad).chain(p.iter().copied()));
+        valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, p.len())));
+    }
+    let shape = [prompts.len() as i64, l as i64];
+    Ok((
+        Tensor::from_slice(&ids)
+            .f_view(shape)?
+            .f_to_device(device)?,
+        Tensor::from_slice(&valid)
+            .f_view(shape)?
+            .f_to_device(device)?,
+    ))
+}
+
+/// Sets libtorch's intra-op thread count until dropped.
+pub struct IntraOpThreads(i32);
+
+impl IntraOpThreads {
+    pub fn set(n: i32) -> Self {
+        let old = tch::get_num_threads();
+        tch::set_num_threads(n);
+        IntraOpThreads(old)
+    }
+}
+
+impl Drop for IntraOpThreads {
+    fn drop(&mut self) {
+        tch::set_num_threads(self.0);
+    }
+}
+
+/// Follows the generated text of each sequence just far enough to see when the
+/// answer marker completes (no re-decoding of the whole text at every step).
+struct MarkerWatch<'a> {
+    tok: &'a Tokenizer,
+    marker: String,
+    tails: Vec<String>,
+    seen: Vec<bool>,
+}
+
+impl MarkerWatch<'_> {
+    fn push(&mut self, row: usize, token: i64) -> Result<bool> {
+        if !self.seen[row] {
+            let tail = &mut self.tails[row];
+            tail.push_str(&self.tok.decode(&[token], false)?);
+            self.seen[row] = tail.contains(&self.marker);
+            let keep = self.marker.len() * 4;
+            if tail.len() > keep {
+                let cut = tail
+                    .char_indices()
+                    .map(|(i, _)| i)
+                    .find(|&i| i >= tail.len() - keep)
+                    .unwrap_or(0);
+                tail.drain(..cut);
+            }
+        }
+        Ok(self.seen[row])
+    }
+}
+
+/// Samples up to `max_new` tokens for each prompt. With a router, each token's
+/// next input is hard or soft as the router samples; without one, all hard.
+pub fn rollout(
+    net: &Llama,
+    router: Option<&Router>,
+    tok: Option<&Tokenizer>,
+    prompts: &[Vec<i64>],
+    opts: &RolloutOptions,
+) -> Result<Rollout> {
+    opts.sampling.validate()?;
+    let _no_grad = tch::no_grad_guard();
+    let vocab = net.cfg.vocab_size;
+    for (i, p) in prompts.iter().enumerate() {
+        if let Some(t) = p.iter().find(|&&t| t < 0 || t >= vocab) {
+            bail!("prompt {i}: token id {t} is outside the vocabulary (0..{vocab})");
+        }
+    }
+    if opts.mix_k < 1 || opts.mix_k > vocab {
+        bail!("mix_k must be in 1..={vocab}, got {}", opts.mix_k);
+    }
+    let mut marker = match (&opts.answer_marker, tok) {
+        (Some(m), Some(tok)) if !m.is_empty() => Some(MarkerWatch {
+            tok,
+            marker: m.clone(),
+            tails: vec![String::new(); prompts.len()],
+            seen: vec![false; prompts.len()],
+        }),
+        (Some(m), None) if !m.is_empty() => bail!("answer_marker {m:?} needs the tokenizer"),
+        _ => None,
+    };
+    let device = net.embed_tokens.device();
+    let (ids, valid) = left_pad(prompts, device)?;
+    let (b, l) = (ids.size()[0], ids.size()[1]);
+    let mut cache = net.new_cache(b, l + opts.max_new as i64)?;
+    let mut rng = Rng::new(opts.seed);
+    // Log-probs and mixtures use softmax(z / T); greedy decoding scores at T = 1.
+    let temp = if opts.sampling.temperature > 0.0 {
+        opts.sampling.temperature
+    } else {
+        1.0
+    };
+
+    let step = cache.step(&valid)?;
+    let h = net.forward(&net.embed(&ids)?, &step, Some(&cache))?;
+    let mut h = h.f_narrow(1, l - 1, 1)?.f_squeeze_dim(1)?; // (B, H)
+
+    // Decode steps are small: their matmuls run on our own threads
+    // (model::small_matmul), and libtorch's OpenMP workers, left spinning
+    // between ops, would only compete with them for the cores.
+    let _threads = (device == Device::Cpu).then(|| IntraOpThreads::set(1));
+    let mut records: Vec<Vec<TokenRecord>> = vec![Vec::new(); b as usize];
+    let mut inputs = Vec::new();
+    let mut done = vec![false; b as usize];
+    let one_new = Tensor::f_ones([b, 1], (Kind::Bool, device))?;
+    for t in 0..opts.max_new {
+        let logits = net.logits(&h)?.f_to_kind(Kind::Float)?; // (B, V)
+        let next = sample(&logits, &opts.sampling, &mut rng)?;
+        let logp_all = logits.f_div_scalar(temp)?.f_log_softmax(-1, Kind::Float)?;
+        let probs = logp_all.f_exp()?;
+        let logp = logp_all
+            .f_gather(-1, &next.f_unsqueeze(-1)?, false)?
+            .f_squeeze_dim(-1)?;
+        let entropy = probs
+            .f_mul(&logp_all)?
+            .f_sum_dim_intlist(-1, false, Kind::Float)?
+            .f_neg()?;
+        let (mix_ids, mix_w) = mix::top_k(&probs, opts.mix_k)?;
+        let mix_entropy = mix::entropy(&mix_w)?;
+        let router_lp = match router {
+            Some(r) => Some(r.log_probs(&h)?), // (B, 2)
+            None => None,
+        };
+        // Mode uniforms are drawn for every row whatever happens, so the random
+        // stream does not depend on which rows are forced.
+        let u_mode: Vec<f64> = (0..b).map(|_| rng.next_f64()).collect();
+
+        let next_ids = Vec::<i64>::try_from(&next)?;
+        let stats =
+            Tensor::f_stack(&[&logp, &entropy, &mix_entropy], 1)?.f_to_device(Device::Cpu)?;
+        let stats = Vec::<Vec<f32>>::try_from(&stats)?;
+        let soft_lp = match &router_lp {
+            Some(lp) => Vec::<Vec<f32>>::try_from(&lp.f_to_device(Device::Cpu)?)?,
+            None => vec![vec![0.0, f32::NEG_INFINITY]; b as usize],
+        };
+        let mut modes = vec![HARD; b as usize];
+        let mut any_soft = false;
+        for i in 0..b as usize {
+            if done[i] {
+                continue;
+            }
+            let tok_i = next_ids[i];
+            let ends = opts.eos.contains(&tok_i) || t + 1 == opts.max_new;
+            let after_marker = match marker.as_mut() {
+                Some(m) => m.push(i, tok_i)?,
+                None => false,
+            };
+            let p_soft = soft_lp[i][1].exp();
+            let forced = router.is_none() || ends || after_marker;
+            let mode = if !forced && u_mode[i] < p_soft as f64 {
+                SOFT
+            } else {
+                HARD
+            };
+            modes[i] = mode;
+            any_soft |= mode == SOFT;
+            let (ids_i, w_i) = if mode == SOFT {
+                (
+                    Vec::<i64>::try_from(&mix_ids.get(i as i64))?,
+                    Vec::<f32>::try_from(&mix_w.get(i as i64).f_to_device(Device::Cpu)?)?,
+                )
+            } else {
+                (Vec::new(), Vec::new())
+            };
+            records[i].push(TokenRecord {
+                token: tok_i,
+                mode,
+                forced,
+                logp: stats[i][0],
+                router_logp: if router.is_some() {
+                    soft_lp[i][mode as usize]
+                } else {
+                    0.0
+                },
+                p_soft: if router.is_some() { p_soft } else { 0.0 },
+                entropy: stats[i][1],
+                topk_entropy: stats[i][2],
+                mix_ids: ids_i,
+                mix_weights: w_i,
+            });
+            done[i] = opts.eos.contains(&tok_i);
+        }
+        if t + 1 == opts.max_new || done.iter().all(|&d| d) {
+            break;
+        }
+        let mut x = net.embed(&next)?; // (B, H)
+        if any_soft {
+            let soft = mix::embed(&net.embed_tokens, &mix_ids, &mix_w)?;
+            let is_soft = Tensor::from_slice(&modes)
+                .f_to_device(device)?
+                .f_eq(SOFT)?
+                .f_unsqueeze(-1)?;
+            x = soft.f_where_self(&is_soft, &x)?;
+        }
+        if opts.keep_inputs {
+            inputs.push(x.shallow_clone());
+        }
+        // Finished rows keep decoding (the batch shape stays fixed) but are ignored.
+        let step = cache.step(&one_new)?;
+        h = net
+            .forward(&x.f_unsqueeze(1)?, &step, Some(&cache))?
+            .f_squeeze_dim(1)?;
+    }
+    Ok(Rollout {
+        prompts: prompts.to_vec(),
+        records,
+        inputs,
+        temperature: temp,
+        mix_k: opts.mix_k,
+    })
+}

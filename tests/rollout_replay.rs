@@ -1,0 +1,168 @@
+//! The hybrid rollout engine and its teacher-forced replay on a tiny model:
+//! soft inputs really are the recorded mixtures, replay reproduces the
+//! rollout's inputs and log-probs, and after the answer marker every mode is hard.
+mod common;
+use tarpo::model::{Model, Tokenizer};
+use tarpo::policy::replay;
+use tarpo::policy::router::{Router, HARD, SOFT};
+use tarpo::policy::{rollout, RolloutOptions, Sampling};
+use tch::{Device, Kind};
+
+fn model() -> Model {
+    Model::load(
+        &common::tiny_models().join("llama_gqa_llama3_bias"),
+        Device::Cpu,
+        Kind::Float,
+    )
+    .unwrap()
+}
+
+fn prompts() -> Vec<Vec<i64>> {
+    vec![
+        vec![5, 9, 33, 2],
+        vec![7, 100, 3],
+        vec![40, 41, 42, 43, 44, 45],
+        vec![12],
+    ]
+}
+
+fn options(seed: u64) -> RolloutOptions {
+    let mut o = RolloutOptions::new(
+        20,
+        Sampling {
+            temperature: 0.7,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        seed,
+        vec![1],
+    );
+    o.mix_k = 4;
+    o.keep_inputs = true;
+    o
+}
+
+#[test]
+fn replay_rebuilds_the_rollout_inputs_and_log_probs() {
+    let m = model();
+    let router = Router::new(m.net.cfg.hidden_size, 0.5, 1.0, 3, Device::Cpu).unwrap();
+    let ro = rollout(&m.net, Some(&router), None, &prompts(), &options(11)).unwrap();
+    let soft: usize = ro
+        .records
+        .iter()
+        .flatten()
+        .filter(|r| r.mode == SOFT)
+        .count();
+    let all: usize = ro.records.iter().map(Vec::len).sum();
+    assert!(
+        soft > all / 4 && soft < all,
+        "a real mix of modes: {soft} of {all}"
+    );
+    for r in ro.records.iter().flatten() {
+        if r.mode == SOFT {
+            assert_eq!(r.mix_ids.len(), 4);
+            let s: f32 = r.mix_weights.iter().sum();
+            assert!((s - 1.0).abs() < 1e-5, "renormalised weights sum to {s}");
+            assert!(r.mix_weights.windows(2).all(|w| w[0] >= w[1]));
+        }
+        assert!(r.p_soft > 0.3 && r.p_soft < 0.7);
+    }
+    let rows: Vec<usize> = (0..4).collect();
+    let batch = replay::build(&m.net, &ro, &rows).unwrap();
+    let p = batch.prompt_width;
+    for (i, recs) in ro.records.iter().enumerate() {
+        for t in 0..recs.len().saturating_sub(1) {
+            // Input fed after token t in the rollout vs the replayed one.
+            let fed = ro.inputs[t].get(i as i64);
+            let replayed = batch.inputs.get(i as i64).get(p + t as i64);
+            let d = common::max_abs_diff(&fed, &replayed);
+            assert!(
+                d == 0.0,
+                "row {i} token {t} ({}): {d}",
+                if recs[t].mode == SOFT { "soft" } else { "hard" }
+            );
+            if recs[t].mode == SOFT {
+                // A soft input is the mixture, not the sampled token's embedding.
+                let hard = m.net.embed_tokens.get(recs[t].token);
+                assert!(common::max_abs_diff(&fed, &hard) > 1e-3);
+            }
+        }
+    }
+    let _g = tch::no_grad_guard();
+    let s = replay::score(&m.net, Some(&router), &batch, ro.temperature).unwrap();
+    for (i, recs) in ro.records.iter().enumerate() {
+        for (t, rec) in recs.iter().enumerate() {
+            let lp = s.logp.double_value(&[i as i64, t as i64]);
+            assert!(
+                (lp - rec.logp as f64).abs() < 1e-4,
+                "row {i} token {t}: {lp} vs {}",
+                rec.logp
+            );
+            let rlp = s
+                .router_logp
+                .as_ref()
+                .unwrap()
+                .double_value(&[i as i64, t as i64]);
+            assert!(
+                (rlp - rec.router_logp as f64).abs() < 1e-4,
+                "router row {i} token {t}"
+            );
+        }
+    }
+    let mask = Vec::<Vec<i64>>::try_from(batch.mask.to_kind(Kind::Int64)).unwrap();
+    assert_eq!(
+        mask.iter()
+            .map(|r| r.iter().sum::<i64>() as usize)
+            .collect::<Vec<_>>(),
+        ro.records.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn rollouts_are_seeded_and_hard_without_a_router() {
+    let m = model();
+    let router = Router::new(m.net.cfg.hidden_size, 0.5, 1.0, 3, Device::Cpu).unwrap();
+    let a = rollout(&m.net, Some(&router), None, &prompts(), &options(5)).unwrap();
+    let b = rollout(&m.net, Some(&router), None, &prompts(), &options(5)).unwrap();
+    assert_eq!(a.records, b.records);
+    let plain = rollout(&m.net, None, None, &prompts(), &options(5)).unwrap();
+    assert!(plain
+        .records
+        .iter()
+        .flatten()
+        .all(|r| r.mode == HARD && r.forced && r.mix_ids.is_empty()));
+}
+
+#[test]
+fn after_the_answer_marker_every_mode_is_hard() {
+    let m = model();
+    let tok: &Tokenizer = &m.tok;
+    let router = Router::new(m.net.cfg.hidden_size, 0.6, 1.0, 9, Device::Cpu).unwrap();
+    // Use as marker the text of a token the rollout produces mid-sequence.
+    let first = rollout(&m.net, Some(&router), None, &prompts(), &options(21)).unwrap();
+    let pick = first.records[0][6].token;
+    let marker = tok.decode(&[pick], false).unwrap().trim().to_string();
+    assert!(!marker.is_empty());
+    let mut opts = options(21);
+    opts.answer_marker = Some(marker.clone());
+    let ro = rollout(&m.net, Some(&router), Some(tok), &prompts(), &opts).unwrap();
+    let mut checked = 0;
+    for recs in &ro.records {
+        let mut text = String::new();
+        let mut after = false;
+        for rec in recs {
+            text.push_str(&tok.decode(&[rec.token], false).unwrap());
+            after |= text.contains(&marker);
+            if after {
+                assert!(
+                    rec.mode == HARD && rec.forced,
+                    "soft or unforced step after the marker {marker:?}"
+                );
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 0, "the marker {marker:?} appeared");
+    // Before the marker, soft steps still happen.
+    assert!(ro.records.iter().flatten().any(|r| r.mode == SOFT));
+}
