@@ -59,6 +59,44 @@ fn padded_batch_logits_match_transformers() {
 }
 
 #[test]
+fn bf16_logits_match_transformers_bf16() {
+    // bf16 has 8 bits of mantissa: both sides round differently inside their
+    // matmuls, so the bound is in units of the logits' scale, not 1e-4.
+    let _g = tch::no_grad_guard();
+    for name in common::TINY_NAMES {
+        let dir = common::tiny_models().join(name);
+        let m = Model::load(&dir, Device::Cpu, Kind::BFloat16).unwrap();
+        let exp = common::read_tensors(&dir.join("expected.safetensors"));
+        let valid = exp["attention_mask"].to_kind(Kind::Bool);
+        let h = m
+            .net
+            .forward(
+                &m.net.embed(&exp["input_ids"]).unwrap(),
+                &Step::full(&valid).unwrap(),
+                None,
+            )
+            .unwrap();
+        assert_eq!(h.kind(), Kind::BFloat16);
+        let logits = m.net.logits(&h).unwrap().to_kind(Kind::Float);
+        let sel = valid.unsqueeze(-1).expand_as(&logits);
+        let (ours, theirs, f32) = (
+            logits.masked_select(&sel),
+            exp["logits_bf16"].masked_select(&sel),
+            exp["logits"].masked_select(&sel),
+        );
+        // Self-calibrated bound: we may differ from transformers' bf16 by no
+        // more than transformers' own bf16 differs from its f32.
+        let mean = |a: &Tensor, b: &Tensor| (a - b).abs().mean(Kind::Float).double_value(&[]);
+        let (ours_vs_hf, hf_vs_f32) = (mean(&ours, &theirs), mean(&theirs, &f32));
+        let max = common::max_abs_diff(&ours, &theirs);
+        let max_hf = common::max_abs_diff(&theirs, &f32);
+        eprintln!("{name}: bf16 ours-vs-hf mean {ours_vs_hf:.5} max {max:.4}; hf bf16-vs-f32 mean {hf_vs_f32:.5} max {max_hf:.4}");
+        assert!(ours_vs_hf < hf_vs_f32 && max < max_hf, "{name}");
+        assert!(hf_vs_f32 > 0.0, "bf16 really differs from f32");
+    }
+}
+
+#[test]
 fn cached_decoding_matches_uncached_forward() {
     // Prefill + one token at a time through the KV cache gives the same logits
     // as one forward over the whole left-padded sequence.

@@ -5,7 +5,8 @@ Usage: python tiny_models.py OUT_DIR
 Writes OUT_DIR/<name>/ (an HF model directory) and OUT_DIR/<name>/expected.safetensors:
   input_ids, attention_mask (B, L) left-padded prompts; logits (B, L, V) at every
   position with positions counted from the first real token (as `generate` does);
-  greedy (B, 32) greedy continuation with no stop token.
+  greedy (B, 32) greedy continuation with no stop token; logits_bf16 the logits
+  of the same model cast to bf16.
 """
 import json
 import os
@@ -101,8 +102,12 @@ def main():
             greedy = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW,
                                     do_sample=False, pad_token_id=0)[:, L:]
             assert greedy.shape[1] == NEW
+            # The same model in bf16 (norms in fp32 inside, as transformers does).
+            logits_bf16 = model.to(torch.bfloat16)(input_ids=ids, attention_mask=mask,
+                                                   position_ids=positions).logits.float()
         save_file({"input_ids": ids, "attention_mask": mask, "logits": logits.contiguous(),
-                   "greedy": greedy.contiguous()}, os.path.join(d, "expected.safetensors"))
+                   "greedy": greedy.contiguous(), "logits_bf16": logits_bf16.contiguous()},
+                  os.path.join(d, "expected.safetensors"))
     print("ok")
 
 
