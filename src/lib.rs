@@ -6,3 +6,4 @@
 //! rollouts) -> the CLI in `main.rs`.
 pub mod model;
 pub mod policy;
+pub mod rl;

@@ -140,7 +140,7 @@ pub fn score(
     batch: &ReplayBatch,
     temperature: f64,
 ) -> Result<Scores> {
-    if !(temperature > 0.0) {
+    if temperature.is_nan() || temperature <= 0.0 {
         bail!("scoring temperature must be > 0, got {temperature}");
     }
     let h = net.forward(&batch.inputs, &Step::full(&batch.valid)?, None)?;
