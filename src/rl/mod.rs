@@ -1,6 +1,8 @@
 //! Reinforcement learning: rewards, advantage estimators, KL estimators and
-//! loss aggregation.
+//! loss aggregation, and the optimizer.
 pub mod advantage;
 pub mod kl;
+pub mod loss;
 pub mod loss_agg;
+pub mod optim;
 pub mod reward;
