@@ -81,7 +81,8 @@ case "$cmd" in
     exit "$status" ;;
   bench)
     build
-    cargo bench --bench rollout ;;
+    cargo bench --bench rollout
+    cargo bench --bench hybrid ;;
   *)
     echo "usage: ./dev.sh [demo|test|setup|bench]" >&2; exit 2 ;;
 esac
