@@ -4,15 +4,19 @@
 //! Shapes: B batch, T new tokens, S keys (cache + new), H hidden, D head dim.
 use super::config::ModelConfig;
 use super::kv_cache::{KvCache, Step};
+use super::lora::{LoraAdapter, LoraConfig};
 use super::rope::{self, Rope};
 use super::small_matmul;
 use super::weights::Weights;
 use anyhow::{Context, Result};
+use std::cell::Cell;
 use tch::{Kind, Tensor};
 
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    /// Trainable low-rank update, when attached (see `lora`).
+    pub lora: Option<LoraAdapter>,
 }
 
 impl Linear {
@@ -23,11 +27,26 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            weight,
+            bias,
+            lora: None,
+        })
     }
 
+    /// x W^T + b, plus the LoRA update if an adapter is attached.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        linear(x, &self.weight, self.bias.as_ref())
+        self.forward_with(x, true)
+    }
+
+    /// Like `forward`, with the adapter used only when `lora` is true. The base
+    /// product keeps `linear`'s fast path; the update is plain libtorch (autograd).
+    pub fn forward_with(&self, x: &Tensor, lora: bool) -> Result<Tensor> {
+        let y = linear(x, &self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            Some(ad) if lora => Ok(y.f_add(&ad.forward(x)?)?),
+            _ => Ok(y),
+        }
     }
 }
 
@@ -45,6 +64,16 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
         *last = out;
     }
     Ok(small_matmul::matmul(x, w, b)?.f_reshape(out_shape.as_slice())?)
+}
+
+/// HF module path of a linear layer of block `i`.
+fn module_path(i: usize, short: &str) -> String {
+    let group = if ["gate_proj", "up_proj", "down_proj"].contains(&short) {
+        "mlp"
+    } else {
+        "self_attn"
+    };
+    format!("model.layers.{i}.{group}.{short}")
 }
 
 pub struct RmsNorm {
@@ -103,14 +132,19 @@ impl Attention {
         sin: &Tensor,
         step: &Step,
         cache: Option<(&KvCache, usize)>,
+        lora: bool,
     ) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let split = |y: Tensor, n: i64| -> Result<Tensor> {
             Ok(y.f_reshape([b, t, n, self.head_dim])?.f_transpose(1, 2)?) // (B, n, T, D)
         };
-        let q = rope::apply(&split(self.q.forward(x)?, self.heads)?, cos, sin)?;
-        let k = rope::apply(&split(self.k.forward(x)?, self.kv_heads)?, cos, sin)?;
-        let v = split(self.v.forward(x)?, self.kv_heads)?;
+        let q = rope::apply(&split(self.q.forward_with(x, lora)?, self.heads)?, cos, sin)?;
+        let k = rope::apply(
+            &split(self.k.forward_with(x, lora)?, self.kv_heads)?,
+            cos,
+            sin,
+        )?;
+        let v = split(self.v.forward_with(x, lora)?, self.kv_heads)?;
         let (k, v) = match (cache, step.write_at) {
             (Some((c, layer)), Some(at)) => c.append(layer, at, &k, &v)?,
             _ => (k, v),
@@ -129,7 +163,7 @@ impl Attention {
         let y = y
             .f_transpose(1, 2)?
             .f_reshape([b, t, self.heads * self.head_dim])?;
-        self.o.forward(&y)
+        self.o.forward_with(&y, lora)
     }
 }
 
@@ -149,9 +183,10 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let g = self.gate.forward(x)?.f_silu()?;
-        self.down.forward(&g.f_mul(&self.up.forward(x)?)?)
+    fn forward(&self, x: &Tensor, lora: bool) -> Result<Tensor> {
+        let g = self.gate.forward_with(x, lora)?.f_silu()?;
+        self.down
+            .forward_with(&g.f_mul(&self.up.forward_with(x, lora)?)?, lora)
     }
 }
 
@@ -194,6 +229,11 @@ pub struct Llama {
     /// None when tied to `embed_tokens`.
     lm_head: Option<Tensor>,
     rope: Rope,
+    /// The attached adapters' configuration (`lora`), None without adapters.
+    pub(crate) lora_cfg: Option<LoraConfig>,
+    /// Whether forwards use the adapters: one flag for the whole model, read
+    /// once per forward (`set_lora_enabled`).
+    pub(crate) lora_on: Cell<bool>,
 }
 
 impl Llama {
@@ -218,6 +258,8 @@ impl Llama {
             norm,
             lm_head,
             rope,
+            lora_cfg: None,
+            lora_on: Cell::new(true),
         })
     }
 
@@ -236,6 +278,7 @@ impl Llama {
     /// final-normed hidden states (B, T, H): the vector the LM head (and a router) reads.
     pub fn forward(&self, x: &Tensor, step: &Step, cache: Option<&KvCache>) -> Result<Tensor> {
         let (cos, sin) = self.rope.cos_sin(&step.positions, x.kind())?;
+        let lora = self.lora_on.get();
         let mut h = x.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let a = layer.attn.forward(
@@ -244,9 +287,10 @@ impl Llama {
                 &sin,
                 step,
                 cache.map(|c| (c, i)),
+                lora,
             )?;
             h = h.f_add(&a)?;
-            let m = layer.mlp.forward(&layer.post_norm.forward(&h)?)?;
+            let m = layer.mlp.forward(&layer.post_norm.forward(&h)?, lora)?;
             h = h.f_add(&m)?;
         }
         self.norm.forward(&h)
@@ -257,7 +301,50 @@ impl Llama {
         linear(h, self.lm_head.as_ref().unwrap_or(&self.embed_tokens), None)
     }
 
-    /// Every weight tensor, once (a tied LM head is the embedding).
+    /// Every decoder linear layer with its HF module path
+    /// (`model.layers.{i}.self_attn.q_proj`) and short name, block by block in
+    /// `lora::TARGETS` order.
+    pub(crate) fn linear_modules(&self) -> Vec<(String, &'static str, &Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter().enumerate() {
+            let (a, m) = (&l.attn, &l.mlp);
+            for (short, lin) in [
+                ("q_proj", &a.q),
+                ("k_proj", &a.k),
+                ("v_proj", &a.v),
+                ("o_proj", &a.o),
+                ("gate_proj", &m.gate),
+                ("up_proj", &m.up),
+                ("down_proj", &m.down),
+            ] {
+                out.push((module_path(i, short), short, lin));
+            }
+        }
+        out
+    }
+
+    /// `linear_modules`, mutably.
+    pub(crate) fn linear_modules_mut(&mut self) -> Vec<(String, &'static str, &mut Linear)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let (a, m) = (&mut l.attn, &mut l.mlp);
+            for (short, lin) in [
+                ("q_proj", &mut a.q),
+                ("k_proj", &mut a.k),
+                ("v_proj", &mut a.v),
+                ("o_proj", &mut a.o),
+                ("gate_proj", &mut m.gate),
+                ("up_proj", &mut m.up),
+                ("down_proj", &mut m.down),
+            ] {
+                out.push((module_path(i, short), short, lin));
+            }
+        }
+        out
+    }
+
+    /// Every base weight tensor, once (a tied LM head is the embedding; LoRA
+    /// adapters are in `lora_parameters`).
     pub fn tensors(&self) -> Vec<&Tensor> {
         let mut out = vec![&self.embed_tokens, &self.norm.weight];
         out.extend(self.lm_head.as_ref());

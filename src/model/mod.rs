@@ -3,6 +3,7 @@ pub mod config;
 pub mod device;
 pub mod kv_cache;
 pub mod llama;
+pub mod lora;
 pub mod rope;
 pub mod small_matmul;
 pub mod tokenizer;
@@ -15,6 +16,7 @@ use tch::{Device, Kind};
 pub use config::ModelConfig;
 pub use kv_cache::{KvCache, Step};
 pub use llama::Llama;
+pub use lora::{LoraAdapter, LoraConfig};
 pub use tokenizer::{Message, Tokenizer};
 pub use weights::Weights;
 
@@ -43,6 +45,27 @@ impl Model {
             tok,
             eos,
         })
+    }
+}
+
+/// LoRA on a loaded checkpoint: the `Llama` methods with this directory as
+/// the base model.
+impl Model {
+    /// Saves the adapters in PEFT's layout, `base_model_name_or_path` being
+    /// this checkpoint's directory.
+    pub fn save_lora(&self, dir: &Path) -> Result<()> {
+        let base = self.dir.canonicalize().unwrap_or_else(|_| self.dir.clone());
+        self.net.save_lora(dir, &base.to_string_lossy())
+    }
+
+    /// Loads a PEFT LoRA adapter onto the decoder (replacing any adapters).
+    pub fn load_lora(&mut self, dir: &Path) -> Result<()> {
+        self.net.load_lora(dir)
+    }
+
+    /// Writes this checkpoint with the adapters merged in to `out_dir`.
+    pub fn export_merged(&self, out_dir: &Path) -> Result<()> {
+        self.net.export_merged(&self.dir, out_dir)
     }
 }
 

@@ -19,7 +19,8 @@ pub struct Dataset {
 impl Dataset {
     /// Reads a JSONL file; a bad line is an error naming the file and line.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
         let mut rows = Vec::new();
         for (i, line) in text.lines().enumerate() {
             if line.trim().is_empty() {
@@ -32,10 +33,17 @@ impl Dataset {
                     Some(serde_json::Value::String(s)) => Ok(s.clone()),
                     Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
                     Some(_) => bail!("{}:{}: field {k:?} must be a string", path.display(), i + 1),
-                    None => bail!("{}:{}: missing field {k:?} (rows need \"prompt\" and \"answer\")", path.display(), i + 1),
+                    None => bail!(
+                        "{}:{}: missing field {k:?} (rows need \"prompt\" and \"answer\")",
+                        path.display(),
+                        i + 1
+                    ),
                 }
             };
-            rows.push(Row { prompt: field("prompt")?, answer: field("answer")? });
+            rows.push(Row {
+                prompt: field("prompt")?,
+                answer: field("answer")?,
+            });
         }
         if rows.is_empty() {
             bail!("{}: no rows", path.display());
@@ -63,7 +71,11 @@ pub struct Sampler {
 
 impl Sampler {
     pub fn new(seed: u64) -> Self {
-        Sampler { seed, epoch: 0, cursor: 0 }
+        Sampler {
+            seed,
+            epoch: 0,
+            cursor: 0,
+        }
     }
 
     fn order(&self, n: usize) -> Vec<usize> {
@@ -118,12 +130,21 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tarpo-ds-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let p = dir.join("d.jsonl");
-        std::fs::write(&p, "{\"prompt\": \"a\", \"answer\": 1}\n{\"prompt\": \"b\"}\n").unwrap();
+        std::fs::write(
+            &p,
+            "{\"prompt\": \"a\", \"answer\": 1}\n{\"prompt\": \"b\"}\n",
+        )
+        .unwrap();
         let e = format!("{:#}", Dataset::load(&p).unwrap_err());
-        assert!(e.contains("d.jsonl:2") && e.contains("missing field \"answer\""), "{e}");
+        assert!(
+            e.contains("d.jsonl:2") && e.contains("missing field \"answer\""),
+            "{e}"
+        );
         std::fs::write(&p, "{\"prompt\": \"a\", \"answer\": 12}\n\n").unwrap();
         assert_eq!(Dataset::load(&p).unwrap().rows[0].answer, "12");
         std::fs::write(&p, "{oops\n").unwrap();
-        assert!(format!("{:#}", Dataset::load(&p).unwrap_err()).contains("d.jsonl:1: malformed JSON"));
+        assert!(
+            format!("{:#}", Dataset::load(&p).unwrap_err()).contains("d.jsonl:1: malformed JSON")
+        );
     }
 }

@@ -51,13 +51,25 @@ fn mean(xs: impl Iterator<Item = f64>) -> f64 {
 }
 
 /// The metrics that follow from the rollout, its rewards and advantages.
-pub fn rollout_metrics(net: &Llama, ro: &Rollout, rewards: &[f64], adv: &[f64], group: usize) -> Result<StepMetrics> {
+pub fn rollout_metrics(
+    net: &Llama,
+    ro: &Rollout,
+    rewards: &[f64],
+    adv: &[f64],
+    group: usize,
+) -> Result<StepMetrics> {
     let recs = || ro.records.iter().flatten();
     let tokens = recs().count().max(1) as f64;
     let soft = recs().filter(|r| r.mode == SOFT).count() as f64;
     let r = advantage::stats(rewards);
     let a = advantage::stats(adv);
-    let bern = |p: f64| if p <= 0.0 || p >= 1.0 { 0.0 } else { -(p * p.ln() + (1.0 - p) * (1.0 - p).ln()) };
+    let bern = |p: f64| {
+        if p <= 0.0 || p >= 1.0 {
+            0.0
+        } else {
+            -(p * p.ln() + (1.0 - p) * (1.0 - p).ln())
+        }
+    };
     Ok(StepMetrics {
         reward: r.mean,
         reward_std: r.std,
@@ -68,10 +80,18 @@ pub fn rollout_metrics(net: &Llama, ro: &Rollout, rewards: &[f64], adv: &[f64], 
         soft_ratio: soft / tokens,
         hard_ratio: 1.0 - soft / tokens,
         completion_length: mean(ro.records.iter().map(|r| r.len() as f64)),
-        valid_completion_length: mean(ro.records.iter().map(|r| r.iter().filter(|t| t.mode != SOFT).count() as f64)),
+        valid_completion_length: mean(
+            ro.records
+                .iter()
+                .map(|r| r.iter().filter(|t| t.mode != SOFT).count() as f64),
+        ),
         token_entropy: mean(recs().map(|r| r.entropy as f64)),
         action_entropy: mean(recs().filter(|r| !r.forced).map(|r| bern(r.p_soft as f64))),
-        topk_entropy: mean(recs().filter(|r| r.mode == SOFT).map(|r| r.topk_entropy as f64)),
+        topk_entropy: mean(
+            recs()
+                .filter(|r| r.mode == SOFT)
+                .map(|r| r.topk_entropy as f64),
+        ),
         embed_dist: embed_dist(net, ro)?,
         ..StepMetrics::default()
     })
@@ -79,21 +99,37 @@ pub fn rollout_metrics(net: &Llama, ro: &Rollout, rewards: &[f64], adv: &[f64], 
 
 /// Mean ||mixture - E[y_t]|| over soft tokens.
 fn embed_dist(net: &Llama, ro: &Rollout) -> Result<f64> {
-    let soft: Vec<_> = ro.records.iter().flatten().filter(|r| r.mode == SOFT).collect();
+    let soft: Vec<_> = ro
+        .records
+        .iter()
+        .flatten()
+        .filter(|r| r.mode == SOFT)
+        .collect();
     if soft.is_empty() {
         return Ok(0.0);
     }
     let _g = tch::no_grad_guard();
     let k = ro.mix_k;
     let dev = net.embed_tokens.device();
-    let ids: Vec<i64> = soft.iter().flat_map(|r| r.mix_ids.iter().copied()).collect();
-    let w: Vec<f32> = soft.iter().flat_map(|r| r.mix_weights.iter().copied()).collect();
+    let ids: Vec<i64> = soft
+        .iter()
+        .flat_map(|r| r.mix_ids.iter().copied())
+        .collect();
+    let w: Vec<f32> = soft
+        .iter()
+        .flat_map(|r| r.mix_weights.iter().copied())
+        .collect();
     let toks: Vec<i64> = soft.iter().map(|r| r.token).collect();
     let n = soft.len() as i64;
     let ids = Tensor::from_slice(&ids).f_view([n, k])?.f_to_device(dev)?;
     let w = Tensor::from_slice(&w).f_view([n, k])?.f_to_device(dev)?;
     let mixed = mix::embed(&net.embed_tokens, &ids, &w)?;
     let hard = net.embed(&Tensor::from_slice(&toks).f_to_device(dev)?)?;
-    let d = mixed.f_sub(&hard)?.f_to_kind(Kind::Float)?.f_norm_scalaropt_dim(2, [-1].as_slice(), false)?;
-    Ok(d.f_mean(Kind::Float)?.f_to_device(Device::Cpu)?.double_value(&[]))
+    let d = mixed
+        .f_sub(&hard)?
+        .f_to_kind(Kind::Float)?
+        .f_norm_scalaropt_dim(2, [-1].as_slice(), false)?;
+    Ok(d.f_mean(Kind::Float)?
+        .f_to_device(Device::Cpu)?
+        .double_value(&[]))
 }

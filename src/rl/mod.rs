@@ -8,3 +8,4 @@ pub mod loss_agg;
 pub mod metrics;
 pub mod optim;
 pub mod reward;
+pub mod train;
