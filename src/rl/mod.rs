@@ -1,6 +1,7 @@
 //! Reinforcement learning: rewards, advantage estimators, KL estimators and
 //! loss aggregation, and the optimizer.
 pub mod advantage;
+pub mod checkpoint;
 pub mod dataset;
 pub mod kl;
 pub mod loss;

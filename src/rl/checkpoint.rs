@@ -1,0 +1,144 @@
+//! Checkpoints of a training run, enough to continue it exactly: the LoRA
+//! adapter (PEFT layout, loadable by Python peft), the router and its
+//! reference, the optimizer's moments and schedule position, the trainer's
+//! step and RNG state, and the data cursor. A checkpoint is written into
+//! `step-N.tmp/` and renamed to `step-N/`, so a crash never leaves half of one.
+use super::dataset::Sampler;
+use super::train::Trainer;
+use crate::model::lora::ADAPTER_WEIGHTS;
+use crate::policy::Router;
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use tch::Tensor;
+
+#[derive(Serialize, Deserialize)]
+struct State {
+    format: u32,
+    step: u64,
+    rng: u64,
+    sampler: Option<Sampler>,
+}
+
+const FORMAT: u32 = 1;
+
+/// Writes `run_dir/checkpoints/step-NNNNNN/` and points `run_dir/checkpoints/latest` at it.
+pub fn save(tr: &Trainer, sampler: Option<&Sampler>, run_dir: &Path) -> Result<PathBuf> {
+    let root = run_dir.join("checkpoints");
+    let name = format!("step-{:06}", tr.step);
+    let (dir, tmp) = (root.join(&name), root.join(format!("{name}.tmp")));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)
+            .with_context(|| format!("{}: cannot clear", tmp.display()))?;
+    }
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let net = &tr.policy.model.net;
+    if net.has_lora() {
+        tr.policy.model.save_lora(&tmp.join("adapter"))?;
+    }
+    if let (Some(r), Some(r0)) = (&tr.policy.router, &tr.policy.router_ref) {
+        let t = |x: &Tensor| x.detach();
+        let tensors = [
+            ("weight", t(&r.weight)),
+            ("bias", t(&r.bias)),
+            ("weight_ref", t(&r0.weight)),
+            ("bias_ref", t(&r0.bias)),
+        ];
+        Tensor::write_safetensors(&tensors, tmp.join("router.safetensors"))?;
+    }
+    tr.opt.save(&tmp.join("optimizer.safetensors"))?;
+    let state = State {
+        format: FORMAT,
+        step: tr.step,
+        rng: tr.rng.state,
+        sampler: sampler.copied(),
+    };
+    std::fs::write(
+        tmp.join("state.json"),
+        serde_json::to_string_pretty(&state)?,
+    )?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)
+            .with_context(|| format!("{}: cannot replace", dir.display()))?;
+    }
+    std::fs::rename(&tmp, &dir)
+        .with_context(|| format!("{}: cannot rename into place", dir.display()))?;
+    let latest_tmp = root.join("latest.tmp");
+    std::fs::write(&latest_tmp, &name)?;
+    std::fs::rename(&latest_tmp, root.join("latest"))?;
+    Ok(dir)
+}
+
+/// The checkpoint `run_dir/checkpoints/latest` names, if any.
+pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
+    let root = run_dir.join("checkpoints");
+    match std::fs::read_to_string(root.join("latest")) {
+        Ok(name) => Ok(Some(root.join(name.trim()))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e).with_context(|| format!("{}: cannot read", root.join("latest").display())),
+    }
+}
+
+/// Restores a checkpoint into a trainer built the same way as the one that
+/// saved it. Values are copied into the existing tensors, so the optimizer's
+/// handles on them stay valid. Returns the data cursor.
+pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Option<Sampler>> {
+    let state_path = dir.join("state.json");
+    let text = std::fs::read_to_string(&state_path)
+        .with_context(|| format!("{}: cannot read", state_path.display()))?;
+    let state: State = serde_json::from_str(&text)
+        .with_context(|| format!("{}: malformed", state_path.display()))?;
+    if state.format != FORMAT {
+        bail!(
+            "{}: checkpoint format {} (this build reads {FORMAT})",
+            state_path.display(),
+            state.format
+        );
+    }
+    let net = &tr.policy.model.net;
+    if net.has_lora() {
+        let path = dir.join("adapter").join(ADAPTER_WEIGHTS);
+        copy_into(&path, &net.named_lora_parameters())?;
+    }
+    if let (Some(r), Some(r0)) = (&tr.policy.router, &tr.policy.router_ref) {
+        load_routers(&dir.join("router.safetensors"), r, r0)?;
+    }
+    tr.opt.load(&dir.join("optimizer.safetensors"))?;
+    tr.step = state.step;
+    tr.rng.state = state.rng;
+    Ok(state.sampler)
+}
+
+fn load_routers(path: &Path, r: &Router, r0: &Router) -> Result<()> {
+    let named = [
+        ("weight".to_string(), r.weight.shallow_clone()),
+        ("bias".to_string(), r.bias.shallow_clone()),
+        ("weight_ref".to_string(), r0.weight.shallow_clone()),
+        ("bias_ref".to_string(), r0.bias.shallow_clone()),
+    ];
+    copy_into(path, &named)
+}
+
+/// Copies each named tensor of a safetensors file into `targets` (same names and shapes).
+fn copy_into(path: &Path, targets: &[(String, Tensor)]) -> Result<()> {
+    let saved: std::collections::HashMap<String, Tensor> = Tensor::read_safetensors(path)
+        .map_err(|e| anyhow!("{}: cannot read: {e}", path.display()))?
+        .into_iter()
+        .collect();
+    for (name, t) in targets {
+        let src = saved
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: tensor '{name}' is missing", path.display()))?;
+        if src.size() != t.size() {
+            bail!(
+                "{}: tensor '{name}' has shape {:?}, expected {:?}",
+                path.display(),
+                src.size(),
+                t.size()
+            );
+        }
+        tch::no_grad(|| t.shallow_clone().f_copy_(src))
+            .with_context(|| format!("{}: tensor '{name}'", path.display()))?;
+    }
+    Ok(())
+}
