@@ -70,6 +70,7 @@ fn trainer() -> Trainer {
         micro_batch: 3,
         ref_inputs: RefInputs::Same,
         score_temperature: None,
+        overlong: None,
     };
     Trainer {
         policy,

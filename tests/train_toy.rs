@@ -84,6 +84,7 @@ fn trainer(with_router: bool) -> Trainer {
         micro_batch: 16,
         ref_inputs: RefInputs::Same,
         score_temperature: None,
+        overlong: None,
     };
     Trainer {
         policy,
@@ -148,4 +149,62 @@ fn tarpo_and_grpo_raise_held_out_reward() {
             "{name}: {before:.3} -> {after:.3}"
         );
     }
+}
+
+#[test]
+fn dynamic_sampling_keeps_only_informative_groups() {
+    let mut t = trainer(false);
+    // Answer "flat" makes every completion of that prompt score 0.5: no signal.
+    let reward = |text: &str, answer: &str| {
+        if answer == "flat" {
+            0.5
+        } else {
+            digits(text, answer)
+        }
+    };
+    let pool = prompts(8, 4);
+    let mut drawn = 0usize;
+    let mut next = |k: usize| -> anyhow::Result<(Vec<Vec<i64>>, Vec<String>)> {
+        let mut ps = Vec::new();
+        let mut ans = Vec::new();
+        for _ in 0..k {
+            ps.push(pool[drawn % pool.len()].clone());
+            ans.push(if drawn % 2 == 0 {
+                "flat".to_string()
+            } else {
+                String::new()
+            });
+            drawn += 1;
+        }
+        Ok((ps, ans))
+    };
+    let m = t.step_dynamic(2, 4, &mut next, &reward).unwrap();
+    assert!(!m.skipped);
+    // Round 1 draws 2 prompts (one flat), round 2 draws 1 more (flat), round 3 one (informative).
+    assert_eq!(drawn, 4);
+    assert!((m.zero_adv_frac - 0.5).abs() < 1e-12, "{}", m.zero_adv_frac);
+    assert!(m.reward < 0.5, "flat groups were dropped: {}", m.reward);
+    // With only flat prompts, nothing is left to train on and the step is skipped.
+    let mut flat = |k: usize| -> anyhow::Result<(Vec<Vec<i64>>, Vec<String>)> {
+        Ok((pool[..k].to_vec(), vec!["flat".to_string(); k]))
+    };
+    let m = t.step_dynamic(2, 2, &mut flat, &reward).unwrap();
+    assert!(m.skipped && m.zero_adv_frac == 1.0);
+}
+
+#[test]
+fn overlong_penalty_is_added_to_the_reward() {
+    let mut t = trainer(false);
+    let zero = |_: &str, _: &str| 0.0;
+    let batch = prompts(2, 8);
+    let answers = vec![String::new(); 2];
+    // 10 tokens, no stop token: past max_len 6 the penalty is -1 for every completion.
+    t.cfg.overlong = Some((6, 2));
+    assert_eq!(t.step(&batch, &answers, &zero).unwrap().reward, -1.0);
+    // Within max_len - cache nothing changes.
+    t.cfg.overlong = Some((20, 5));
+    assert_eq!(t.step(&batch, &answers, &zero).unwrap().reward, 0.0);
+    // In the soft band: len 10, max 12, cache 4 -> (12 - 4 - 10) / 4 = -0.5.
+    t.cfg.overlong = Some((12, 4));
+    assert_eq!(t.step(&batch, &answers, &zero).unwrap().reward, -0.5);
 }

@@ -55,6 +55,8 @@ pub struct TrainConfig {
     /// Log-probs are scored at the sampling temperature unless set (the
     /// reference code scored at 1.0 while sampling at 0.5).
     pub score_temperature: Option<f64>,
+    /// DAPO's soft overlong punishment (max_len, cache), added to the reward.
+    pub overlong: Option<(usize, usize)>,
 }
 
 pub struct Trainer {
@@ -76,6 +78,71 @@ impl Trainer {
         answers: &[String],
         reward: &dyn Fn(&str, &str) -> f64,
     ) -> Result<StepMetrics> {
+        let (ro, rewards) = self.sample(prompts, answers, reward)?;
+        let zero = advantage::zero_advantage_fraction(&rewards, self.cfg.group)?;
+        self.update(&ro, &rewards, zero)
+    }
+
+    /// DAPO's dynamic sampling: groups whose rewards are all equal carry no
+    /// signal, so they are dropped and more prompts drawn from `next(k)` until
+    /// `n` informative groups are collected or `max_rounds` rollouts are spent
+    /// (then the step trains on what it has; a step with none is skipped).
+    pub fn step_dynamic(
+        &mut self,
+        n: usize,
+        max_rounds: usize,
+        next: &mut dyn FnMut(usize) -> Result<(Vec<Vec<i64>>, Vec<String>)>,
+        reward: &dyn Fn(&str, &str) -> f64,
+    ) -> Result<StepMetrics> {
+        let g = self.cfg.group;
+        let (mut kept, mut kept_rewards, mut seen, mut zero) =
+            (None::<Rollout>, Vec::new(), 0usize, 0usize);
+        for _ in 0..max_rounds.max(1) {
+            let have = kept_rewards.len() / g;
+            if have >= n {
+                break;
+            }
+            let (prompts, answers) = next(n - have)?;
+            let (ro, rewards) = self.sample(&prompts, &answers, reward)?;
+            let informative = advantage::informative_groups(&rewards, g)?;
+            seen += rewards.len() / g;
+            zero += rewards.len() / g - informative.len();
+            let rows: Vec<usize> = informative
+                .iter()
+                .flat_map(|&k| k * g..(k + 1) * g)
+                .take((n - have) * g)
+                .collect();
+            kept_rewards.extend(rows.iter().map(|&i| rewards[i]));
+            let part = select_rows(&ro, &rows);
+            kept = Some(match kept {
+                Some(k) => concat(k, part)?,
+                None => part,
+            });
+        }
+        let zero_frac = if seen == 0 {
+            0.0
+        } else {
+            zero as f64 / seen as f64
+        };
+        match kept {
+            Some(ro) if !kept_rewards.is_empty() => self.update(&ro, &kept_rewards, zero_frac),
+            _ => Ok(StepMetrics {
+                step: self.step,
+                zero_adv_frac: zero_frac,
+                skipped: true,
+                ..StepMetrics::default()
+            }),
+        }
+    }
+
+    /// Rolls out `group` completions per prompt and scores them (plus DAPO's
+    /// overlong penalty when configured).
+    fn sample(
+        &mut self,
+        prompts: &[Vec<i64>],
+        answers: &[String],
+        reward: &dyn Fn(&str, &str) -> f64,
+    ) -> Result<(Rollout, Vec<f64>)> {
         if prompts.len() != answers.len() {
             bail!("{} prompts but {} answers", prompts.len(), answers.len());
         }
@@ -96,10 +163,20 @@ impl Trainer {
         )?;
         let mut rewards = Vec::with_capacity(expanded.len());
         for (i, toks) in ro.tokens().iter().enumerate() {
-            rewards.push(reward(&p.model.tok.decode(toks, true)?, &answers[i / g]));
+            let mut r = reward(&p.model.tok.decode(toks, true)?, &answers[i / g]);
+            if let Some((max_len, cache)) = self.cfg.overlong {
+                r += advantage::overlong_penalty(toks.len(), max_len, cache);
+            }
+            rewards.push(r);
         }
-        let adv = advantage::compute(&rewards, g, &self.cfg.estimator)?;
-        let loss = self.accumulate_gradients(&ro, &adv)?;
+        Ok((ro, rewards))
+    }
+
+    /// Advantages, gradients and one optimizer step on a scored rollout.
+    fn update(&mut self, ro: &Rollout, rewards: &[f64], zero_adv_frac: f64) -> Result<StepMetrics> {
+        let g = self.cfg.group;
+        let adv = advantage::compute(rewards, g, &self.cfg.estimator)?;
+        let loss = self.accumulate_gradients(ro, &adv)?;
         let router_grad = match &self.policy.router {
             Some(r) => grad_norm(&r.parameters())?,
             None => 0.0,
@@ -107,7 +184,8 @@ impl Trainer {
         let report = self.opt.step()?;
         self.opt.zero_grad()?;
         self.step += 1;
-        let mut m = rollout_metrics(&self.policy.model.net, &ro, &rewards, &adv, g)?;
+        let mut m = rollout_metrics(&self.policy.model.net, ro, rewards, &adv, g)?;
+        m.zero_adv_frac = zero_adv_frac;
         m.step = self.step;
         m.loss = loss.loss;
         m.kl_token = loss.kl_token;
@@ -212,6 +290,28 @@ impl Trainer {
             ),
         }
     }
+}
+
+/// The given rows of a rollout (kept inputs are dropped).
+fn select_rows(ro: &Rollout, rows: &[usize]) -> Rollout {
+    Rollout {
+        prompts: rows.iter().map(|&i| ro.prompts[i].clone()).collect(),
+        records: rows.iter().map(|&i| ro.records[i].clone()).collect(),
+        inputs: Vec::new(),
+        temperature: ro.temperature,
+        mix_k: ro.mix_k,
+    }
+}
+
+/// Two rollouts of the same settings, one after the other.
+fn concat(mut a: Rollout, b: Rollout) -> Result<Rollout> {
+    if a.mix_k != b.mix_k || a.temperature != b.temperature {
+        bail!("cannot join rollouts made with different settings");
+    }
+    a.prompts.extend(b.prompts);
+    a.records.extend(b.records);
+    a.inputs.clear();
+    Ok(a)
 }
 
 /// The same completions with every input hard (for `ref_inputs: hard`).
