@@ -166,3 +166,24 @@ fn after_the_answer_marker_every_mode_is_hard() {
     // Before the marker, soft steps still happen.
     assert!(ro.records.iter().flatten().any(|r| r.mode == SOFT));
 }
+
+#[test]
+fn soft_spans_are_marked_in_sample_text() {
+    let m = model();
+    let router = Router::new(m.net.cfg.hidden_size, 0.5, 1.0, 3, Device::Cpu).unwrap();
+    let ro = rollout(&m.net, Some(&router), None, &prompts(), &options(11)).unwrap();
+    let recs = &ro.records[0];
+    let marked = tarpo::rl::metrics::mark_soft(&m.tok, recs).unwrap();
+    let runs = recs
+        .windows(2)
+        .filter(|w| w[0].mode != SOFT && w[1].mode == SOFT)
+        .count()
+        + usize::from(recs[0].mode == SOFT);
+    assert_eq!(marked.matches('⟦').count(), runs);
+    assert_eq!(marked.matches('⟧').count(), runs);
+    let plain = m
+        .tok
+        .decode(&recs.iter().map(|r| r.token).collect::<Vec<_>>(), false)
+        .unwrap();
+    assert_eq!(marked.replace(['⟦', '⟧'], ""), plain);
+}

@@ -133,3 +133,30 @@ fn embed_dist(net: &Llama, ro: &Rollout) -> Result<f64> {
         .f_to_device(Device::Cpu)?
         .double_value(&[]))
 }
+
+/// A completion's text with its soft spans marked `⟦...⟧` (the tokens shown
+/// are the sampled ones; the model was fed their mixtures), for sample logs.
+pub fn mark_soft(
+    tok: &crate::model::Tokenizer,
+    records: &[crate::policy::TokenRecord],
+) -> Result<String> {
+    let mut out = String::new();
+    let mut i = 0;
+    while i < records.len() {
+        let soft = records[i].mode == SOFT;
+        let j = (i..records.len())
+            .find(|&j| (records[j].mode == SOFT) != soft)
+            .unwrap_or(records.len());
+        let ids: Vec<i64> = records[i..j].iter().map(|r| r.token).collect();
+        let text = tok.decode(&ids, false)?;
+        if soft {
+            out.push('⟦');
+            out.push_str(&text);
+            out.push('⟧');
+        } else {
+            out.push_str(&text);
+        }
+        i = j;
+    }
+    Ok(out)
+}
