@@ -6,6 +6,9 @@ use tch::{Device, Kind, Tensor};
 pub struct Rope {
     /// (head_dim / 2,) fp32 inverse frequencies after any scaling.
     inv_freq: Tensor,
+    /// rotate_half(x) = x[perm] * sign: the halves swapped, the first negated.
+    perm: Tensor,
+    sign: Tensor,
 }
 
 impl Rope {
@@ -49,28 +52,56 @@ impl Rope {
                 inv_freq = smoothed.f_where_self(&medium, &base)?;
             }
         }
-        Ok(Rope { inv_freq })
+        let half = dim / 2;
+        let perm = Tensor::f_cat(
+            &[
+                Tensor::f_arange_start(half, dim, (Kind::Int64, device))?,
+                Tensor::f_arange(half, (Kind::Int64, device))?,
+            ],
+            0,
+        )?;
+        let sign = Tensor::f_cat(
+            &[
+                Tensor::f_full([half], -1.0, (Kind::Float, device))?,
+                Tensor::f_ones([half], (Kind::Float, device))?,
+            ],
+            0,
+        )?;
+        Ok(Rope {
+            inv_freq,
+            perm,
+            sign,
+        })
     }
 
-    /// cos and sin for `positions` (B, T), each shaped (B, 1, T, head_dim) in `dtype`.
-    pub fn cos_sin(&self, positions: &Tensor, dtype: Kind) -> Result<(Tensor, Tensor)> {
+    /// The rotation for `positions` (B, T): cos and sign-folded sin, each
+    /// shaped (B, 1, T, head_dim) in `dtype`, computed once per forward.
+    pub fn angles(&self, positions: &Tensor, dtype: Kind) -> Result<Angles> {
         let freqs = positions
             .f_to_kind(Kind::Float)?
             .f_unsqueeze(-1)?
             .f_mul(&self.inv_freq)?; // (B, T, D/2)
         let emb = Tensor::f_cat(&[&freqs, &freqs], -1)?.f_unsqueeze(1)?; // (B, 1, T, D)
-        Ok((
-            emb.f_cos()?.f_to_kind(dtype)?,
-            emb.f_sin()?.f_to_kind(dtype)?,
-        ))
+        Ok(Angles {
+            cos: emb.f_cos()?.f_to_kind(dtype)?,
+            signed_sin: emb.f_sin()?.f_mul(&self.sign)?.f_to_kind(dtype)?,
+            perm: self.perm.shallow_clone(),
+        })
     }
 }
 
-/// x * cos + rotate_half(x) * sin, for x (B, H, T, D).
-pub fn apply(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let half = x.size()[3] / 2;
-    let x1 = x.f_narrow(3, 0, half)?;
-    let x2 = x.f_narrow(3, half, half)?;
-    let rotated = Tensor::f_cat(&[&x2.f_neg()?, &x1], 3)?;
-    Ok(x.f_mul(cos)?.f_add(&rotated.f_mul(sin)?)?)
+pub struct Angles {
+    cos: Tensor,
+    /// sin with rotate_half's sign folded in (an exact flip).
+    signed_sin: Tensor,
+    perm: Tensor,
+}
+
+impl Angles {
+    /// x * cos + rotate_half(x) * sin, for x (B, H, T, D), in four ops.
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let rotated = x.f_index_select(3, &self.perm)?;
+        Ok(x.f_mul(&self.cos)?
+            .f_add(&rotated.f_mul(&self.signed_sin)?)?)
+    }
 }

@@ -64,13 +64,14 @@ pub fn matmul(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
                 dot_rows(&ws[o * k..(o + 1) * k], xs, rows, y);
             }
         });
-    let mut y = vec![0f32; rows * n];
+    let mut y = Tensor::f_empty([rows as i64, n as i64], (Kind::Float, Device::Cpu))?;
+    // SAFETY: a fresh contiguous (rows, n) f32 tensor that nothing else holds.
+    let ys = unsafe { std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, rows * n) };
     for o in 0..n {
         for r in 0..rows {
-            y[r * n + o] = yt[o * rows + r];
+            ys[r * n + o] = yt[o * rows + r];
         }
     }
-    let mut y = Tensor::from_slice(&y).f_view([rows as i64, n as i64])?;
     if let Some(b) = b {
         y = y.f_add(b)?;
     }
