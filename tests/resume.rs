@@ -71,6 +71,7 @@ fn trainer() -> Trainer {
         ref_inputs: RefInputs::Same,
         score_temperature: None,
         overlong: None,
+        epochs: 1,
     };
     Trainer {
         policy,

@@ -85,6 +85,7 @@ fn trainer(with_router: bool) -> Trainer {
         ref_inputs: RefInputs::Same,
         score_temperature: None,
         overlong: None,
+        epochs: 1,
     };
     Trainer {
         policy,
@@ -207,4 +208,18 @@ fn overlong_penalty_is_added_to_the_reward() {
     // In the soft band: len 10, max 12, cache 4 -> (12 - 4 - 10) / 4 = -0.5.
     t.cfg.overlong = Some((12, 4));
     assert_eq!(t.step(&batch, &answers, &zero).unwrap().reward, -0.5);
+}
+
+#[test]
+fn ppo_epochs_reuse_one_rollout() {
+    let mut t = trainer(false);
+    t.cfg.epochs = 3;
+    let batch = prompts(2, 8);
+    let answers = vec![String::new(); 2];
+    let err = t.step(&batch, &answers, &digits).unwrap_err().to_string();
+    assert!(err.contains("needs the PPO clip"), "{err}");
+    t.cfg.loss.clip = Some((0.2, 0.28));
+    let m = t.step(&batch, &answers, &digits).unwrap();
+    assert_eq!(t.step, 3, "three optimizer steps on one rollout");
+    assert!(m.loss.is_finite() && !m.skipped);
 }

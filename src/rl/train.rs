@@ -57,6 +57,8 @@ pub struct TrainConfig {
     pub score_temperature: Option<f64>,
     /// DAPO's soft overlong punishment (max_len, cache), added to the reward.
     pub overlong: Option<(usize, usize)>,
+    /// Optimizer steps per rollout (PPO epochs; > 1 needs `loss.clip`).
+    pub epochs: usize,
 }
 
 pub struct Trainer {
@@ -176,14 +178,31 @@ impl Trainer {
     fn update(&mut self, ro: &Rollout, rewards: &[f64], zero_adv_frac: f64) -> Result<StepMetrics> {
         let g = self.cfg.group;
         let adv = advantage::compute(rewards, g, &self.cfg.estimator)?;
-        let loss = self.accumulate_gradients(ro, &adv)?;
-        let router_grad = match &self.policy.router {
-            Some(r) => grad_norm(&r.parameters())?,
-            None => 0.0,
+        let epochs = self.cfg.epochs.max(1);
+        if epochs > 1 && self.cfg.loss.clip.is_none() {
+            bail!("epochs = {epochs} needs the PPO clip (loss.clip): without the ratio every epoch repeats the same on-policy step");
+        }
+        // Several epochs over one rollout (PPO); the reported loss is the first, on-policy one.
+        let (mut loss, mut router_grad, mut skipped) = (LossMetrics::default(), 0.0, false);
+        let mut report = None;
+        for e in 0..epochs {
+            let l = self.accumulate_gradients(ro, &adv)?;
+            if e == 0 {
+                loss = l;
+            }
+            router_grad = match &self.policy.router {
+                Some(r) => grad_norm(&r.parameters())?,
+                None => 0.0,
+            };
+            let r = self.opt.step()?;
+            self.opt.zero_grad()?;
+            skipped |= r.skipped;
+            self.step += 1;
+            report = Some(r);
+        }
+        let Some(report) = report else {
+            bail!("no optimizer step taken")
         };
-        let report = self.opt.step()?;
-        self.opt.zero_grad()?;
-        self.step += 1;
         let mut m = rollout_metrics(&self.policy.model.net, ro, rewards, &adv, g)?;
         m.zero_adv_frac = zero_adv_frac;
         m.step = self.step;
@@ -193,7 +212,7 @@ impl Trainer {
         m.grad_norm = report.grad_norm;
         m.grad_action_norm = router_grad;
         m.lr = report.lr;
-        m.skipped = report.skipped;
+        m.skipped = skipped;
         Ok(m)
     }
 
