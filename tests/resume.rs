@@ -36,6 +36,7 @@ fn trainer() -> Trainer {
         model,
         router: Some(router),
         router_ref,
+        gate: None,
         reference: Reference::Base,
     };
     let schedule = Schedule::with_warmup_fraction(ScheduleKind::Cosine, 0.34, 6, 0.1).unwrap();

@@ -65,6 +65,7 @@ fn trainer(with_router: bool) -> Trainer {
         model,
         router,
         router_ref,
+        gate: None,
         reference: Reference::Base,
     };
     let opt = AdamW::new(
@@ -222,4 +223,47 @@ fn ppo_epochs_reuse_one_rollout() {
     let m = t.step(&batch, &answers, &digits).unwrap();
     assert_eq!(t.step, 3, "three optimizer steps on one rollout");
     assert!(m.loss.is_finite() && !m.skipped);
+}
+
+#[test]
+fn hrpo_trains_its_gate_through_the_same_step() {
+    use tarpo::policy::{HrpoGate, Latent};
+    let mut t = trainer(false);
+    let h = t.policy.model.net.cfg.hidden_size;
+    t.policy.gate = Some(HrpoGate::new(h, 5, Device::Cpu).unwrap());
+    t.opt = AdamW::new(
+        param_groups(&t.policy, 2e-2, 1e-2, 0.0),
+        AdamWConfig::default(),
+    )
+    .unwrap();
+    t.cfg.rollout.latent = Latent::Hrpo;
+    let before: Vec<_> = t
+        .policy
+        .gate
+        .as_ref()
+        .unwrap()
+        .parameters()
+        .iter()
+        .map(|p| p.detach().copy())
+        .collect();
+    let batch = prompts(2, 8);
+    // A reward that always varies within a group, so every group carries signal.
+    let text_len = |text: &str, _: &str| text.len() as f64;
+    let m = t.step(&batch, &vec![String::new(); 2], &text_len).unwrap();
+    assert!(!m.skipped && m.loss.is_finite() && m.zero_adv_frac == 0.0);
+    assert!(
+        m.soft_ratio > 0.5,
+        "HRPO steps are latent before the marker: {}",
+        m.soft_ratio
+    );
+    let after = t.policy.gate.as_ref().unwrap().parameters();
+    let moved: Vec<bool> = before
+        .iter()
+        .zip(&after)
+        .map(|(b, a)| !b.equal(a))
+        .collect();
+    assert!(
+        moved.iter().all(|&m| m),
+        "every gate tensor moved: {moved:?}"
+    );
 }

@@ -6,8 +6,17 @@
 //! with the rollout's positions and attention mask (the reference code dropped
 //! the mask in training). One forward gives every position's hidden state, from
 //! which token and router log-probs follow.
+//!
+//! Latent steps of the other methods (`rollout::Latent`): Soft Thinking's and
+//! Coconut's recorded input vectors are fed back as constants (no gradient
+//! flows through a latent input into the positions that produced it, as in the
+//! GRPO-style training of these methods); HRPO's input is recomputed from the
+//! recorded h_hat as gate(E[y_t], h_hat) with autograd, so the gate trains
+//! (`build_with`). Only SOFT records use their latent vector: a record turned
+//! HARD replays as E[y_t].
+use super::hrpo::HrpoGate;
 use super::mix;
-use super::rollout::Rollout;
+use super::rollout::{LatentRecord, Rollout};
 use super::router::{Router, SOFT};
 use crate::model::{Llama, Step};
 use anyhow::{bail, Result};
@@ -30,8 +39,20 @@ pub struct ReplayBatch {
     pub prompt_width: i64,
 }
 
-/// Builds the replay inputs for `rows` of the rollout.
+/// Builds the replay inputs for `rows` of the rollout (no HRPO steps: those
+/// need the gate, `build_with`).
 pub fn build(net: &Llama, ro: &Rollout, rows: &[usize]) -> Result<ReplayBatch> {
+    build_with(net, None, ro, rows)
+}
+
+/// `build` with the HRPO gate, which rows with HRPO steps need (the inputs of
+/// those steps then carry the gate's autograd graph).
+pub fn build_with(
+    net: &Llama,
+    gate: Option<&HrpoGate>,
+    ro: &Rollout,
+    rows: &[usize],
+) -> Result<ReplayBatch> {
     if rows.is_empty() {
         bail!("replay of no rows");
     }
@@ -57,6 +78,10 @@ pub fn build(net: &Llama, ro: &Rollout, rows: &[usize]) -> Result<ReplayBatch> {
         vec![false; b * t],
     );
     let (mut mids, mut mw) = (vec![0i64; b * t * k], vec![0f32; b * t * k]);
+    // Latent vectors (recorded inputs; HRPO states), allocated when first needed.
+    let hs = net.cfg.hidden_size as usize;
+    let (mut lat_in, mut lat_hrpo): (Option<Vec<f32>>, Option<Vec<f32>>) = (None, None);
+    let (mut is_in, mut is_hrpo) = (vec![false; b * t], vec![false; b * t]);
     for (i, &r) in rows.iter().enumerate() {
         let pr = &ro.prompts[r];
         let off = p - pr.len();
@@ -70,13 +95,37 @@ pub fn build(net: &Llama, ro: &Rollout, rows: &[usize]) -> Result<ReplayBatch> {
             modes[at] = rec.mode;
             mask[at] = true;
             rmask[at] = !rec.forced;
-            if rec.mode == SOFT {
-                if rec.mix_ids.len() != k || rec.mix_weights.len() != k {
-                    bail!("row {r} token {j}: soft record without its {k} mixture entries");
-                }
-                mids[at * k..(at + 1) * k].copy_from_slice(&rec.mix_ids);
-                mw[at * k..(at + 1) * k].copy_from_slice(&rec.mix_weights);
+            if rec.mode != SOFT {
+                continue;
             }
+            let (v, dst, flag) = match &rec.latent {
+                LatentRecord::None => {
+                    if rec.mix_ids.len() != k || rec.mix_weights.len() != k {
+                        bail!("row {r} token {j}: soft record without its {k} mixture entries");
+                    }
+                    mids[at * k..(at + 1) * k].copy_from_slice(&rec.mix_ids);
+                    mw[at * k..(at + 1) * k].copy_from_slice(&rec.mix_weights);
+                    continue;
+                }
+                LatentRecord::Input(v) => (v, &mut lat_in, &mut is_in),
+                LatentRecord::Hrpo(v) => {
+                    if gate.is_none() {
+                        bail!(
+                            "row {r} token {j}: an HRPO step needs the gate (replay::build_with)"
+                        );
+                    }
+                    (v, &mut lat_hrpo, &mut is_hrpo)
+                }
+            };
+            if v.len() != hs {
+                bail!(
+                    "row {r} token {j}: latent vector of {} values for hidden size {hs}",
+                    v.len()
+                );
+            }
+            dst.get_or_insert_with(|| vec![0f32; b * t * hs])[at * hs..(at + 1) * hs]
+                .copy_from_slice(v);
+            flag[at] = true;
         }
     }
     let (bi, pi, ti, ki) = (b as i64, p as i64, t as i64, k as i64);
@@ -102,7 +151,24 @@ pub fn build(net: &Llama, ro: &Rollout, rows: &[usize]) -> Result<ReplayBatch> {
             .f_narrow(1, 0, n)?,
     )?;
     let is_soft = modes_t.f_narrow(1, 0, n)?.f_eq(SOFT)?.f_unsqueeze(-1)?;
-    let gen_inputs = soft.f_where_self(&is_soft, &hard)?;
+    let mut gen_inputs = soft.f_where_self(&is_soft, &hard)?;
+    let hi = hs as i64;
+    let latent = |v: &[f32]| -> Result<Tensor> {
+        Ok(Tensor::from_slice(v)
+            .f_view([bi, ti, hi])?
+            .f_narrow(1, 0, n)?
+            .f_to_device(dev)?)
+    };
+    let at_steps =
+        |f: &[bool]| -> Result<Tensor> { Ok(flags(f)?.f_narrow(1, 0, n)?.f_unsqueeze(-1)?) };
+    if let Some(v) = &lat_in {
+        let x = latent(v)?.f_to_kind(hard.kind())?;
+        gen_inputs = x.f_where_self(&at_steps(&is_in)?, &gen_inputs)?;
+    }
+    if let (Some(v), Some(g)) = (&lat_hrpo, gate) {
+        let x = g.forward(&hard, &latent(v)?)?.f_to_kind(hard.kind())?;
+        gen_inputs = x.f_where_self(&at_steps(&is_hrpo)?, &gen_inputs)?;
+    }
     let prompt_inputs = net.embed(&tensor(&prompt, &[bi, pi])?)?;
     let inputs = Tensor::f_cat(&[&prompt_inputs, &gen_inputs], 1)?;
     // A generated input is real iff the token after it is.

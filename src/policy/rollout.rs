@@ -8,9 +8,18 @@
 //! (hard) or the renormalised top-k mixture of p_t (soft). Every token's record
 //! is kept for replay, losses and analysis. Without a router this is plain
 //! generation.
+//!
+//! `RolloutOptions::latent` swaps TARPO's router for another latent-reasoning
+//! method's rule (`Latent`): Soft Thinking, Coconut, HRPO. The engine's other
+//! rules stay: a token is always sampled and recorded, the random stream is the
+//! same whatever the mode (one sampling draw and one mode uniform per row and
+//! step), a sequence's last token and every token once the answer marker is
+//! complete are hard.
+use super::hrpo::HrpoGate;
 use super::mix;
 use super::router::{Router, HARD, SOFT};
 use super::sampler::{sample, Rng, Sampling};
+use crate::model::llama::linear;
 use crate::model::{Llama, Tokenizer};
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
@@ -28,6 +37,66 @@ pub struct RolloutOptions {
     pub answer_marker: Option<String>,
     /// Keep every step's next-input embeddings (tests and analysis).
     pub keep_inputs: bool,
+    /// Which method chooses the next inputs (default: TARPO's router).
+    pub latent: Latent,
+}
+
+/// How each step's next input is chosen. In every mode a token y_t is sampled
+/// from p_t (the text), a sequence's last token is hard, and so is every token
+/// once the answer marker is complete (when `answer_marker` is set). A latent
+/// step is recorded as SOFT with `forced = true` (no router decision),
+/// `p_soft = 0`, `router_logp = 0`, and its vector in `TokenRecord::latent`.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Latent {
+    /// TARPO: the router samples hard or soft per token; soft inputs are the
+    /// renormalised top-`mix_k` mixture of p_t. Without a router, all hard.
+    #[default]
+    Router,
+    /// Soft Thinking: every step's input is the full-vocabulary expectation
+    /// p_t^T E, p_t = softmax(z_t / T). Cold stop `(threshold, patience)`:
+    /// once the token entropy (`TokenRecord::entropy`, nats) has been below
+    /// `threshold` at `patience` consecutive steps, that step and the rest of
+    /// the sequence are hard (patience 2: low, low -> the second one is the
+    /// first hard step).
+    SoftThinking { cold_stop: Option<(f32, usize)> },
+    /// Coconut: the first `latent_steps` generated steps of each sequence are
+    /// latent (their next input is the final-normed hidden state h_t that
+    /// predicted the token), then text. End the prompt with Coconut's begin
+    /// marker if the model was trained with one; the tokens sampled during the
+    /// latent span are recorded (and scored) but are not what the model read.
+    Coconut { latent_steps: usize },
+    /// HRPO: before the answer marker the next input is the gate's blend of
+    /// E[y_t] and h_hat = p_t^T E / ||p_t||_2 (`hrpo::HrpoGate`), p_t the
+    /// sampling distribution (temperature, top-k, and top-p when < 1; softmax(z)
+    /// when greedy); after it, plain E[y_t]. Needs the gate (`rollout_with`).
+    Hrpo,
+}
+
+impl Latent {
+    fn name(&self) -> &'static str {
+        match self {
+            Latent::Router => "Router",
+            Latent::SoftThinking { .. } => "SoftThinking",
+            Latent::Coconut { .. } => "Coconut",
+            Latent::Hrpo => "Hrpo",
+        }
+    }
+}
+
+/// The vector a latent step recorded (H floats), so replay rebuilds its input.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub enum LatentRecord {
+    /// Not a latent step (hard, or a router mixture rebuilt from `mix_ids`).
+    #[default]
+    None,
+    /// The next input itself (Soft Thinking's p_t^T E, Coconut's h_t), in the
+    /// model dtype's values. Replay feeds it back as a constant: no gradient
+    /// flows through it into earlier positions (as in the GRPO-style training
+    /// of these methods, where the rollout's latent inputs are data).
+    Input(Vec<f32>),
+    /// HRPO's h_hat (fp32, a constant); replay recomputes the input
+    /// gate(E[y_t], h_hat) with autograd, so the gate trains.
+    Hrpo(Vec<f32>),
 }
 
 impl RolloutOptions {
@@ -40,6 +109,7 @@ impl RolloutOptions {
             mix_k: 10,
             answer_marker: None,
             keep_inputs: false,
+            latent: Latent::Router,
         }
     }
 }
@@ -61,9 +131,12 @@ pub struct TokenRecord {
     pub entropy: f32,
     /// Entropy of the top-k mixture weights.
     pub topk_entropy: f32,
-    /// The mixture (ids and renormalised weights); empty for hard tokens.
+    /// The router mixture (ids and renormalised weights); empty for hard
+    /// tokens and for the latent steps of the other methods.
     pub mix_ids: Vec<i64>,
     pub mix_weights: Vec<f32>,
+    /// A latent step's vector (Soft Thinking, Coconut, HRPO); None otherwise.
+    pub latent: LatentRecord,
 }
 
 pub struct Rollout {
@@ -160,9 +233,126 @@ impl MarkerWatch<'_> {
 
 /// Samples up to `max_new` tokens for each prompt. With a router, each token's
 /// next input is hard or soft as the router samples; without one, all hard.
+/// Other methods' latent modes (`opts.latent`) go through here too, except
+/// HRPO, which needs its gate (`rollout_with`).
 pub fn rollout(
     net: &Llama,
     router: Option<&Router>,
+    tok: Option<&Tokenizer>,
+    prompts: &[Vec<i64>],
+    opts: &RolloutOptions,
+) -> Result<Rollout> {
+    rollout_with(net, router, None, tok, prompts, opts)
+}
+
+/// Checks that `opts.latent` gets what it needs and nothing it would ignore.
+fn check_latent(
+    opts: &RolloutOptions,
+    router: Option<&Router>,
+    gate: Option<&HrpoGate>,
+    hidden: i64,
+) -> Result<()> {
+    let latent = opts.latent;
+    if router.is_some() && latent != Latent::Router {
+        bail!(
+            "Latent::{} chooses its own modes: pass no router (routers are for Latent::Router)",
+            latent.name()
+        );
+    }
+    match (latent, gate) {
+        (Latent::Hrpo, None) => {
+            bail!("Latent::Hrpo needs the HRPO gate: call rollout_with(.., Some(&gate), ..)")
+        }
+        (Latent::Hrpo, Some(g)) if g.hidden() != hidden => bail!(
+            "HRPO gate of hidden size {} for a model of hidden size {hidden}",
+            g.hidden()
+        ),
+        (Latent::Hrpo, Some(_)) => {}
+        (_, Some(_)) => bail!(
+            "an HRPO gate was given but the latent mode is Latent::{}",
+            latent.name()
+        ),
+        (_, None) => {}
+    }
+    if let Latent::SoftThinking {
+        cold_stop: Some((threshold, patience)),
+    } = latent
+    {
+        if threshold.is_nan() {
+            bail!("Soft Thinking cold stop: the entropy threshold is NaN");
+        }
+        if patience == 0 {
+            bail!("Soft Thinking cold stop: patience must be >= 1 step");
+        }
+    }
+    Ok(())
+}
+
+/// x (B, V) @ E (V, H) given E^T (H, V) contiguous: (B, H) in E's dtype. Few
+/// rows on the CPU take the same streaming kernel as the LM head.
+fn expect_embedding(p: &Tensor, e_t: &Tensor) -> Result<Tensor> {
+    linear(&p.f_to_kind(e_t.kind())?, e_t, None)
+}
+
+/// HRPO's h_hat = p^T E / ||p||_2 (B, H) fp32, p the sampling distribution of
+/// `logits` (B, V): softmax(z / T) cut to the top-k and top-p as `sample` cuts
+/// it (both off when greedy: then p = softmax(z)). h_hat does not change when
+/// p is rescaled, so the cut distribution needs no renormalising.
+fn hrpo_state(
+    logits: &Tensor,
+    s: &Sampling,
+    temp: f64,
+    e: &Tensor,
+    e_t: Option<&Tensor>,
+) -> Result<Tensor> {
+    let v = logits.size()[1];
+    let greedy = s.temperature == 0.0;
+    let top_k = if !greedy && s.top_k > 0 && s.top_k < v {
+        s.top_k
+    } else {
+        0
+    };
+    let top_p = if greedy { 1.0 } else { s.top_p };
+    let scaled = logits.f_to_kind(Kind::Float)?.f_div_scalar(temp)?;
+    let cut = |probs: Tensor| -> Result<Tensor> {
+        if top_p < 1.0 {
+            let before = probs.f_cumsum(-1, Kind::Float)?.f_sub(&probs)?;
+            Ok(probs.f_mul(&before.f_lt(top_p)?.f_to_kind(Kind::Float)?)?)
+        } else {
+            Ok(probs)
+        }
+    };
+    let (num, p) = if top_k > 0 {
+        let (vals, ids) = scaled.f_topk(top_k, -1, true, true)?;
+        let p = cut(vals.f_softmax(-1, Kind::Float)?)?;
+        let rows = Tensor::f_embedding(e, &ids, -1, false, false)?.f_to_kind(Kind::Float)?;
+        let num = rows
+            .f_mul(&p.f_unsqueeze(-1)?)?
+            .f_sum_dim_intlist(-2, false, Kind::Float)?;
+        (num, p)
+    } else {
+        let Some(e_t) = e_t else {
+            bail!("internal: HRPO's full-vocabulary state needs E^T");
+        };
+        let p = if top_p < 1.0 {
+            let (vals, idx) = scaled.f_sort(-1, true)?;
+            let p = cut(vals.f_softmax(-1, Kind::Float)?)?;
+            scaled.f_zeros_like()?.f_scatter(-1, &idx, &p)?
+        } else {
+            scaled.f_softmax(-1, Kind::Float)?
+        };
+        (expect_embedding(&p, e_t)?.f_to_kind(Kind::Float)?, p)
+    };
+    let norm = p.f_norm_scalaropt_dim(2, [-1].as_slice(), true)?;
+    Ok(num.f_div(&norm)?)
+}
+
+/// `rollout` with the HRPO gate, which `Latent::Hrpo` needs (and the other
+/// modes refuse).
+pub fn rollout_with(
+    net: &Llama,
+    router: Option<&Router>,
+    gate: Option<&HrpoGate>,
     tok: Option<&Tokenizer>,
     prompts: &[Vec<i64>],
     opts: &RolloutOptions,
@@ -178,6 +368,7 @@ pub fn rollout(
     if opts.mix_k < 1 || opts.mix_k > vocab {
         bail!("mix_k must be in 1..={vocab}, got {}", opts.mix_k);
     }
+    check_latent(opts, router, gate, net.cfg.hidden_size)?;
     let mut marker = match (&opts.answer_marker, tok) {
         (Some(m), Some(tok)) if !m.is_empty() => Some(MarkerWatch {
             tok,
@@ -199,6 +390,21 @@ pub fn rollout(
     } else {
         1.0
     };
+    // Full-vocabulary expectations p^T E (Soft Thinking; HRPO without top-k)
+    // read E^T, made contiguous once per rollout.
+    let needs_e_t = match opts.latent {
+        Latent::SoftThinking { .. } => true,
+        Latent::Hrpo => {
+            let s = &opts.sampling;
+            s.temperature == 0.0 || s.top_k == 0 || s.top_k >= vocab
+        }
+        _ => false,
+    };
+    let e_t = if needs_e_t {
+        Some(net.embed_tokens.f_transpose(0, 1)?.f_contiguous()?)
+    } else {
+        None
+    };
 
     let step = cache.step(&valid)?;
     let h = net.forward(&net.embed(&ids)?, &step, Some(&cache))?;
@@ -211,6 +417,9 @@ pub fn rollout(
     let mut records: Vec<Vec<TokenRecord>> = vec![Vec::new(); b as usize];
     let mut inputs = Vec::new();
     let mut done = vec![false; b as usize];
+    // Soft Thinking's cold stop: consecutive low-entropy steps, and stopped rows.
+    let mut low_run = vec![0usize; b as usize];
+    let mut cold = vec![false; b as usize];
     let one_new = Tensor::f_ones([b, 1], (Kind::Bool, device))?;
     for t in 0..opts.max_new {
         let logits = net.logits(&h)?.f_to_kind(Kind::Float)?; // (B, V)
@@ -231,7 +440,7 @@ pub fn rollout(
             None => None,
         };
         // Mode uniforms are drawn for every row whatever happens, so the random
-        // stream does not depend on which rows are forced.
+        // stream does not depend on which rows are forced (nor on the mode).
         let u_mode: Vec<f64> = (0..b).map(|_| rng.next_f64()).collect();
 
         let next_ids = Vec::<i64>::try_from(&next)?;
@@ -255,15 +464,37 @@ pub fn rollout(
                 None => false,
             };
             let p_soft = soft_lp[i][1].exp();
-            let forced = router.is_none() || ends || after_marker;
-            let mode = if !forced && u_mode[i] < p_soft as f64 {
-                SOFT
-            } else {
-                HARD
+            let hard = ends || after_marker;
+            let (mode, forced) = match opts.latent {
+                Latent::Router => {
+                    let forced = router.is_none() || hard;
+                    let soft = !forced && u_mode[i] < p_soft as f64;
+                    (if soft { SOFT } else { HARD }, forced)
+                }
+                Latent::SoftThinking { cold_stop } => {
+                    if let Some((threshold, patience)) = cold_stop {
+                        if stats[i][1] < threshold {
+                            low_run[i] += 1;
+                        } else {
+                            low_run[i] = 0;
+                        }
+                        cold[i] |= low_run[i] >= patience;
+                    }
+                    (if hard || cold[i] { HARD } else { SOFT }, true)
+                }
+                Latent::Coconut { latent_steps } => (
+                    if hard || t >= latent_steps {
+                        HARD
+                    } else {
+                        SOFT
+                    },
+                    true,
+                ),
+                Latent::Hrpo => (if hard { HARD } else { SOFT }, true),
             };
             modes[i] = mode;
             any_soft |= mode == SOFT;
-            let (ids_i, w_i) = if mode == SOFT {
+            let (ids_i, w_i) = if mode == SOFT && opts.latent == Latent::Router {
                 (
                     Vec::<i64>::try_from(&mix_ids.get(i as i64))?,
                     Vec::<f32>::try_from(&mix_w.get(i as i64).f_to_device(Device::Cpu)?)?,
@@ -286,6 +517,7 @@ pub fn rollout(
                 topk_entropy: stats[i][2],
                 mix_ids: ids_i,
                 mix_weights: w_i,
+                latent: LatentRecord::None,
             });
             done[i] = opts.eos.contains(&tok_i);
         }
@@ -294,12 +526,54 @@ pub fn rollout(
         }
         let mut x = net.embed(&next)?; // (B, H)
         if any_soft {
-            let soft = mix::embed(&net.embed_tokens, &mix_ids, &mix_w)?;
+            // The soft rows' input, and for the latent modes the vector recorded.
+            let (soft, recorded) = match opts.latent {
+                Latent::Router => (mix::embed(&net.embed_tokens, &mix_ids, &mix_w)?, None),
+                Latent::SoftThinking { .. } => {
+                    let Some(e_t) = e_t.as_ref() else {
+                        bail!("internal: Soft Thinking without E^T");
+                    };
+                    let s = expect_embedding(&probs, e_t)?;
+                    (s.shallow_clone(), Some(s))
+                }
+                Latent::Coconut { .. } => (h.shallow_clone(), Some(h.shallow_clone())),
+                Latent::Hrpo => {
+                    let Some(g) = gate else {
+                        bail!("internal: HRPO without its gate");
+                    };
+                    let state = hrpo_state(
+                        &logits,
+                        &opts.sampling,
+                        temp,
+                        &net.embed_tokens,
+                        e_t.as_ref(),
+                    )?;
+                    let blend = g.forward(&x, &state)?.f_to_kind(x.kind())?;
+                    (blend, Some(state))
+                }
+            };
             let is_soft = Tensor::from_slice(&modes)
                 .f_to_device(device)?
                 .f_eq(SOFT)?
                 .f_unsqueeze(-1)?;
             x = soft.f_where_self(&is_soft, &x)?;
+            if let Some(rec) = recorded {
+                let rows = Vec::<Vec<f32>>::try_from(
+                    &rec.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?,
+                )?;
+                for (i, v) in rows.into_iter().enumerate() {
+                    if modes[i] != SOFT {
+                        continue;
+                    }
+                    if let Some(r) = records[i].last_mut() {
+                        r.latent = if opts.latent == Latent::Hrpo {
+                            LatentRecord::Hrpo(v)
+                        } else {
+                            LatentRecord::Input(v)
+                        };
+                    }
+                }
+            }
         }
         if opts.keep_inputs {
             inputs.push(x.shallow_clone());

@@ -97,19 +97,21 @@ pub fn rollout_metrics(
     })
 }
 
-/// Mean ||mixture - E[y_t]|| over soft tokens.
+/// Mean ||mixture - E[y_t]|| over the router's soft tokens (top-k mixtures;
+/// the latent inputs of Soft Thinking, Coconut and HRPO carry no ids).
 fn embed_dist(net: &Llama, ro: &Rollout) -> Result<f64> {
+    let k = ro.mix_k as usize;
     let soft: Vec<_> = ro
         .records
         .iter()
         .flatten()
-        .filter(|r| r.mode == SOFT)
+        .filter(|r| r.mode == SOFT && r.mix_ids.len() == k)
         .collect();
     if soft.is_empty() {
         return Ok(0.0);
     }
     let _g = tch::no_grad_guard();
-    let k = ro.mix_k;
+    let k = k as i64;
     let dev = net.embed_tokens.device();
     let ids: Vec<i64> = soft
         .iter()

@@ -10,7 +10,7 @@ use super::optim::{grad_norm, AdamW};
 use crate::model::Model;
 use crate::policy::replay::{self, ReplayBatch};
 use crate::policy::router::HARD;
-use crate::policy::{rollout, Rng, Rollout, RolloutOptions, Router};
+use crate::policy::{rollout_with, HrpoGate, Rng, Rollout, RolloutOptions, Router};
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
@@ -38,6 +38,8 @@ pub struct Policy {
     pub router: Option<Router>,
     /// The router at initialisation (the router's KL reference).
     pub router_ref: Option<Router>,
+    /// HRPO's gated latent inputs (with `rollout.latent = Latent::Hrpo`).
+    pub gate: Option<HrpoGate>,
     pub reference: Reference,
 }
 
@@ -156,9 +158,10 @@ impl Trainer {
         let mut opts = self.cfg.rollout.clone();
         opts.seed = self.rng.next_u64();
         let p = &self.policy;
-        let ro = rollout(
+        let ro = rollout_with(
             &p.model.net,
             p.router.as_ref(),
+            p.gate.as_ref(),
             Some(&p.model.tok),
             &expanded,
             &opts,
@@ -233,7 +236,8 @@ impl Trainer {
                 }
                 _ => chunk.len() as f64 / seqs as f64,
             };
-            let batch = replay::build(&self.policy.model.net, ro, chunk)?;
+            let batch =
+                replay::build_with(&self.policy.model.net, self.policy.gate.as_ref(), ro, chunk)?;
             let adv_t =
                 Tensor::from_slice(&chunk.iter().map(|&i| adv[i] as f32).collect::<Vec<_>>())
                     .f_to_device(batch.inputs.device())?;
@@ -292,7 +296,8 @@ impl Trainer {
         let rows = match self.cfg.ref_inputs {
             RefInputs::Same => batch,
             RefInputs::Hard => {
-                hard = replay::build(&p.model.net, &all_hard(ro), &batch.rows)?;
+                hard =
+                    replay::build_with(&p.model.net, p.gate.as_ref(), &all_hard(ro), &batch.rows)?;
                 &hard
             }
         };
@@ -411,6 +416,10 @@ pub fn param_groups(
             router_lr,
             0.0,
         ));
+    }
+    if let Some(g) = &policy.gate {
+        // The HRPO reference trains its gates at 1e-4 like the router.
+        groups.push(ParamGroup::new("hrpo_gate", g.parameters(), router_lr, 0.0));
     }
     groups
 }
