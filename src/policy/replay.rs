@@ -191,8 +191,6 @@ pub struct Scores {
     pub hidden: Tensor,
     /// (B, T) log p(y_t) under softmax(z / temperature).
     pub logp: Tensor,
-    /// (B, T) entropy of that distribution.
-    pub entropy: Tensor,
     /// (B, T) log pi_r(m_t | h_t), with a router.
     pub router_logp: Option<Tensor>,
     /// (B, T, 2) log pi_r(. | h_t), with a router.
@@ -217,19 +215,15 @@ pub fn score(
         (Kind::Int64, h.device()),
     )?;
     let hidden = h.f_index_select(1, &at)?; // (B, T, H)
-    let logp_all = net
+    // log p(y) = z_y - logsumexp(z): no (B, T, V) log-softmax is kept for backward.
+    let z = net
         .logits(&hidden)?
         .f_to_kind(Kind::Float)?
-        .f_div_scalar(temperature)?
-        .f_log_softmax(-1, Kind::Float)?;
-    let logp = logp_all
+        .f_div_scalar(temperature)?;
+    let logp = z
         .f_gather(-1, &batch.tokens.f_unsqueeze(-1)?, false)?
-        .f_squeeze_dim(-1)?;
-    let entropy = logp_all
-        .f_exp()?
-        .f_mul(&logp_all)?
-        .f_sum_dim_intlist(-1, false, Kind::Float)?
-        .f_neg()?;
+        .f_squeeze_dim(-1)?
+        .f_sub(&z.f_logsumexp([-1].as_slice(), false)?)?;
     let (router_logp, router_all) = match router {
         Some(r) => {
             let all = r.log_probs(&hidden)?;
@@ -243,7 +237,6 @@ pub fn score(
     Ok(Scores {
         hidden,
         logp,
-        entropy,
         router_logp,
         router_all,
     })
