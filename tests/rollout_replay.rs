@@ -71,7 +71,7 @@ fn replay_rebuilds_the_rollout_inputs_and_log_probs() {
     let batch = replay::build(&m.net, &ro, &rows).unwrap();
     let p = batch.prompt_width;
     for (i, recs) in ro.records.iter().enumerate() {
-        for t in 0..recs.len().saturating_sub(1) {
+        for (t, rec) in recs.iter().enumerate().take(recs.len().saturating_sub(1)) {
             // Input fed after token t in the rollout vs the replayed one.
             let fed = ro.inputs[t].get(i as i64);
             let replayed = batch.inputs.get(i as i64).get(p + t as i64);
@@ -79,11 +79,11 @@ fn replay_rebuilds_the_rollout_inputs_and_log_probs() {
             assert!(
                 d == 0.0,
                 "row {i} token {t} ({}): {d}",
-                if recs[t].mode == SOFT { "soft" } else { "hard" }
+                if rec.mode == SOFT { "soft" } else { "hard" }
             );
-            if recs[t].mode == SOFT {
+            if rec.mode == SOFT {
                 // A soft input is the mixture, not the sampled token's embedding.
-                let hard = m.net.embed_tokens.get(recs[t].token);
+                let hard = m.net.embed_tokens.get(rec.token);
                 assert!(common::max_abs_diff(&fed, &hard) > 1e-3);
             }
         }

@@ -171,7 +171,7 @@ fn dynamic_sampling_keeps_only_informative_groups() {
         let mut ans = Vec::new();
         for _ in 0..k {
             ps.push(pool[drawn % pool.len()].clone());
-            ans.push(if drawn % 2 == 0 {
+            ans.push(if drawn.is_multiple_of(2) {
                 "flat".to_string()
             } else {
                 String::new()

@@ -14,6 +14,9 @@ use crate::policy::{rollout_with, HrpoGate, Rng, Rollout, RolloutOptions, Router
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
+/// Draws `k` more prompts (token ids) and their reference answers.
+pub type PromptSource<'a> = dyn FnMut(usize) -> Result<(Vec<Vec<i64>>, Vec<String>)> + 'a;
+
 /// What the KL terms compare against.
 pub enum Reference {
     /// The policy's own base weights with LoRA switched off (no second copy).
@@ -95,7 +98,7 @@ impl Trainer {
         &mut self,
         n: usize,
         max_rounds: usize,
-        next: &mut dyn FnMut(usize) -> Result<(Vec<Vec<i64>>, Vec<String>)>,
+        next: &mut PromptSource,
         reward: &dyn Fn(&str, &str) -> f64,
     ) -> Result<StepMetrics> {
         let g = self.cfg.group;
