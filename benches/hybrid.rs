@@ -10,30 +10,68 @@ use std::path::PathBuf;
 use std::time::Instant;
 use tarpo::model::{Message, Model};
 use tarpo::policy::router::SOFT;
-use tarpo::policy::{rollout, Router, RolloutOptions, Sampling};
+use tarpo::policy::{rollout, RolloutOptions, Router, Sampling};
 use tch::{Device, Kind};
 
 fn main() -> Result<()> {
-    let threads: i32 = std::env::var("TARPO_BENCH_THREADS").ok().and_then(|v| v.parse().ok()).unwrap_or(2);
-    let runs: usize = std::env::var("TARPO_BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(5);
-    let dir = PathBuf::from(std::env::var("TARPO_MODELS").unwrap_or_else(|_| "models".into())).join("SmolLM2-135M-Instruct");
+    let threads: i32 = std::env::var("TARPO_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let runs: usize = std::env::var("TARPO_BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5);
+    let dir = PathBuf::from(std::env::var("TARPO_MODELS").unwrap_or_else(|_| "models".into()))
+        .join("SmolLM2-135M-Instruct");
     if !dir.join("model.safetensors").exists() {
         bail!("{} missing: run ./dev.sh setup", dir.display());
     }
     tch::set_num_threads(threads);
     let m = Model::load(&dir, Device::Cpu, Kind::Float)?;
     let questions = [
-        "What is 12 times 7?", "Name three prime numbers.", "How far does a train at 60 mph go in 3 hours?",
-        "Explain what a fraction is.", "What is the square root of 81?", "Write a haiku about numbers.",
-        "What is 15% of 80?", "Is 91 a prime number?",
+        "What is 12 times 7?",
+        "Name three prime numbers.",
+        "How far does a train at 60 mph go in 3 hours?",
+        "Explain what a fraction is.",
+        "What is the square root of 81?",
+        "Write a haiku about numbers.",
+        "What is 15% of 80?",
+        "Is 91 a prime number?",
     ];
     let prompts: Vec<Vec<i64>> = questions
         .iter()
-        .map(|q| m.tok.encode(&m.tok.apply_chat_template(&[Message::new("user", q)], true)?, false))
+        .map(|q| {
+            m.tok.encode(
+                &m.tok
+                    .apply_chat_template(&[Message::new("user", q)], true)?,
+                false,
+            )
+        })
         .collect::<Result<_>>()?;
     let router = Router::new(m.net.cfg.hidden_size, 0.5, 1.0, 0, Device::Cpu)?;
-    let opts = |seed| RolloutOptions::new(128, Sampling { temperature: 0.5, top_k: 50, top_p: 1.0 }, seed, vec![]);
-    rollout(&m.net, Some(&router), None, &prompts, &RolloutOptions { max_new: 8, ..opts(0) })?; // warm-up
+    let opts = |seed| {
+        RolloutOptions::new(
+            128,
+            Sampling {
+                temperature: 0.5,
+                top_k: 50,
+                top_p: 1.0,
+            },
+            seed,
+            vec![],
+        )
+    };
+    rollout(
+        &m.net,
+        Some(&router),
+        None,
+        &prompts,
+        &RolloutOptions {
+            max_new: 8,
+            ..opts(0)
+        },
+    )?; // warm-up
     let (mut hard, mut hybrid, mut soft_frac) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..runs {
         let t = Instant::now();
@@ -44,7 +82,13 @@ fn main() -> Result<()> {
         hybrid.push(t.elapsed().as_secs_f64());
         let recs: Vec<_> = ro.records.iter().flatten().collect();
         soft_frac.push(recs.iter().filter(|x| x.mode == SOFT).count() as f64 / recs.len() as f64);
-        eprintln!("run {}: hard-only {:.2} s, hybrid {:.2} s ({:.0} % soft)", r + 1, hard[r], hybrid[r], 100.0 * soft_frac[r]);
+        eprintln!(
+            "run {}: hard-only {:.2} s, hybrid {:.2} s ({:.0} % soft)",
+            r + 1,
+            hard[r],
+            hybrid[r],
+            100.0 * soft_frac[r]
+        );
     }
     let med = |v: &[f64]| {
         let mut v = v.to_vec();
@@ -54,7 +98,11 @@ fn main() -> Result<()> {
     let (h, y) = (med(&hard), med(&hybrid));
     println!("hybrid rollout: SmolLM2-135M f32 CPU, group 8 x 128 tokens, {threads} threads, median of {runs}");
     println!("  hard-only  {h:.2} s   {:.1} tok/s", 8.0 * 128.0 / h);
-    println!("  hybrid     {y:.2} s   {:.1} tok/s   ({:.0} % soft steps)", 8.0 * 128.0 / y, 100.0 * med(&soft_frac));
+    println!(
+        "  hybrid     {y:.2} s   {:.1} tok/s   ({:.0} % soft steps)",
+        8.0 * 128.0 / y,
+        100.0 * med(&soft_frac)
+    );
     println!("  overhead   {:+.1} %", 100.0 * (y / h - 1.0));
     Ok(())
 }

@@ -215,7 +215,7 @@ pub fn score(
         (Kind::Int64, h.device()),
     )?;
     let hidden = h.f_index_select(1, &at)?; // (B, T, H)
-    // log p(y) = z_y - logsumexp(z): no (B, T, V) log-softmax is kept for backward.
+                                            // log p(y) = z_y - logsumexp(z): no (B, T, V) log-softmax is kept for backward.
     let z = net
         .logits(&hidden)?
         .f_to_kind(Kind::Float)?
