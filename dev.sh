@@ -82,7 +82,8 @@ case "$cmd" in
   bench)
     build
     cargo bench --bench rollout
-    cargo bench --bench hybrid ;;
+    cargo bench --bench hybrid
+    cargo bench --bench train_step ;;
   *)
     echo "usage: ./dev.sh [demo|test|setup|bench]" >&2; exit 2 ;;
 esac
