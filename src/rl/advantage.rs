@@ -38,19 +38,13 @@ pub const GRPO_STD_EPS: f64 = 1e-4;
 
 /// Registered estimator names, in table order.
 pub fn names() -> Vec<&'static str> {
-    ESTIMATORS.iter().map(|(name, _)| *name).collect()
+    super::registry::names(ESTIMATORS)
 }
 
 /// Looks an estimator up by name. Unknown names produce an error that names
 /// the culprit and lists the valid names.
 pub fn lookup(name: &str) -> Result<Estimator> {
-    match ESTIMATORS.iter().find(|(n, _)| *n == name) {
-        Some((_, f)) => Ok(*f),
-        None => bail!(
-            "unknown advantage estimator {name:?} (valid: {})",
-            names().join(", ")
-        ),
-    }
+    super::registry::lookup(ESTIMATORS, name, "advantage estimator")
 }
 
 /// Advantages for a flat, group-by-group list of rewards, using the named

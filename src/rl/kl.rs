@@ -15,7 +15,7 @@
 //! [`crate::rl::loss_agg::aggregate`]. Gradients flow through both inputs;
 //! detach the reference if it is not already a constant.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{ensure, Result};
 use tch::Tensor;
 
 /// One KL estimator: `(logp, logp_ref) -> per-token penalty`.
@@ -29,19 +29,13 @@ pub const DEFAULT_ESTIMATOR: &str = "k3";
 
 /// Registered estimator names, in table order.
 pub fn names() -> Vec<&'static str> {
-    ESTIMATORS.iter().map(|(name, _)| *name).collect()
+    super::registry::names(ESTIMATORS)
 }
 
 /// Looks an estimator up by name. Unknown names produce an error that names
 /// the culprit and lists the valid names.
 pub fn lookup(name: &str) -> Result<KlEstimator> {
-    match ESTIMATORS.iter().find(|(n, _)| *n == name) {
-        Some((_, f)) => Ok(*f),
-        None => bail!(
-            "unknown KL estimator {name:?} (valid: {})",
-            names().join(", ")
-        ),
-    }
+    super::registry::lookup(ESTIMATORS, name, "KL estimator")
 }
 
 /// Looks the named estimator up and applies it.

@@ -8,5 +8,6 @@ pub mod loss;
 pub mod loss_agg;
 pub mod metrics;
 pub mod optim;
+pub mod registry;
 pub mod reward;
 pub mod train;

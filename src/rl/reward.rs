@@ -12,7 +12,7 @@
 //! nothing here panics, whatever the input (unbalanced braces, huge numbers,
 //! unicode): malformed text simply scores 0.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 
 /// One reward: `(completion, reference) -> reward`.
 pub type RewardFn = fn(&str, &str) -> f64;
@@ -27,16 +27,13 @@ pub const REWARDS: &[(&str, RewardFn)] = &[
 
 /// Registered reward names, in table order.
 pub fn names() -> Vec<&'static str> {
-    REWARDS.iter().map(|(name, _)| *name).collect()
+    super::registry::names(REWARDS)
 }
 
 /// Looks a reward up by name. Unknown names produce an error that names the
 /// culprit and lists the valid names.
 pub fn lookup(name: &str) -> Result<RewardFn> {
-    match REWARDS.iter().find(|(n, _)| *n == name) {
-        Some((_, f)) => Ok(*f),
-        None => bail!("unknown reward {name:?} (valid: {})", names().join(", ")),
-    }
+    super::registry::lookup(REWARDS, name, "reward")
 }
 
 fn score(ok: bool) -> f64 {
