@@ -28,11 +28,11 @@
 //!   options that change the maths (rslora, DoRA, patterns, biases, ...) and
 //!   missing, misshapen or unexpected tensors are errors naming the file and key.
 use super::llama::{Linear, Llama};
+use super::weights::TensorBytes;
 use anyhow::{anyhow, bail, Context, Result};
-use safetensors::tensor::{Dtype, TensorView, View};
+use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde_json::{json, Value};
-use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -321,7 +321,7 @@ impl Llama {
         let mut tensors = Vec::new();
         for (name, t) in self.named_lora_parameters() {
             let t = t.f_detach()?.f_to_kind(Kind::Float)?;
-            tensors.push((name, Bytes::of(&t)?));
+            tensors.push((name, TensorBytes::of(&t)?));
         }
         write_safetensors(&dir.join(ADAPTER_WEIGHTS), tensors)?;
         let config = json!({
@@ -463,7 +463,7 @@ impl Llama {
                     None if t.is_floating_point() => t.f_to_kind(kind)?,
                     None => t,
                 };
-                tensors.push((name, Bytes::of(&t)?));
+                tensors.push((name, TensorBytes::of(&t)?));
             }
         }
         if let Some(name) = adapted.keys().min() {
@@ -700,59 +700,7 @@ fn kind_name(kind: Kind) -> Result<&'static str> {
     })
 }
 
-/// A tensor's bytes, ready for safetensors.
-struct Bytes {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl Bytes {
-    fn of(t: &Tensor) -> Result<Self> {
-        let kind = t.kind();
-        let dtype = match kind {
-            Kind::Float => Dtype::F32,
-            Kind::Half => Dtype::F16,
-            Kind::BFloat16 => Dtype::BF16,
-            Kind::Double => Dtype::F64,
-            Kind::Int64 => Dtype::I64,
-            Kind::Int => Dtype::I32,
-            Kind::Int16 => Dtype::I16,
-            Kind::Int8 => Dtype::I8,
-            Kind::Uint8 => Dtype::U8,
-            Kind::Bool => Dtype::BOOL,
-            k => bail!("cannot write a tensor of dtype {k:?}"),
-        };
-        let t = t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;
-        let numel = t.numel();
-        let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut data, numel)?;
-        Ok(Bytes {
-            dtype,
-            shape: t.size().iter().map(|&d| d as usize).collect(),
-            data,
-        })
-    }
-}
-
-impl View for &Bytes {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-/// Writes tensors with metadata `format: pt` (transformers and peft expect it),
-/// through a temporary file renamed into place.
-fn write_safetensors(path: &Path, tensors: Vec<(String, Bytes)>) -> Result<()> {
+fn write_safetensors(path: &Path, tensors: Vec<(String, TensorBytes)>) -> Result<()> {
     let tmp = tmp_path(path);
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let views = tensors.iter().map(|(n, b)| (n.as_str(), b));

@@ -132,7 +132,8 @@ impl Weights {
     }
 }
 
-fn kind_of(d: Dtype) -> Option<Kind> {
+/// The tch kind of a safetensors dtype.
+pub fn kind_of(d: Dtype) -> Option<Kind> {
     Some(match d {
         Dtype::F32 => Kind::Float,
         Dtype::F16 => Kind::Half,
@@ -190,4 +191,61 @@ fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
     }
     let dir = index_path.parent().unwrap_or(Path::new("."));
     Ok(files.into_keys().map(|f| dir.join(f)).collect())
+}
+
+/// The safetensors dtype of a tch kind.
+pub fn dtype_of(k: Kind) -> Option<Dtype> {
+    Some(match k {
+        Kind::Float => Dtype::F32,
+        Kind::Half => Dtype::F16,
+        Kind::BFloat16 => Dtype::BF16,
+        Kind::Double => Dtype::F64,
+        Kind::Int64 => Dtype::I64,
+        Kind::Int => Dtype::I32,
+        Kind::Int16 => Dtype::I16,
+        Kind::Int8 => Dtype::I8,
+        Kind::Uint8 => Dtype::U8,
+        Kind::Bool => Dtype::BOOL,
+        _ => return None,
+    })
+}
+
+/// A tensor copied to host bytes, ready for `safetensors::serialize`
+/// (adapters, optimizer state).
+pub struct TensorBytes {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl TensorBytes {
+    pub fn of(t: &Tensor) -> Result<Self> {
+        let kind = t.f_kind()?;
+        let dtype =
+            dtype_of(kind).ok_or_else(|| anyhow!("cannot write a tensor of dtype {kind:?}"))?;
+        let t = t.f_detach()?.f_to_device(Device::Cpu)?.f_contiguous()?;
+        let numel = t.numel();
+        let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut data, numel)?;
+        Ok(TensorBytes {
+            dtype,
+            shape: t.size().iter().map(|&d| d as usize).collect(),
+            data,
+        })
+    }
+}
+
+impl safetensors::tensor::View for &TensorBytes {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
 }

@@ -2,15 +2,15 @@
 //! the moments, with the scalars as JSON in its metadata.
 use super::adamw::{AdamW, ParamState};
 use super::schedule::Schedule;
+use crate::model::weights::{self, kind_of, TensorBytes};
 use anyhow::{anyhow, bail, Context, Result};
-use safetensors::tensor::{Dtype, View};
+use safetensors::tensor::Dtype;
 use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
-use std::borrow::Cow;
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 const STATE_KEY: &str = "tarpo.optim";
 const STATE_FORMAT: &str = "tarpo-adamw-v1";
@@ -44,35 +44,13 @@ struct SavedState {
     groups: Vec<SavedGroup>,
 }
 
-struct Blob {
-    dtype: Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl View for &Blob {
-    fn dtype(&self) -> Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
+/// Optimizer state is floating point only.
 fn dtype_of(kind: Kind) -> Result<Dtype> {
-    Ok(match kind {
-        Kind::Float => Dtype::F32,
-        Kind::Double => Dtype::F64,
-        Kind::Half => Dtype::F16,
-        Kind::BFloat16 => Dtype::BF16,
+    match kind {
+        Kind::Float | Kind::Double | Kind::Half | Kind::BFloat16 => weights::dtype_of(kind)
+            .ok_or_else(|| anyhow!("cannot store optimizer state of dtype {kind:?}")),
         k => bail!("cannot store optimizer state of dtype {k:?}"),
-    })
+    }
 }
 
 /// The dtype as written in the metadata (and compared on load).
@@ -80,27 +58,9 @@ fn dtype_name(kind: Kind) -> Result<String> {
     Ok(format!("{:?}", dtype_of(kind)?))
 }
 
-fn kind_of(dtype: Dtype) -> Option<Kind> {
-    Some(match dtype {
-        Dtype::F32 => Kind::Float,
-        Dtype::F64 => Kind::Double,
-        Dtype::F16 => Kind::Half,
-        Dtype::BF16 => Kind::BFloat16,
-        _ => return None,
-    })
-}
-
-fn blob(t: &Tensor) -> Result<Blob> {
-    let kind = t.f_kind()?;
-    let t = t.f_to_device(Device::Cpu)?.f_contiguous()?;
-    let numel = t.numel();
-    let mut data = vec![0u8; numel * kind.elt_size_in_bytes()];
-    t.f_copy_data_u8(&mut data, numel)?;
-    Ok(Blob {
-        dtype: dtype_of(kind)?,
-        shape: t.size().iter().map(|&d| d as usize).collect(),
-        data,
-    })
+fn blob(t: &Tensor) -> Result<TensorBytes> {
+    dtype_of(t.f_kind()?)?;
+    TensorBytes::of(t)
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
@@ -121,7 +81,7 @@ impl AdamW {
     /// counts, skip counters) to one safetensors file, the scalars as JSON in
     /// its metadata. Written to `PATH.tmp`, synced, then renamed over `path`.
     pub fn save(&self, path: &Path) -> Result<()> {
-        let mut blobs: Vec<(String, Blob)> = Vec::new();
+        let mut blobs: Vec<(String, TensorBytes)> = Vec::new();
         let mut groups = Vec::new();
         for (gi, (g, states)) in self.groups.iter().zip(&self.state).enumerate() {
             let mut params = Vec::new();
@@ -374,7 +334,7 @@ mod tests {
         // One skipped step so the skip counters are non-trivial.
         add_grad(
             &pa[0],
-            &Tensor::full([2, 3], f64::NAN, (Kind::Float, Device::Cpu)),
+            &Tensor::full([2, 3], f64::NAN, (Kind::Float, tch::Device::Cpu)),
         );
         assert!(a.step().unwrap().skipped);
         a.save(&path).unwrap();
