@@ -451,6 +451,14 @@ pub fn rollout_with(
             Some(lp) => Vec::<Vec<f32>>::try_from(&lp.f_to_device(Device::Cpu)?)?,
             None => vec![vec![0.0, f32::NEG_INFINITY]; b as usize],
         };
+        // The mixtures come to the host once per step, and only when a router may pick them.
+        let mix_host = match router {
+            Some(_) if opts.latent == Latent::Router => Some((
+                Vec::<Vec<i64>>::try_from(&mix_ids.f_to_device(Device::Cpu)?)?,
+                Vec::<Vec<f32>>::try_from(&mix_w.f_to_device(Device::Cpu)?)?,
+            )),
+            _ => None,
+        };
         let mut modes = vec![HARD; b as usize];
         let mut any_soft = false;
         for i in 0..b as usize {
@@ -494,13 +502,9 @@ pub fn rollout_with(
             };
             modes[i] = mode;
             any_soft |= mode == SOFT;
-            let (ids_i, w_i) = if mode == SOFT && opts.latent == Latent::Router {
-                (
-                    Vec::<i64>::try_from(&mix_ids.get(i as i64))?,
-                    Vec::<f32>::try_from(&mix_w.get(i as i64).f_to_device(Device::Cpu)?)?,
-                )
-            } else {
-                (Vec::new(), Vec::new())
+            let (ids_i, w_i) = match &mix_host {
+                Some((ids, w)) if mode == SOFT => (ids[i].clone(), w[i].clone()),
+                _ => (Vec::new(), Vec::new()),
             };
             records[i].push(TokenRecord {
                 token: tok_i,
