@@ -2,8 +2,14 @@
 //! reason partly in latent space (TARPO and its baselines).
 //!
 //! Layers, lowest first (lower layers never call upward):
-//! `model` (checkpoints, decoder, KV cache, tokenizer) -> `policy` (sampling,
-//! rollouts) -> the CLI in `main.rs`.
+//! `ctl` (interrupt, progress) -> `model` (checkpoints, decoder, KV cache,
+//! tokenizer) -> `policy` (router, rollouts, replay) -> `rl` (rewards,
+//! advantages, losses, optimizer, checkpoints) -> `analysis` (frames, charts)
+//! -> `script` (Rhai bindings, stdlib) -> `repl` and the CLI in `main.rs`.
+pub mod analysis;
+pub mod ctl;
 pub mod model;
 pub mod policy;
+pub mod repl;
 pub mod rl;
+pub mod script;

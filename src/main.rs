@@ -96,6 +96,49 @@ enum Cmd {
         #[arg(long)]
         model: PathBuf,
     },
+    /// Run a Rhai script (values of --set reach it as the map `args`).
+    Run {
+        /// The script file.
+        #[arg(required_unless_present = "code", conflicts_with = "code")]
+        script: Option<PathBuf>,
+        /// Run this code instead of a file.
+        #[arg(short = 'e', long = "eval", value_name = "CODE")]
+        code: Option<String>,
+        /// KEY=VALUE (JSON values: numbers, bools, arrays; anything else is a string).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+    /// Interactive Rhai session over the workbench.
+    Repl {
+        /// Load this model as `m` at start.
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// Device for --model: cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+}
+
+/// A session for `run`/`repl`: --set values as `args`, Ctrl-C wired to
+/// stop running code, progress bars on.
+fn session(set: &[String]) -> Result<tarpo::script::Session> {
+    let mut args = rhai::Map::new();
+    for kv in set {
+        let (k, v) = tarpo::script::parse_set(kv).map_err(|e| anyhow!(e))?;
+        args.insert(k.into(), v);
+    }
+    ctrlc::set_handler(|| {
+        if tarpo::ctl::is_interrupted() {
+            std::process::exit(130); // a second Ctrl-C while stopping
+        }
+        tarpo::ctl::interrupt();
+    })?;
+    tarpo::ctl::show_progress(true);
+    // Panics inside scripts come back as the session's error message.
+    std::panic::set_hook(Box::new(|_| {}));
+    Ok(tarpo::script::Session::new(args))
 }
 
 fn parse_ids(s: &str) -> Result<Vec<i64>> {
@@ -180,6 +223,34 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&logits)?);
         }
         Cmd::Info { model } => info(&model)?,
+        Cmd::Run { script, code, set } => {
+            let mut s = session(&set)?;
+            let out = match (script, code) {
+                (_, Some(code)) => s.eval(&code, "<-e>"),
+                (Some(path), None) => s.run_file(&path),
+                (None, None) => bail!("give a script file or -e CODE"),
+            };
+            match out {
+                Ok(v) if !v.is_unit() => println!("{v}"),
+                Ok(_) => {}
+                Err(e) => {
+                    // Script errors keep their lines (location, then the call chain).
+                    eprintln!("error: {e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+        Cmd::Repl { model, device, set } => {
+            let s = session(&set)?;
+            let preload = model.map(|m| {
+                format!(
+                    "let m = load_backbone({:?}, #{{device: {:?}}});",
+                    m.display().to_string(),
+                    device
+                )
+            });
+            tarpo::repl::run(s, preload)?;
+        }
     }
     Ok(())
 }

@@ -421,7 +421,10 @@ pub fn rollout_with(
     let mut low_run = vec![0usize; b as usize];
     let mut cold = vec![false; b as usize];
     let one_new = Tensor::f_ones([b, 1], (Kind::Bool, device))?;
+    let bar = crate::ctl::Progress::new("rollout", opts.max_new as u64);
     for t in 0..opts.max_new {
+        crate::ctl::check()?;
+        bar.set(t as u64);
         let logits = net.logits(&h)?.f_to_kind(Kind::Float)?; // (B, V)
         let next = sample(&logits, &opts.sampling, &mut rng)?;
         let logp_all = logits.f_div_scalar(temp)?.f_log_softmax(-1, Kind::Float)?;

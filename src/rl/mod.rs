@@ -11,3 +11,4 @@ pub mod optim;
 pub mod registry;
 pub mod reward;
 pub mod train;
+pub mod update;

@@ -3,16 +3,13 @@
 //! Each piece is its own function elsewhere; this file only wires them and
 //! gathers the per-step metrics of ALGORITHMS.md section 2.
 use super::advantage;
-use super::loss::{policy_loss, LossConfig, LossInputs, LossMetrics};
-use super::loss_agg::Norm;
+use super::loss::{LossConfig, LossMetrics};
 use super::metrics::{rollout_metrics, StepMetrics};
 use super::optim::{grad_norm, AdamW};
+use super::update::{self, ReplayConfig};
 use crate::model::Model;
-use crate::policy::replay::{self, ReplayBatch};
-use crate::policy::router::HARD;
 use crate::policy::{rollout_with, HrpoGate, Rng, Rollout, RolloutOptions, Router};
 use anyhow::{bail, Result};
-use tch::{Kind, Tensor};
 
 /// Draws `k` more prompts (token ids) and their reference answers.
 pub type PromptSource<'a> = dyn FnMut(usize) -> Result<(Vec<Vec<i64>>, Vec<String>)> + 'a;
@@ -180,6 +177,16 @@ impl Trainer {
         Ok((ro, rewards))
     }
 
+    /// The replay and loss settings of this trainer's config.
+    pub fn replay_config(&self) -> ReplayConfig {
+        ReplayConfig {
+            loss: self.cfg.loss.clone(),
+            micro_batch: self.cfg.micro_batch,
+            ref_inputs: self.cfg.ref_inputs,
+            score_temperature: self.cfg.score_temperature,
+        }
+    }
+
     /// Advantages, gradients and one optimizer step on a scored rollout.
     fn update(&mut self, ro: &Rollout, rewards: &[f64], zero_adv_frac: f64) -> Result<StepMetrics> {
         let g = self.cfg.group;
@@ -192,7 +199,7 @@ impl Trainer {
         let (mut loss, mut router_grad, mut skipped) = (LossMetrics::default(), 0.0, false);
         let mut report = None;
         for e in 0..epochs {
-            let l = self.accumulate_gradients(ro, &adv)?;
+            let l = update::accumulate_gradients(&self.policy, ro, &adv, &self.replay_config())?;
             if e == 0 {
                 loss = l;
             }
@@ -221,102 +228,6 @@ impl Trainer {
         m.skipped = skipped;
         Ok(m)
     }
-
-    /// Replays the rollout in micro-batches, backpropagating each chunk's share
-    /// of the full-batch loss, so the summed gradient equals one big batch's.
-    fn accumulate_gradients(&self, ro: &Rollout, adv: &[f64]) -> Result<LossMetrics> {
-        let n = ro.records.len();
-        let lens: Vec<usize> = ro.records.iter().map(Vec::len).collect();
-        let total_tokens: usize = lens.iter().sum();
-        let seqs = lens.iter().filter(|&&l| l > 0).count().max(1);
-        let mut sum = LossMetrics::default();
-        let rows: Vec<usize> = (0..n).filter(|&i| lens[i] > 0).collect();
-        for chunk in rows.chunks(self.cfg.micro_batch.max(1)) {
-            let share = match self.cfg.loss.norm {
-                Norm::TokenMean => {
-                    chunk.iter().map(|&i| lens[i]).sum::<usize>() as f64
-                        / total_tokens.max(1) as f64
-                }
-                _ => chunk.len() as f64 / seqs as f64,
-            };
-            let batch =
-                replay::build_with(&self.policy.model.net, self.policy.gate.as_ref(), ro, chunk)?;
-            let adv_t =
-                Tensor::from_slice(&chunk.iter().map(|&i| adv[i] as f32).collect::<Vec<_>>())
-                    .f_to_device(batch.inputs.device())?;
-            let (loss, m) = self.chunk_loss(ro, &batch, &adv_t)?;
-            loss.f_mul_scalar(share)?.f_backward()?;
-            sum.loss += m.loss * share;
-            sum.kl_token += m.kl_token * share;
-            sum.kl_router += m.kl_router * share;
-        }
-        Ok(sum)
-    }
-
-    fn chunk_loss(
-        &self,
-        ro: &Rollout,
-        batch: &ReplayBatch,
-        adv: &Tensor,
-    ) -> Result<(Tensor, LossMetrics)> {
-        let p = &self.policy;
-        let temp = self.cfg.score_temperature.unwrap_or(ro.temperature);
-        let cur = replay::score(&p.model.net, p.router.as_ref(), batch, temp)?;
-        let reference = if self.cfg.loss.beta != 0.0 {
-            Some(self.reference_scores(ro, batch, temp)?)
-        } else {
-            None
-        };
-        let (logp_old, router_old) = if self.cfg.loss.clip.is_some() {
-            old_logps(ro, batch)?
-        } else {
-            (None, None)
-        };
-        let x = LossInputs {
-            logp: &cur.logp,
-            logp_ref: reference.as_ref().map(|r| &r.logp),
-            logp_old: logp_old.as_ref(),
-            router_logp: cur.router_logp.as_ref(),
-            router_logp_ref: reference.as_ref().and_then(|r| r.router_logp.as_ref()),
-            router_logp_old: router_old.as_ref(),
-            adv,
-            mask: &batch.mask,
-            router_mask: &batch.router_mask,
-        };
-        policy_loss(&x, &self.cfg.loss)
-    }
-
-    /// The frozen reference's scores on the same rows (no autograd).
-    fn reference_scores(
-        &self,
-        ro: &Rollout,
-        batch: &ReplayBatch,
-        temp: f64,
-    ) -> Result<replay::Scores> {
-        let _g = tch::no_grad_guard();
-        let p = &self.policy;
-        let hard;
-        let rows = match self.cfg.ref_inputs {
-            RefInputs::Same => batch,
-            RefInputs::Hard => {
-                hard =
-                    replay::build_with(&p.model.net, p.gate.as_ref(), &all_hard(ro), &batch.rows)?;
-                &hard
-            }
-        };
-        match &p.reference {
-            Reference::Base => {
-                p.model.net.set_lora_enabled(false);
-                let s = replay::score(&p.model.net, p.router_ref.as_ref(), rows, temp);
-                p.model.net.set_lora_enabled(true);
-                s
-            }
-            Reference::Model(m) => replay::score(&m.net, p.router_ref.as_ref(), rows, temp),
-            Reference::None => bail!(
-                "beta > 0 needs a reference model (or LoRA, whose base weights are the reference)"
-            ),
-        }
-    }
 }
 
 /// The given rows of a rollout (kept inputs are dropped).
@@ -339,56 +250,6 @@ fn concat(mut a: Rollout, b: Rollout) -> Result<Rollout> {
     a.records.extend(b.records);
     a.inputs.clear();
     Ok(a)
-}
-
-/// The same completions with every input hard (for `ref_inputs: hard`).
-fn all_hard(ro: &Rollout) -> Rollout {
-    let records = ro
-        .records
-        .iter()
-        .map(|recs| {
-            recs.iter()
-                .map(|r| {
-                    let mut r = r.clone();
-                    r.mode = HARD;
-                    r.mix_ids.clear();
-                    r.mix_weights.clear();
-                    r
-                })
-                .collect()
-        })
-        .collect();
-    Rollout {
-        prompts: ro.prompts.clone(),
-        records,
-        inputs: Vec::new(),
-        temperature: ro.temperature,
-        mix_k: ro.mix_k,
-    }
-}
-
-/// The rollout's recorded token and router log-probs as (B, T) tensors (PPO's old policy).
-fn old_logps(ro: &Rollout, batch: &ReplayBatch) -> Result<(Option<Tensor>, Option<Tensor>)> {
-    let t = batch.tokens.size()[1] as usize;
-    let (mut lp, mut rlp) = (
-        vec![0f32; batch.rows.len() * t],
-        vec![0f32; batch.rows.len() * t],
-    );
-    for (i, &r) in batch.rows.iter().enumerate() {
-        for (j, rec) in ro.records[r].iter().enumerate() {
-            lp[i * t + j] = rec.logp;
-            rlp[i * t + j] = rec.router_logp;
-        }
-    }
-    let dev = batch.tokens.device();
-    let shape = [batch.rows.len() as i64, t as i64];
-    let to = |v: &[f32]| -> Result<Tensor> {
-        Ok(Tensor::from_slice(v)
-            .f_view(shape)?
-            .f_to_device(dev)?
-            .f_to_kind(Kind::Float)?)
-    };
-    Ok((Some(to(&lp)?), Some(to(&rlp)?)))
 }
 
 /// Optimizer groups as the reference runs them: LoRA (backbone) at `lr`, the

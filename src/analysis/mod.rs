@@ -1,0 +1,12 @@
+//! Analysis: routing records as Polars frames, and the first charts.
+//!
+//! `frame` turns a rollout's token records into one row per generated token
+//! (DESIGN.md, "Records"), builds frames from loosely typed per-step metric
+//! rows, runs SQL over a frame, and reads and writes parquet and CSV.
+//! `plot` draws the charts people want first (soft ratio and reward over
+//! steps, the router's p_soft histogram, soft fraction by position, bars such
+//! as soft ratio by token) to PNG or SVG files with Plotters; `font` embeds the
+//! one font those charts use, so they draw the same on any machine.
+pub mod font;
+pub mod frame;
+pub mod plot;

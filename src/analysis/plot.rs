@@ -1,0 +1,637 @@
+//! Charts with Plotters: line charts (one or several panels), histograms and
+//! bar charts, drawn to `.png` or `.svg` as the file extension says. A chart
+//! is drawn to a temporary file beside the target and renamed into place, so
+//! a failed chart never leaves a half-drawn file under the real name.
+//!
+//! Sizes in pixels: a line panel is `PANEL_SIZE` (panels sit side by side),
+//! a histogram `PANEL_SIZE`, a bar chart `bars_size(number of bars)`.
+use super::font;
+use super::frame::{column_f64, column_strings, temp_sibling};
+use anyhow::{anyhow, bail, Context, Result};
+use plotters::coord::types::RangedCoordf64;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+use polars::prelude::DataFrame;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// A named series of (x, y) points.
+pub type Line = (String, Vec<(f64, f64)>);
+
+/// Per bucket of positions: (soft rows, rows).
+type BucketCounts = BTreeMap<u64, (u64, u64)>;
+
+/// Width and height of one line panel, and of a histogram.
+pub const PANEL_SIZE: (u32, u32) = (900, 600);
+
+/// A bar chart's size: a fixed width, and a height that fits `n` bars.
+pub fn bars_size(n: usize) -> (u32, u32) {
+    (900, 120 + 28 * n.max(1) as u32)
+}
+
+/// Several series (name, (x, y) points) overlaid, with a legend. Non-finite
+/// points are skipped.
+pub fn lines(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    y_label: &str,
+    series: &[Line],
+) -> Result<()> {
+    let panel = Panel::new(title, x_label, y_label, series.to_vec())?;
+    render(path, &Panels(vec![panel]))
+}
+
+/// Soft ratio vs step and reward vs step, side by side, one line per run.
+/// Each frame is a per-step metric frame with columns `step`, `soft_ratio`
+/// and `reward` (rows with a null are skipped).
+pub fn soft_ratio_over_steps(path: &Path, runs: &[(String, DataFrame)]) -> Result<()> {
+    if runs.is_empty() {
+        bail!("soft_ratio_over_steps: no runs given");
+    }
+    let mut soft = Vec::with_capacity(runs.len());
+    let mut reward = Vec::with_capacity(runs.len());
+    for (name, df) in runs {
+        let xy = |y: &str| {
+            xy_points(df, "step", y).with_context(|| format!("soft_ratio_over_steps: run {name:?}"))
+        };
+        soft.push((name.clone(), xy("soft_ratio")?));
+        reward.push((name.clone(), xy("reward")?));
+    }
+    let panels = vec![
+        Panel::new("soft ratio", "step", "soft ratio", soft)?,
+        Panel::new("reward", "step", "reward", reward)?,
+    ];
+    render(path, &Panels(panels))
+}
+
+/// (x, y) pairs of two frame columns, rows with a null in either dropped.
+fn xy_points(df: &DataFrame, x: &str, y: &str) -> Result<Vec<(f64, f64)>> {
+    let (xs, ys) = (column_f64(df, x)?, column_f64(df, y)?);
+    Ok(xs
+        .into_iter()
+        .zip(ys)
+        .filter_map(|(x, y)| Some((x?, y?)))
+        .collect())
+}
+
+/// A histogram of `values` in `bins` equal bins over `range` (default: the
+/// values' min..max). Non-finite values and values outside the range are not
+/// counted; the top edge belongs to the last bin.
+pub fn histogram(
+    path: &Path,
+    title: &str,
+    x_label: &str,
+    values: &[f64],
+    bins: usize,
+    range: Option<(f64, f64)>,
+) -> Result<()> {
+    let hist = Histogram::new(title, x_label, values, bins, range)?;
+    render(path, &hist)
+}
+
+/// Mean soft fraction (rows with mode "soft" / all rows) per bucket of
+/// `bucket` positions, from a routing frame (columns `position`, `mode`).
+/// With a `run` column, one line per run.
+pub fn soft_by_position(path: &Path, frame: &DataFrame, bucket: usize) -> Result<()> {
+    if bucket == 0 {
+        bail!("soft_by_position: bucket must be >= 1 position");
+    }
+    let series = soft_fraction_series(frame, bucket).context("soft_by_position")?;
+    let x_label = format!("position (start of a bucket of {bucket})");
+    let panel = Panel::new(
+        "soft fraction by position",
+        &x_label,
+        "soft fraction",
+        series,
+    )?;
+    render(path, &Panels(vec![panel]))
+}
+
+/// Per run (in order of first appearance), (bucket start, soft fraction).
+fn soft_fraction_series(frame: &DataFrame, bucket: usize) -> Result<Vec<Line>> {
+    let positions = column_f64(frame, "position")?;
+    let modes = column_strings(frame, "mode")?;
+    let has_run = frame.get_column_names().iter().any(|c| c.as_str() == "run");
+    let runs = if has_run {
+        column_strings(frame, "run")?
+    } else {
+        vec![None; frame.height()]
+    };
+    // run -> bucket -> (soft rows, rows)
+    let mut counts: Vec<(String, BucketCounts)> = Vec::new();
+    for (i, ((pos, mode), run)) in positions.iter().zip(&modes).zip(&runs).enumerate() {
+        let (Some(pos), Some(mode)) = (pos, mode) else {
+            continue;
+        };
+        let soft = match mode.as_str() {
+            "soft" => 1,
+            "hard" => 0,
+            other => bail!("row {i}: mode {other:?} is neither \"hard\" nor \"soft\""),
+        };
+        if !(pos.is_finite() && *pos >= 0.0) {
+            bail!("row {i}: position {pos} is not a position");
+        }
+        let name = run
+            .as_deref()
+            .unwrap_or(if has_run { "(null)" } else { "all" });
+        let k = match counts.iter().position(|(r, _)| r == name) {
+            Some(k) => k,
+            None => {
+                counts.push((name.to_string(), BTreeMap::new()));
+                counts.len() - 1
+            }
+        };
+        let cell = counts[k].1.entry(*pos as u64 / bucket as u64).or_default();
+        *cell = (cell.0 + soft, cell.1 + 1);
+    }
+    Ok(counts
+        .into_iter()
+        .map(|(run, buckets)| {
+            let points = buckets
+                .into_iter()
+                .map(|(b, (s, n))| ((b * bucket as u64) as f64, s as f64 / n as f64))
+                .collect();
+            (run, points)
+        })
+        .collect())
+}
+
+/// Horizontal bars, the first label on top (e.g. soft ratio by token).
+pub fn bars(path: &Path, title: &str, labels: &[String], values: &[f64]) -> Result<()> {
+    if labels.len() != values.len() {
+        bail!("bars: {} labels for {} values", labels.len(), values.len());
+    }
+    if values.is_empty() {
+        bail!("bars: nothing to draw (no values)");
+    }
+    if let Some(i) = values.iter().position(|v| !v.is_finite()) {
+        bail!("bars: value {i} ({:?}) is not finite", labels[i]);
+    }
+    render(
+        path,
+        &Bars {
+            title,
+            labels,
+            values,
+        },
+    )
+}
+
+/// A chart that can draw itself on any Plotters backend.
+trait Chart {
+    fn size(&self) -> (u32, u32);
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()>;
+}
+
+#[derive(Clone, Copy)]
+enum Format {
+    Png,
+    Svg,
+}
+
+impl Format {
+    fn of(path: &Path) -> Result<Format> {
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        match ext.to_ascii_lowercase().as_str() {
+            "png" => Ok(Format::Png),
+            "svg" => Ok(Format::Svg),
+            _ => bail!(
+                "{}: unknown chart format {ext:?} (the file name must end in .png or .svg)",
+                path.display()
+            ),
+        }
+    }
+}
+
+/// Draws `chart` into `path` (format from the extension), parent directories
+/// created, through a temporary file renamed into place.
+fn render(path: &Path, chart: &impl Chart) -> Result<()> {
+    let format = Format::of(path)?;
+    font::ensure_registered()?;
+    let tmp = temp_sibling(path)?;
+    // The backends write `tmp` when dropped, inside draw_on: before the rename.
+    let drawn = match format {
+        Format::Png => draw_on(BitMapBackend::new(&tmp, chart.size()), chart),
+        Format::Svg => draw_on(SVGBackend::new(&tmp, chart.size()), chart),
+    };
+    let done = drawn.and_then(|()| Ok(std::fs::rename(&tmp, path)?));
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done.with_context(|| format!("{}: cannot draw the chart", path.display()))
+}
+
+fn draw_on<DB: DrawingBackend>(backend: DB, chart: &impl Chart) -> Result<()> {
+    let root = backend.into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    chart.draw(&root)?;
+    root.present().map_err(plot_err)?;
+    Ok(())
+}
+
+/// Plotters' errors borrow the backend's error type; keep their message.
+fn plot_err(e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("plotters: {e}")
+}
+
+/// One line chart: finite points only, at least one of them.
+struct Panel {
+    title: String,
+    x_label: String,
+    y_label: String,
+    series: Vec<Line>,
+}
+
+impl Panel {
+    fn new(title: &str, x_label: &str, y_label: &str, mut series: Vec<Line>) -> Result<Panel> {
+        if series.is_empty() {
+            bail!("chart {title:?}: no series given");
+        }
+        for (_, points) in &mut series {
+            points.retain(|(x, y)| x.is_finite() && y.is_finite());
+        }
+        if series.iter().all(|(_, p)| p.is_empty()) {
+            bail!("chart {title:?}: every series is empty (or has no finite points)");
+        }
+        Ok(Panel {
+            title: title.into(),
+            x_label: x_label.into(),
+            y_label: y_label.into(),
+            series,
+        })
+    }
+
+    fn draw<DB: DrawingBackend>(&self, area: &DrawingArea<DB, Shift>) -> Result<()> {
+        let points = || self.series.iter().flat_map(|(_, p)| p.iter());
+        let (x0, x1) = padded_span(points().map(|p| p.0));
+        let (y0, y1) = padded_span(points().map(|p| p.1));
+        let mut chart = cartesian(area, &self.title, x0..x1, y0..y1)?;
+        chart
+            .configure_mesh()
+            .x_desc(self.x_label.as_str())
+            .y_desc(self.y_label.as_str())
+            .draw()
+            .map_err(plot_err)?;
+        for (k, (name, points)) in self.series.iter().enumerate() {
+            let color = Palette99::pick(k).to_rgba();
+            // A lone point has no segment to show: mark the points then.
+            let marks = if points.len() < 2 { 4 } else { 0 };
+            chart
+                .draw_series(
+                    LineSeries::new(points.iter().copied(), color.stroke_width(2))
+                        .point_size(marks),
+                )
+                .map_err(plot_err)?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+        }
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .draw()
+            .map_err(plot_err)?;
+        Ok(())
+    }
+}
+
+/// Line panels side by side.
+struct Panels(Vec<Panel>);
+
+impl Chart for Panels {
+    fn size(&self) -> (u32, u32) {
+        (PANEL_SIZE.0 * self.0.len() as u32, PANEL_SIZE.1)
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+        let areas = root.split_evenly((1, self.0.len()));
+        for (panel, area) in self.0.iter().zip(&areas) {
+            panel.draw(area)?;
+        }
+        Ok(())
+    }
+}
+
+/// A chart area with a title and f64 axes over the given ranges.
+fn cartesian<'a, DB: DrawingBackend>(
+    area: &'a DrawingArea<DB, Shift>,
+    title: &str,
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+) -> Result<ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    ChartBuilder::on(area)
+        .caption(title, ("sans-serif", 24))
+        .margin(12)
+        .x_label_area_size(45)
+        .y_label_area_size(65)
+        .build_cartesian_2d(x, y)
+        .map_err(plot_err)
+}
+
+/// min..max of finite values, widened by 5% (or by 0.5 when flat) so no
+/// point sits on the frame. Empty input gives 0..1.
+fn padded_span(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let (lo, hi) = values.fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), v| {
+        (lo.min(v), hi.max(v))
+    });
+    if lo > hi {
+        return (0.0, 1.0);
+    }
+    let pad = if hi > lo { (hi - lo) * 0.05 } else { 0.5 };
+    (lo - pad, hi + pad)
+}
+
+/// Bin counts over [lo, hi).
+struct Histogram<'a> {
+    title: &'a str,
+    x_label: &'a str,
+    lo: f64,
+    hi: f64,
+    counts: Vec<u64>,
+}
+
+impl<'a> Histogram<'a> {
+    fn new(
+        title: &'a str,
+        x_label: &'a str,
+        values: &[f64],
+        bins: usize,
+        range: Option<(f64, f64)>,
+    ) -> Result<Self> {
+        if bins == 0 {
+            bail!("histogram {title:?}: bins must be >= 1");
+        }
+        let finite: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+        if finite.is_empty() {
+            bail!("histogram {title:?}: no finite values to count");
+        }
+        let (lo, hi) = match range {
+            Some((lo, hi)) if lo.is_finite() && hi.is_finite() && lo < hi => (lo, hi),
+            Some((lo, hi)) => bail!("histogram {title:?}: range ({lo}, {hi}) is not lo < hi"),
+            None => value_range(&finite),
+        };
+        let mut counts = vec![0u64; bins];
+        let width = (hi - lo) / bins as f64;
+        for v in finite.into_iter().filter(|v| (lo..=hi).contains(v)) {
+            counts[(((v - lo) / width) as usize).min(bins - 1)] += 1;
+        }
+        Ok(Histogram {
+            title,
+            x_label,
+            lo,
+            hi,
+            counts,
+        })
+    }
+}
+
+/// min..max of non-empty finite values; a single value v gets v-0.5..v+0.5.
+fn value_range(values: &[f64]) -> (f64, f64) {
+    let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = values.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    if lo < hi {
+        (lo, hi)
+    } else {
+        (lo - 0.5, hi + 0.5)
+    }
+}
+
+impl Chart for Histogram<'_> {
+    fn size(&self) -> (u32, u32) {
+        PANEL_SIZE
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+        let top = self.counts.iter().copied().max().unwrap_or(0).max(1) as f64 * 1.05;
+        let mut chart = cartesian(root, self.title, self.lo..self.hi, 0.0..top)?;
+        chart
+            .configure_mesh()
+            .x_desc(self.x_label)
+            .y_desc("count")
+            .draw()
+            .map_err(plot_err)?;
+        let width = (self.hi - self.lo) / self.counts.len() as f64;
+        let fill = Palette99::pick(0).mix(0.7).filled();
+        let rects = self.counts.iter().enumerate().map(|(b, &c)| {
+            let x0 = self.lo + b as f64 * width;
+            Rectangle::new([(x0, 0.0), (x0 + width, c as f64)], fill)
+        });
+        chart.draw_series(rects).map_err(plot_err)?;
+        Ok(())
+    }
+}
+
+struct Bars<'a> {
+    title: &'a str,
+    labels: &'a [String],
+    values: &'a [f64],
+}
+
+impl Chart for Bars<'_> {
+    fn size(&self) -> (u32, u32) {
+        bars_size(self.values.len())
+    }
+
+    fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
+        let n = self.values.len();
+        // Bars grow from 0, so the axis always shows 0.
+        let (x0, x1) = padded_span(self.values.iter().copied().chain([0.0]));
+        let widest = self
+            .labels
+            .iter()
+            .map(|l| l.chars().count())
+            .max()
+            .unwrap_or(0);
+        let mut chart = ChartBuilder::on(root)
+            .caption(self.title, ("sans-serif", 24))
+            .margin(12)
+            .x_label_area_size(45)
+            .y_label_area_size((widest as u32 * 9 + 20).clamp(40, 320))
+            .build_cartesian_2d(x0..x1, (0..n).into_segmented())
+            .map_err(plot_err)?;
+        // Row r (0 at the bottom) shows bar n - 1 - r, so bar 0 is on top.
+        let label = |v: &SegmentValue<usize>| match v {
+            SegmentValue::CenterOf(r) if *r < n => self.labels[n - 1 - r].clone(),
+            _ => String::new(),
+        };
+        chart
+            .configure_mesh()
+            .y_labels(n)
+            .y_label_formatter(&label)
+            .disable_y_mesh()
+            .draw()
+            .map_err(plot_err)?;
+        let fill = Palette99::pick(0).mix(0.8).filled();
+        let rects = self.values.iter().enumerate().map(|(i, &v)| {
+            let r = n - 1 - i;
+            let mut bar = Rectangle::new(
+                [
+                    (0.0, SegmentValue::Exact(r)),
+                    (v, SegmentValue::Exact(r + 1)),
+                ],
+                fill,
+            );
+            bar.set_margin(4, 4, 0, 0);
+            bar
+        });
+        chart.draw_series(rects).map_err(plot_err)?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::analysis::frame::frame_from_rows;
+    use crate::analysis::frame::tests::scratch;
+    use serde_json::{Map, Value};
+
+    /// Width and height from a PNG's IHDR chunk, after checking the signature.
+    fn png_size(path: &Path) -> (u32, u32) {
+        let bytes = std::fs::read(path).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "{}", path.display());
+        let be = |r: std::ops::Range<usize>| u32::from_be_bytes(bytes[r].try_into().unwrap());
+        (be(16..20), be(20..24))
+    }
+
+    fn frame(json: &str) -> DataFrame {
+        let rows: Vec<Map<String, Value>> = serde_json::from_str(json).unwrap();
+        frame_from_rows(&rows).unwrap()
+    }
+
+    fn two_series() -> Vec<Line> {
+        vec![
+            ("a".into(), vec![(0.0, 1.0), (1.0, f64::NAN), (2.0, 3.0)]),
+            ("b".into(), vec![(0.0, 2.0), (2.0, 0.5)]),
+        ]
+    }
+
+    #[test]
+    fn lines_png_and_svg() {
+        let dir = scratch("lines");
+        let png = dir.join("deep/dir/lines.png");
+        lines(&png, "loss", "step", "loss", &two_series()).unwrap();
+        assert_eq!(png_size(&png), PANEL_SIZE);
+        let svg = dir.join("lines.svg");
+        lines(&svg, "loss", "step", "loss", &two_series()).unwrap();
+        let text = std::fs::read_to_string(&svg).unwrap();
+        assert!(
+            text.starts_with("<svg") && text.contains("loss"),
+            "{text:.200}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn charts_refuse_bad_input() {
+        let dir = scratch("bad");
+        let err = lines(&dir.join("x.jpg"), "t", "x", "y", &two_series()).unwrap_err();
+        assert!(format!("{err:#}").contains("\"jpg\""), "{err:#}");
+        assert!(!dir.exists(), "a refused chart creates nothing");
+        let err = lines(&dir.join("x.png"), "t", "x", "y", &[]).unwrap_err();
+        assert!(format!("{err:#}").contains("no series"), "{err:#}");
+        let nan = vec![("a".to_string(), vec![(0.0, f64::NAN)])];
+        let err = lines(&dir.join("x.png"), "t", "x", "y", &nan).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("every series is empty"),
+            "{err:#}"
+        );
+        let err = histogram(&dir.join("h.png"), "h", "x", &[0.5], 0, None).unwrap_err();
+        assert!(format!("{err:#}").contains("bins must be >= 1"), "{err:#}");
+        let labels = vec!["a".to_string()];
+        let err = bars(&dir.join("b.png"), "b", &labels, &[1.0, 2.0]).unwrap_err();
+        assert!(
+            format!("{err:#}").contains("1 labels for 2 values"),
+            "{err:#}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn soft_ratio_over_steps_draws_two_panels() {
+        let dir = scratch("soft_ratio");
+        let a = frame(
+            r#"[{"step": 0, "soft_ratio": 0.1, "reward": 0.0},
+                          {"step": 1, "soft_ratio": 0.3, "reward": 0.5}]"#,
+        );
+        let b = frame(
+            r#"[{"step": 0, "soft_ratio": 0.2, "reward": 0.1},
+                          {"step": 1, "soft_ratio": null, "reward": 0.2}]"#,
+        );
+        let path = dir.join("soft.png");
+        soft_ratio_over_steps(&path, &[("a".into(), a.clone()), ("b".into(), b)]).unwrap();
+        assert_eq!(png_size(&path), (2 * PANEL_SIZE.0, PANEL_SIZE.1));
+        let no_reward = frame(r#"[{"step": 0, "soft_ratio": 0.2}]"#);
+        let runs = [("a".into(), a), ("base".into(), no_reward)];
+        let err = soft_ratio_over_steps(&path, &runs).unwrap_err();
+        let msg = format!("{err:#}");
+        assert!(
+            msg.contains("run \"base\"") && msg.contains("no column \"reward\""),
+            "{msg}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn histogram_and_bars_sizes() {
+        let dir = scratch("hist");
+        let values: Vec<f64> = (0..100).map(|i| i as f64 / 100.0).collect();
+        let path = dir.join("p_soft.png");
+        histogram(
+            &path,
+            "router p_soft",
+            "p_soft",
+            &values,
+            20,
+            Some((0.0, 1.0)),
+        )
+        .unwrap();
+        assert_eq!(png_size(&path), PANEL_SIZE);
+        let hist = Histogram::new(
+            "h",
+            "x",
+            &[0.0, 0.1, 0.5, 1.0, 2.0, f64::NAN],
+            2,
+            Some((0.0, 1.0)),
+        )
+        .unwrap();
+        assert_eq!(
+            hist.counts,
+            [2, 2],
+            "2.0 is outside the range, NaN not counted"
+        );
+        let labels: Vec<String> = [" the", " so", "\\n"].map(String::from).to_vec();
+        let path = dir.join("bars.png");
+        bars(&path, "soft ratio by token", &labels, &[0.9, 0.5, -0.1]).unwrap();
+        assert_eq!(png_size(&path), bars_size(3));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn soft_by_position_buckets() {
+        let df = frame(
+            r#"[{"run": "a", "position": 0, "mode": "soft"},
+                {"run": "a", "position": 1, "mode": "hard"},
+                {"run": "a", "position": 2, "mode": "soft"},
+                {"run": "a", "position": 3, "mode": "soft"},
+                {"run": "b", "position": 0, "mode": "hard"}]"#,
+        );
+        let series = soft_fraction_series(&df, 2).unwrap();
+        let want = vec![
+            ("a".to_string(), vec![(0.0, 0.5), (2.0, 1.0)]),
+            ("b".to_string(), vec![(0.0, 0.0)]),
+        ];
+        assert_eq!(series, want);
+        let dir = scratch("position");
+        let path = dir.join("position.png");
+        soft_by_position(&path, &df, 2).unwrap();
+        assert_eq!(png_size(&path), PANEL_SIZE);
+        let no_mode = frame(r#"[{"position": 0}]"#);
+        let err = soft_by_position(&path, &no_mode, 2).unwrap_err();
+        assert!(format!("{err:#}").contains("no column \"mode\""), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

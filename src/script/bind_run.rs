@@ -1,0 +1,441 @@
+//! Runs, frames and charts in scripts: `new_run`/`load_run` (metrics rows and
+//! token records under `runs/NAME/`), `routing_frame` and the Frame type
+//! (a polars DataFrame), `plot_*`, plus `pass_at_k` and `check_options`.
+use super::help;
+use super::opts::Opts;
+use super::types::*;
+use crate::analysis::{frame, plot};
+use anyhow::{bail, Context, Result};
+use polars::prelude::DataFrame;
+use rhai::{Array, Dynamic, Engine, EvalAltResult, Map};
+use serde_json::Value;
+use std::cell::RefCell;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+use std::time::Instant;
+
+type Res<T> = Result<T, Box<EvalAltResult>>;
+
+#[derive(Clone)]
+pub struct RunHandle(pub Rc<RefCell<RunState>>);
+
+pub struct RunState {
+    pub dir: PathBuf,
+    pub rows: Vec<serde_json::Map<String, Value>>,
+    last: Instant,
+}
+
+#[derive(Clone)]
+pub struct FrameHandle(pub Rc<DataFrame>);
+
+pub fn register(engine: &mut Engine) {
+    engine
+        .register_type_with_name::<RunHandle>("Run")
+        .register_type_with_name::<FrameHandle>("Frame");
+    engine.register_fn("new_run", |d: &str| rt(new_run(d, Map::new())));
+    engine.register_fn("new_run", |d: &str, c: Map| rt(new_run(d, c)));
+    engine.register_fn("load_run", |d: &str| rt(load_run(d)));
+    engine.register_fn("log", |r: &mut RunHandle, m: Map| rt(log(r, m)));
+    engine.register_fn(
+        "log_tokens",
+        |r: &mut RunHandle, ro: RolloutHandle, rw: Array, adv: Array| {
+            rt(log_tokens(r, &ro, Some(rw), Some(adv)))
+        },
+    );
+    engine.register_fn("log_tokens", |r: &mut RunHandle, ro: RolloutHandle| {
+        rt(log_tokens(r, &ro, None, None))
+    });
+    engine.register_fn("metrics", |r: &mut RunHandle| rt(metrics_frame(r)));
+    engine.register_fn("tokens", |r: &mut RunHandle| rt(tokens_frame(r)));
+    engine.register_get("dir", |r: &mut RunHandle| {
+        r.0.borrow().dir.display().to_string()
+    });
+    engine.register_get("step", |r: &mut RunHandle| r.0.borrow().rows.len() as i64);
+    engine.register_fn("to_string", |r: &mut RunHandle| {
+        let st = r.0.borrow();
+        format!("Run({}, {} steps)", st.dir.display(), st.rows.len())
+    });
+
+    engine.register_fn("routing_frame", |ro: RolloutHandle| {
+        rt(routing(&ro, None, None))
+    });
+    engine.register_fn(
+        "routing_frame",
+        |ro: RolloutHandle, rw: Array, adv: Array| rt(routing(&ro, Some(rw), Some(adv))),
+    );
+    engine.register_fn("read_parquet", |p: &str| {
+        rt(frame::read_parquet(Path::new(p)).map(|f| FrameHandle(Rc::new(f))))
+    });
+    register_frame(engine);
+
+    engine.register_fn("plot_soft_ratio", |r: RunHandle, p: &str| {
+        rt(plot_soft_ratio(vec![r], p))
+    });
+    engine.register_fn("plot_soft_ratio", |runs: Array, p: &str| -> Res<()> {
+        let mut v = Vec::new();
+        for (i, r) in runs.into_iter().enumerate() {
+            match r.try_cast::<RunHandle>() {
+                Some(r) => v.push(r),
+                None => {
+                    return rt(Err(anyhow::anyhow!(
+                        "plot_soft_ratio: runs[{i}] is not a Run"
+                    )))
+                }
+            }
+        }
+        rt(plot_soft_ratio(v, p))
+    });
+    engine.register_fn("plot_histogram", |v: Array, p: &str| {
+        rt(histogram(&v, p, Map::new()))
+    });
+    engine.register_fn("plot_histogram", |v: Array, p: &str, o: Map| {
+        rt(histogram(&v, p, o))
+    });
+    engine.register_fn("plot_soft_by_position", |f: FrameHandle, p: &str| {
+        rt(by_position(&f, p, Map::new()))
+    });
+    engine.register_fn(
+        "plot_soft_by_position",
+        |f: FrameHandle, p: &str, o: Map| rt(by_position(&f, p, o)),
+    );
+    engine.register_fn("step_summary", |m: Map| -> Res<String> {
+        Ok(summary(&rt(map_to_json(&m, "metrics"))?))
+    });
+    engine.register_fn("pass_at_k", |n: i64, c: i64, k: i64| rt(pass_at_k(n, c, k)));
+    engine.register_fn("check_options", |name: &str, o: Map, d: Map| {
+        rt(check_options(name, o, d))
+    });
+}
+
+fn register_frame(engine: &mut Engine) {
+    engine.register_fn("sql", |f: &mut FrameHandle, q: &str| {
+        rt(frame::sql(&f.0, q).map(|d| FrameHandle(Rc::new(d))))
+    });
+    engine.register_fn("head", |f: &mut FrameHandle, n: i64| {
+        FrameHandle(Rc::new(f.0.head(Some(n.max(0) as usize))))
+    });
+    engine.register_fn("column", |f: &mut FrameHandle, name: &str| -> Res<Array> {
+        let df = &f.0;
+        let is_text = df
+            .column(name)
+            .map(|c| c.dtype() == &polars::prelude::DataType::String)
+            .unwrap_or(false);
+        if is_text {
+            let v = rt(frame::column_strings(df, name))?;
+            return Ok(v
+                .into_iter()
+                .map(|s| s.map_or(Dynamic::UNIT, Into::into))
+                .collect());
+        }
+        let v = rt(frame::column_f64(df, name))?;
+        Ok(v.into_iter()
+            .map(|x| x.map_or(Dynamic::UNIT, Dynamic::from_float))
+            .collect())
+    });
+    engine.register_get("columns", |f: &mut FrameHandle| -> Array {
+        f.0.get_column_names()
+            .iter()
+            .map(|c| c.to_string().into())
+            .collect()
+    });
+    engine.register_get("height", |f: &mut FrameHandle| f.0.height() as i64);
+    engine.register_get("width", |f: &mut FrameHandle| f.0.width() as i64);
+    engine.register_fn("write_parquet", |f: &mut FrameHandle, p: &str| {
+        rt(frame::write_parquet(&mut (*f.0).clone(), Path::new(p)))
+    });
+    engine.register_fn("write_csv", |f: &mut FrameHandle, p: &str| {
+        rt(frame::write_csv(&mut (*f.0).clone(), Path::new(p)))
+    });
+    engine.register_fn("to_string", |f: &mut FrameHandle| format!("{}", f.0));
+    engine.register_fn("to_debug", |f: &mut FrameHandle| format!("{}", f.0));
+}
+
+/// A fresh run directory; an existing one with metrics gets a numbered
+/// sibling instead of being overwritten (nothing is lost).
+fn new_run(dir: &str, config: Map) -> Result<RunHandle> {
+    let mut path = PathBuf::from(dir);
+    let mut n = 2;
+    while path.join("metrics.jsonl").exists() {
+        path = PathBuf::from(format!("{dir}-{n}"));
+        n += 1;
+    }
+    if path.as_path() != Path::new(dir) {
+        eprintln!(
+            "note: {dir} already holds a run; writing to {}",
+            path.display()
+        );
+    }
+    std::fs::create_dir_all(&path).with_context(|| format!("{}: cannot create", path.display()))?;
+    let cfg = Value::Object(map_to_json(&config, "config")?);
+    std::fs::write(
+        path.join("config.json"),
+        serde_json::to_string_pretty(&cfg)?,
+    )
+    .with_context(|| format!("{}: cannot write config.json", path.display()))?;
+    Ok(RunHandle(Rc::new(RefCell::new(RunState {
+        dir: path,
+        rows: Vec::new(),
+        last: Instant::now(),
+    }))))
+}
+
+fn load_run(dir: &str) -> Result<RunHandle> {
+    let path = PathBuf::from(dir);
+    let file = path.join("metrics.jsonl");
+    let text = std::fs::read_to_string(&file).with_context(|| {
+        format!(
+            "{}: cannot read (is {dir} a run directory?)",
+            file.display()
+        )
+    })?;
+    let mut rows = Vec::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        match serde_json::from_str::<Value>(line) {
+            Ok(Value::Object(m)) => rows.push(m),
+            _ => bail!("{}:{}: not a JSON object", file.display(), i + 1),
+        }
+    }
+    Ok(RunHandle(Rc::new(RefCell::new(RunState {
+        dir: path,
+        rows,
+        last: Instant::now(),
+    }))))
+}
+
+/// Appends a metrics row (metrics.jsonl, and metrics.parquet rewritten) and
+/// prints the step's one-line summary.
+fn log(r: &RunHandle, m: Map) -> Result<()> {
+    let mut st = r.0.borrow_mut();
+    let mut row = map_to_json(&m, "metrics")?;
+    let step = st.rows.len() as i64 + 1;
+    row.entry("step").or_insert(Value::from(step));
+    let secs = st.last.elapsed().as_secs_f64();
+    row.entry("time_s").or_insert(Value::from(secs));
+    st.last = Instant::now();
+    let line = serde_json::to_string(&row)?;
+    let file = st.dir.join("metrics.jsonl");
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&file)
+        .with_context(|| format!("{}: cannot open", file.display()))?;
+    writeln!(f, "{line}").with_context(|| format!("{}: cannot write", file.display()))?;
+    println!("{}", summary(&row));
+    st.rows.push(row);
+    let mut df = frame::frame_from_rows(&st.rows)?;
+    frame::write_parquet(&mut df, &st.dir.join("metrics.parquet"))
+}
+
+/// `step 3  reward 0.500±0.200  soft 0.012  kl 1.2e-4  loss -0.0130  grad 0.081  lr 5.0e-6  12.3s`
+fn summary(row: &serde_json::Map<String, Value>) -> String {
+    let f = |k: &str| row.get(k).and_then(Value::as_f64);
+    let mut s = format!(
+        "step {}",
+        row.get("step").map(|v| v.to_string()).unwrap_or_default()
+    );
+    if let Some(r) = f("reward") {
+        s += &format!("  reward {r:.3}");
+        if let Some(sd) = f("reward_std") {
+            s += &format!("±{sd:.3}");
+        }
+    }
+    for (k, label, prec) in [
+        ("soft_ratio", "soft", 3),
+        ("zero_adv_frac", "zero-adv", 2),
+        ("completion_length", "len", 1),
+        ("loss", "loss", 4),
+    ] {
+        if let Some(v) = f(k) {
+            s += &format!("  {label} {v:.prec$}");
+        }
+    }
+    for (k, label) in [("kl_token", "kl"), ("grad_norm", "grad"), ("lr", "lr")] {
+        if let Some(v) = f(k) {
+            s += &format!("  {label} {v:.2e}");
+        }
+    }
+    if row.get("skipped").and_then(Value::as_bool) == Some(true) {
+        s += "  SKIPPED (non-finite gradient)";
+    }
+    if let Some(t) = f("time_s") {
+        s += &format!("  {t:.1}s");
+    }
+    s
+}
+
+fn log_tokens(
+    r: &RunHandle,
+    ro: &RolloutHandle,
+    rw: Option<Array>,
+    adv: Option<Array>,
+) -> Result<()> {
+    let st = r.0.borrow();
+    let step = st.rows.len() as i64;
+    let name = st
+        .dir
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    let mut df = routing_df(ro, rw, adv, &name, step)?;
+    frame::write_parquet(
+        &mut df,
+        &st.dir
+            .join("tokens")
+            .join(format!("step-{step:06}.parquet")),
+    )
+}
+
+fn metrics_frame(r: &RunHandle) -> Result<FrameHandle> {
+    let st = r.0.borrow();
+    if st.rows.is_empty() {
+        bail!("{}: no metrics logged yet", st.dir.display());
+    }
+    Ok(FrameHandle(Rc::new(frame::frame_from_rows(&st.rows)?)))
+}
+
+fn tokens_frame(r: &RunHandle) -> Result<FrameHandle> {
+    let dir = r.0.borrow().dir.join("tokens");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .with_context(|| {
+            format!(
+                "{}: no token records (run.log_tokens writes them)",
+                dir.display()
+            )
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .collect();
+    files.sort();
+    let frames = files
+        .iter()
+        .map(|p| frame::read_parquet(p))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(FrameHandle(Rc::new(frame::concat(&frames)?)))
+}
+
+fn routing_df(
+    ro: &RolloutHandle,
+    rw: Option<Array>,
+    adv: Option<Array>,
+    run: &str,
+    step: i64,
+) -> Result<DataFrame> {
+    let rw = rw.map(|a| floats(&a, "rewards")).transpose()?;
+    let adv = adv.map(|a| floats(&a, "advantages")).transpose()?;
+    let d = &ro.0;
+    let st = d.backbone.0.borrow();
+    let meta = frame::RecordMeta {
+        run,
+        step,
+        group: d.group,
+        rewards: rw.as_deref(),
+        advantages: adv.as_deref(),
+    };
+    frame::routing_frame(&d.ro, &st.policy.model.tok, &meta)
+}
+
+fn routing(ro: &RolloutHandle, rw: Option<Array>, adv: Option<Array>) -> Result<FrameHandle> {
+    Ok(FrameHandle(Rc::new(routing_df(ro, rw, adv, "", 0)?)))
+}
+
+fn plot_soft_ratio(runs: Vec<RunHandle>, path: &str) -> Result<()> {
+    let mut frames = Vec::new();
+    for r in &runs {
+        let name = r.0.borrow().dir.display().to_string();
+        frames.push((name, (*metrics_frame(r)?.0).clone()));
+    }
+    plot::soft_ratio_over_steps(Path::new(path), &frames)
+}
+
+fn histogram(values: &Array, path: &str, o: Map) -> Result<()> {
+    let o = Opts::check("plot_histogram", help::PLOT, o)?;
+    let v = floats(values, "values")?;
+    let title = o.opt_str("title")?.unwrap_or_else(|| "histogram".into());
+    plot::histogram(
+        Path::new(path),
+        &title,
+        "value",
+        &v,
+        o.usize("bins")?.max(1),
+        None,
+    )
+}
+
+fn by_position(f: &FrameHandle, path: &str, o: Map) -> Result<()> {
+    let o = Opts::check("plot_soft_by_position", help::PLOT, o)?;
+    plot::soft_by_position(Path::new(path), &f.0, o.usize("bucket")?.max(1))
+}
+
+/// Unbiased Pass@k (Chen et al. 2021): 1 - C(n - c, k) / C(n, k).
+pub fn pass_at_k(n: i64, c: i64, k: i64) -> Result<f64> {
+    if n < 1 || c < 0 || c > n || k < 1 || k > n {
+        bail!(
+            "pass_at_k(n, c, k) needs 0 <= c <= n and 1 <= k <= n, got n = {n}, c = {c}, k = {k}"
+        );
+    }
+    if n - c < k {
+        return Ok(1.0);
+    }
+    let miss: f64 = ((n - c + 1)..=n)
+        .map(|i| 1.0 - k as f64 / i as f64)
+        .product();
+    Ok(1.0 - miss)
+}
+
+/// `defaults` overlaid by `opts`; unknown keys and type changes are errors.
+fn check_options(name: &str, opts: Map, defaults: Map) -> Result<Map> {
+    let mut out = defaults.clone();
+    for (k, v) in opts {
+        let Some(d) = defaults.get(&k) else {
+            let mut valid: Vec<&str> = defaults.keys().map(|k| k.as_str()).collect();
+            valid.sort_unstable();
+            let hint = super::opts::closest(&k, &valid)
+                .map(|c| format!(" (did you mean `{c}`?)"))
+                .unwrap_or_default();
+            bail!(
+                "{name}: unknown option `{k}`{hint}; valid options: {}",
+                valid.join(", ")
+            );
+        };
+        // A reward may be a name or a function.
+        let ok = d.is_unit()
+            || v.is_unit()
+            || (d.is_string() && v.is::<rhai::FnPtr>())
+            || d.type_name() == v.type_name()
+            || (d.is_float() && v.is_int());
+        if !ok {
+            bail!(
+                "{name}: option `{k}` must be {} (like its default {d}), got {} ({v})",
+                d.type_name(),
+                v.type_name()
+            );
+        }
+        let v = if d.is_float() && v.is_int() {
+            Dynamic::from_float(v.as_int().unwrap_or_default() as f64)
+        } else {
+            v
+        };
+        out.insert(k, v);
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pass_at_k_matches_the_closed_form() {
+        // n = 5, c = 2, k = 2: 1 - C(3,2)/C(5,2) = 1 - 3/10.
+        assert!((pass_at_k(5, 2, 2).unwrap() - 0.7).abs() < 1e-12);
+        assert_eq!(pass_at_k(5, 0, 3).unwrap(), 0.0);
+        assert_eq!(pass_at_k(5, 4, 2).unwrap(), 1.0);
+        assert!((pass_at_k(10, 3, 1).unwrap() - 0.3).abs() < 1e-12);
+        assert!(pass_at_k(3, 4, 1).is_err());
+    }
+}

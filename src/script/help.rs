@@ -1,0 +1,287 @@
+//! The primitives scripts call: one table of signature, help line and
+//! options (with defaults), read by `help()`, by completion, and by every
+//! binding that checks an option map. Defaults are the reference
+//! hyperparameters of ALGORITHMS.md section 2.
+use super::opts::{opt, Def, Opt, Ty};
+
+pub struct Prim {
+    pub name: &'static str,
+    pub sig: &'static str,
+    pub doc: &'static str,
+    pub opts: &'static [Opt],
+}
+
+pub const LOAD_BACKBONE: &[Opt] = &[
+    opt("device", Def::Str("cpu"), "\"cpu\", \"cuda\" or \"cuda:N\""),
+    opt("dtype", Def::Str("f32"), "\"f32\", \"bf16\" or \"f16\""),
+    opt(
+        "lora",
+        Def::Unset(Ty::Map),
+        "attach LoRA: #{rank, alpha, targets, seed}",
+    ),
+    opt(
+        "adapter",
+        Def::Unset(Ty::Str),
+        "load a saved PEFT adapter directory",
+    ),
+    opt(
+        "seed",
+        Def::Int(42),
+        "seed of the rollout seeds drawn by rollout_group",
+    ),
+];
+
+pub const LORA: &[Opt] = &[
+    opt("rank", Def::Int(32), "r"),
+    opt(
+        "alpha",
+        Def::Float(64.0),
+        "lora_alpha (the update is scaled by alpha / r)",
+    ),
+    opt(
+        "targets",
+        Def::Unset(Ty::Array),
+        "module names (default all seven: q,k,v,o,gate,up,down)",
+    ),
+    opt("seed", Def::Int(0), "seed of A's initialisation"),
+];
+
+pub const ATTACH_ROUTER: &[Opt] = &[
+    opt(
+        "init_soft",
+        Def::Float(0.01),
+        "initial soft probability (bias derived from it)",
+    ),
+    opt("temperature", Def::Float(1.0), "action temperature T_act"),
+    opt("seed", Def::Int(42), "seed of W ~ N(0, 1e-3^2)"),
+];
+
+pub const ATTACH_HRPO_GATE: &[Opt] = &[opt("seed", Def::Int(42), "seed of the gate's init")];
+
+pub const LOAD_DATASET: &[Opt] = &[opt("seed", Def::Int(42), "seed of ds.sample's order")];
+
+pub const ROLLOUT_GROUP: &[Opt] = &[
+    opt("group", Def::Int(8), "completions per prompt"),
+    opt("max_new", Def::Int(1024), "new tokens per completion at most"),
+    opt("temperature", Def::Float(0.5), "sampling temperature (0: greedy)"),
+    opt("top_k", Def::Int(50), "sampling top-k (0: off)"),
+    opt("top_p", Def::Float(1.0), "sampling top-p"),
+    opt("soft", Def::Str("auto"), "\"auto\" (router if attached), \"topk\", \"none\", \"full\" (Soft Thinking), \"hidden\" (Coconut), \"hrpo\""),
+    opt("topk", Def::Int(10), "size of the soft top-k mixture"),
+    opt("answer_marker", Def::Str("####"), "steps after this text are hard (\"\": none)"),
+    opt("cold_stop", Def::Unset(Ty::Float), "Soft Thinking: entropy threshold of the cold stop"),
+    opt("patience", Def::Int(2), "Soft Thinking: low-entropy steps before the cold stop"),
+    opt("latent_steps", Def::Unset(Ty::Int), "Coconut: latent steps before text"),
+    opt("chat", Def::Unset(Ty::Bool), "chat template around prompts (default: when the tokenizer has one)"),
+    opt("system", Def::Unset(Ty::Str), "system message (with chat)"),
+    opt("seed", Def::Unset(Ty::Int), "rollout seed (default: drawn from the backbone's seed)"),
+];
+
+pub const COMPUTE_ADVANTAGES: &[Opt] = &[
+    opt("estimator", Def::Str("grpo"), "grpo, drgrpo or rloo"),
+    opt("group", Def::Required(Ty::Int), "completions per prompt"),
+];
+
+pub const OPTIMIZER: &[Opt] = &[
+    opt("lr", Def::Float(5e-6), "backbone (LoRA) learning rate"),
+    opt(
+        "router_lr",
+        Def::Float(1e-4),
+        "router / HRPO gate learning rate",
+    ),
+    opt(
+        "weight_decay",
+        Def::Float(0.1),
+        "decoupled weight decay (not on the router bias)",
+    ),
+    opt(
+        "clip",
+        Def::Float(0.1),
+        "global gradient-norm clip (0: off)",
+    ),
+    opt(
+        "warmup",
+        Def::Float(0.1),
+        "warm-up as a fraction of `steps`",
+    ),
+    opt(
+        "schedule",
+        Def::Str("cosine"),
+        "\"cosine\", \"linear\" or \"constant\"",
+    ),
+    opt(
+        "steps",
+        Def::Unset(Ty::Int),
+        "total optimizer steps (needed by cosine/linear)",
+    ),
+    opt(
+        "min_lr_ratio",
+        Def::Float(0.0),
+        "final learning-rate factor of the decay",
+    ),
+    opt("beta1", Def::Float(0.9), "Adam beta1"),
+    opt("beta2", Def::Float(0.99), "Adam beta2"),
+    opt("eps", Def::Float(1e-8), "Adam epsilon"),
+];
+
+pub const TARPO_LOSS: &[Opt] = &[
+    opt(
+        "lambda",
+        Def::Float(0.1),
+        "weight of the router term (0: token-only, GRPO)",
+    ),
+    opt(
+        "beta",
+        Def::Float(0.005),
+        "weight of the KL terms (0: no reference)",
+    ),
+    opt("kl", Def::Str("k3"), "KL estimator: k1, k2 or k3"),
+    opt(
+        "norm",
+        Def::Str("seq-mean-token-mean"),
+        "seq-mean-token-mean, token-mean (DAPO), seq-mean-token-sum-norm (Dr. GRPO)",
+    ),
+    opt(
+        "max_len",
+        Def::Unset(Ty::Int),
+        "Dr. GRPO's constant normaliser (default: the rollout's max_new)",
+    ),
+    opt(
+        "clip_low",
+        Def::Unset(Ty::Float),
+        "PPO clip eps_low (unset: plain REINFORCE)",
+    ),
+    opt(
+        "clip_high",
+        Def::Unset(Ty::Float),
+        "PPO clip eps_high (default: clip_low)",
+    ),
+    opt(
+        "micro_batch",
+        Def::Int(8),
+        "completions per replay forward (bounds memory)",
+    ),
+    opt(
+        "ref_inputs",
+        Def::Str("same"),
+        "\"same\" inputs as the policy, or \"hard\" (the paper's code)",
+    ),
+    opt(
+        "score_temperature",
+        Def::Unset(Ty::Float),
+        "score at this temperature (default: the sampling one)",
+    ),
+];
+
+pub const GENERATE: &[Opt] = &[
+    opt("max_new", Def::Int(256), "new tokens at most"),
+    opt("temperature", Def::Float(0.0), "0: greedy"),
+    opt("top_k", Def::Int(0), "sampling top-k (0: off)"),
+    opt("top_p", Def::Float(1.0), "sampling top-p"),
+    opt("seed", Def::Int(0), "sampling seed"),
+    opt(
+        "chat",
+        Def::Unset(Ty::Bool),
+        "chat template around the prompt (default: when the tokenizer has one)",
+    ),
+    opt("system", Def::Unset(Ty::Str), "system message (with chat)"),
+];
+
+pub const PLOT: &[Opt] = &[
+    opt("title", Def::Unset(Ty::Str), "chart title"),
+    opt("bins", Def::Int(20), "histogram bins"),
+    opt("bucket", Def::Int(16), "positions per bucket"),
+];
+
+const NONE: &[Opt] = &[];
+
+pub const PRIMITIVES: &[Prim] = &[
+    Prim { name: "load_backbone", sig: "load_backbone(path, opts?) -> Backbone", doc: "Load a Hugging Face model directory (Llama, Qwen2, SmolLM2), optionally with LoRA.", opts: LOAD_BACKBONE },
+    Prim { name: "attach_router", sig: "attach_router(m, opts?) -> Router", doc: "Give the backbone TARPO's router head (hard/soft per token).", opts: ATTACH_ROUTER },
+    Prim { name: "attach_hrpo_gate", sig: "attach_hrpo_gate(m, opts?)", doc: "Give the backbone HRPO's trainable gate (rollouts with soft: \"hrpo\").", opts: ATTACH_HRPO_GATE },
+    Prim { name: "load_dataset", sig: "load_dataset(path, opts?) -> Dataset", doc: "A JSONL file of {\"prompt\", \"answer\"} rows; ds.sample(n), ds.len(), ds[i].", opts: LOAD_DATASET },
+    Prim { name: "rollout_group", sig: "rollout_group(m, prompts, opts?) -> Rollout", doc: "Sample `group` completions per prompt (strings or #{prompt, answer} maps), recording every token.", opts: ROLLOUT_GROUP },
+    Prim { name: "reward", sig: "reward(ro, name | fn(text, answer)) -> [float]", doc: "Score each completion with a built-in reward (gsm8k, math, format_gsm8k, format_math) or a Rhai function.", opts: NONE },
+    Prim { name: "compute_advantages", sig: "compute_advantages(rewards, opts) -> [float]", doc: "Group-relative advantages of an array of rewards (grpo, drgrpo, rloo).", opts: COMPUTE_ADVANTAGES },
+    Prim { name: "zero_adv_frac", sig: "zero_adv_frac(rewards, group) -> float", doc: "Fraction of groups whose rewards are all equal (no learning signal).", opts: NONE },
+    Prim { name: "overlong_penalty", sig: "overlong_penalty(ro, max_len, cache) -> [float]", doc: "DAPO's soft overlong punishment per completion (add it to the rewards).", opts: NONE },
+    Prim { name: "optimizer", sig: "optimizer(m, opts?) -> Optimizer", doc: "AdamW over the LoRA weights, the router and the HRPO gate, with warm-up and decay; opt.step(loss).", opts: OPTIMIZER },
+    Prim { name: "tarpo_loss", sig: "tarpo_loss(m, ro, adv, opts?) -> Loss", doc: "Replay the rollout and accumulate the gradient of TARPO's joint token+router loss (lambda 0: GRPO).", opts: TARPO_LOSS },
+    Prim { name: "step_metrics", sig: "step_metrics(m, ro, rewards, adv) -> map", doc: "The per-step metrics of ALGORITHMS.md (reward, soft_ratio, entropies, ...).", opts: NONE },
+    Prim { name: "new_run", sig: "new_run(dir, config?) -> Run", doc: "A run directory: config.json, run.log(metrics) rows (metrics.parquet), run.log_tokens(ro, rw, adv).", opts: NONE },
+    Prim { name: "load_run", sig: "load_run(dir) -> Run", doc: "Open an existing run directory for analysis.", opts: NONE },
+    Prim { name: "routing_frame", sig: "routing_frame(ro, rewards?, adv?) -> Frame", doc: "One row per generated token: mode, p_soft, logp, entropy, ... (a polars DataFrame).", opts: NONE },
+    Prim { name: "read_parquet", sig: "read_parquet(path) -> Frame", doc: "Load a parquet file as a Frame.", opts: NONE },
+    Prim { name: "plot_soft_ratio", sig: "plot_soft_ratio(run | [runs], path)", doc: "Soft ratio and reward over training steps, one line per run (.png or .svg).", opts: NONE },
+    Prim { name: "plot_histogram", sig: "plot_histogram(values, path, opts?)", doc: "Histogram of an array (e.g. the router's p_soft).", opts: PLOT },
+    Prim { name: "plot_soft_by_position", sig: "plot_soft_by_position(frame, path, opts?)", doc: "Soft fraction by position bucket, from a routing frame.", opts: PLOT },
+    Prim { name: "pass_at_k", sig: "pass_at_k(n, c, k) -> float", doc: "Unbiased Pass@k from n samples with c correct.", opts: NONE },
+    Prim { name: "check_options", sig: "check_options(name, opts, defaults) -> map", doc: "For script methods: `defaults` overlaid by `opts`; an unknown key is an error listing the valid ones.", opts: NONE },
+    Prim { name: "help", sig: "help() / help(name)", doc: "List the primitives, or show one with its options and defaults.", opts: NONE },
+];
+
+/// Methods and properties of the workbench's types (for completion and help).
+pub const METHODS: &[(&str, &str)] = &[
+    ("Backbone", "generate(prompt, opts?) tokenize(text) decode(ids) save_adapter(dir) export_merged(dir) info has_router router"),
+    ("Router", "p_soft bias save(path)"),
+    ("Dataset", "sample(n) len() get(i) rows(start, n)"),
+    ("Rollout", "len() group texts text(i) tokens(i) records(i) prompts answers lengths soft_ratio marked(i) select(rows)"),
+    ("Optimizer", "step(loss) lr steps"),
+    ("Loss", "value kl_token kl_router metrics()"),
+    ("Run", "log(metrics) log_tokens(ro, rewards, adv) metrics() tokens() dir step"),
+    ("Frame", "sql(query) head(n) column(name) columns height width write_parquet(path) write_csv(path)"),
+];
+
+pub fn find(name: &str) -> Option<&'static Prim> {
+    PRIMITIVES.iter().find(|p| p.name == name)
+}
+
+/// `help()`: every primitive with its one-line signature.
+pub fn overview() -> String {
+    let mut s = String::from("primitives (help(\"name\") for options):\n");
+    for p in PRIMITIVES {
+        s += &format!("  {:<58} {}\n", p.sig, p.doc);
+    }
+    s += "types:\n";
+    for (t, m) in METHODS {
+        s += &format!("  {t:<10} {m}\n");
+    }
+    s += "stdlib: import \"tarpo\" as tarpo; (also grpo, drgrpo, dapo, soft_thinking, coconut, hrpo, eval)\n";
+    s
+}
+
+/// `help(name)`: one primitive with its options and defaults.
+pub fn one(name: &str) -> Option<String> {
+    let p = find(name)?;
+    let mut s = format!("{}\n  {}\n", p.sig, p.doc);
+    if !p.opts.is_empty() {
+        s += "options:\n";
+        for o in p.opts {
+            s += &format!("  {:<18} {:<22} {}\n", o.name, o.def.show(), o.doc);
+        }
+    }
+    if name == "load_backbone" {
+        s += "lora options:\n";
+        for o in LORA {
+            s += &format!("  {:<18} {:<22} {}\n", o.name, o.def.show(), o.doc);
+        }
+    }
+    Some(s)
+}
+
+/// Every name completion may offer besides variables.
+pub fn completion_words() -> Vec<&'static str> {
+    let mut w: Vec<&str> = PRIMITIVES.iter().map(|p| p.name).collect();
+    for (_, m) in METHODS {
+        for item in m.split_whitespace() {
+            w.push(item.split('(').next().unwrap_or(item));
+        }
+    }
+    w.extend([
+        "let", "const", "fn", "for", "in", "while", "loop", "if", "else", "return", "break",
+        "continue", "import", "export", "print", "debug", "true", "false", "range",
+    ]);
+    w.sort_unstable();
+    w.dedup();
+    w
+}

@@ -1,0 +1,119 @@
+"""Drives `tarpo repl` through a pseudo-terminal as a user would.
+
+Usage: repl_pty.py BINARY MODEL_DIR HISTORY_FILE
+Exits non-zero with the transcript when an expectation fails.
+"""
+import os
+import pty
+import select
+import sys
+import time
+
+binary, model, history = sys.argv[1:4]
+pid, fd = pty.fork()
+if pid == 0:
+    os.environ["TARPO_HISTORY"] = history
+    os.environ["TERM"] = "xterm"
+    os.execv(binary, [binary, "repl", "--model", model])
+
+transcript = b""
+pending = b""
+
+
+def fail(msg):
+    sys.stderr.write(f"{msg}\n--- transcript ---\n{transcript.decode(errors='replace')}\n")
+    sys.exit(1)
+
+
+def expect(pattern, timeout=120):
+    """Reads until `pattern` has been output; consumes through it."""
+    global pending, transcript
+    pattern = pattern.encode()
+    end = time.time() + timeout
+    while pattern not in pending:
+        left = end - time.time()
+        ready, _, _ = select.select([fd], [], [], max(0.0, left))
+        if not ready:
+            fail(f"timed out waiting for {pattern!r}")
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:
+            fail(f"the REPL exited while waiting for {pattern!r}")
+        pending += chunk
+        transcript += chunk
+    pending = pending[pending.index(pattern) + len(pattern):]
+
+
+def send(text):
+    os.write(fd, text.encode())
+
+
+expect("tarpo> ")  # after the preloaded `let m = load_backbone(...)`
+send("m.info.layers\r")
+expect("2\r\n")
+expect("tarpo> ")
+
+# Definitions persist across lines (variables and functions).
+send("let x = 40;\r")
+expect("tarpo> ")
+send("fn twice(v) { v * 2 }\r")
+expect("tarpo> ")
+send("twice(x) + 2\r")
+expect("82")
+expect("tarpo> ")
+
+# Tab completes a primitive's name.
+send("compute_adv\t")
+expect("compute_advantages")
+send("([1.0, 0.0], #{group: 2})\r")
+expect("0.7070")
+expect("tarpo> ")
+
+# A multi-line for loop: input continues while the brace is open.
+send("let s = 0;\r")
+expect("tarpo> ")
+send("for i in 0..5 {\r")
+send("  s += i;\r")
+send("}\r")
+expect("tarpo> ")
+send("s * 100\r")
+expect("1000")
+expect("tarpo> ")
+
+# An error leaves the session usable.
+send("no_such_variable + 1\r")
+expect("error: <repl>:1:1")
+expect("tarpo> ")
+send("x + 1\r")
+expect("41")
+expect("tarpo> ")
+
+# A misspelled option key lists the valid ones.
+send("compute_advantages([1.0], #{grop: 1})\r")
+expect("valid options: estimator, group")
+expect("tarpo> ")
+
+# Ctrl-C stops a running loop; the state is kept.
+send("let n = 0; loop { n += 1; }\r")
+time.sleep(1.5)
+send("\x03")
+expect("interrupted")
+expect("tarpo> ")
+send("n > 1000\r")
+expect("true")
+expect("tarpo> ")
+
+# Commands.
+send(":vars\r")
+expect("x: i64 = 40")
+expect("tarpo> ")
+
+# Ctrl-D exits cleanly.
+send("\x04")
+_, status = os.waitpid(pid, 0)
+if os.WEXITSTATUS(status) != 0:
+    fail(f"exit status {os.WEXITSTATUS(status)}")
+saved = open(history).read()
+if "let x = 40;" not in saved:
+    fail(f"history not saved: {saved!r}")
+print("repl: ok")

@@ -1,0 +1,26 @@
+//! `tarpo repl` driven through a pseudo-terminal (tests/drivers/repl_pty.py):
+//! persistence, completion, multi-line input, errors, Ctrl-C, history, Ctrl-D.
+mod common;
+
+#[test]
+fn repl_through_a_pseudo_terminal() {
+    let dir = common::scratch("repl");
+    let history = dir.join("history");
+    let _ = std::fs::remove_file(&history);
+    let model = common::tiny_models().join("llama_mha_tied");
+    let out = std::process::Command::new(common::python())
+        .arg(common::root().join("tests/drivers/repl_pty.py"))
+        .arg(env!("CARGO_BIN_EXE_tarpo"))
+        .arg(&model)
+        .arg(&history)
+        .output()
+        .expect("run the pty driver");
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && so.contains("repl: ok"),
+        "{so}\n{se}"
+    );
+}

@@ -1,0 +1,223 @@
+//! The scripting layer from the outside: `tarpo run` on Rhai scripts that call
+//! every primitive and train with the stdlib, and the errors users see.
+mod common;
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+fn run(args: &[&str]) -> Output {
+    common::tarpo()
+        .arg("run")
+        .args(args)
+        .output()
+        .expect("run tarpo")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).to_string()
+}
+
+fn tiny() -> String {
+    common::tiny_models()
+        .join("llama_mha_tied")
+        .display()
+        .to_string()
+}
+
+/// Deterministic word prompts: `n` rows of 2-4 short words.
+fn write_prompts(path: &Path, n: usize, seed: u64) {
+    let mut rng = tarpo::policy::Rng::new(seed);
+    let words = [
+        "the", "a", "cat", "sum", "of", "is", "to", "one", "and", "we",
+    ];
+    let mut s = String::new();
+    for _ in 0..n {
+        let k = 2 + rng.next_u64() % 3;
+        let p: Vec<&str> = (0..k)
+            .map(|_| words[(rng.next_u64() % words.len() as u64) as usize])
+            .collect();
+        s += &format!("{{\"prompt\": \"{}\", \"answer\": \"\"}}\n", p.join(" "));
+    }
+    std::fs::write(path, s).unwrap();
+}
+
+fn png_size(path: &Path) -> (u32, u32) {
+    let b = std::fs::read(path).unwrap_or_else(|_| panic!("{} missing", path.display()));
+    assert_eq!(
+        &b[..8],
+        b"\x89PNG\r\n\x1a\n",
+        "{} is not a PNG",
+        path.display()
+    );
+    let be = |i: usize| u32::from_be_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+    (be(16), be(20))
+}
+
+#[test]
+fn every_primitive_from_a_script() {
+    let out = common::scratch("script-primitives");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let data = out.join("data.jsonl");
+    let rows: String = ["a 1", "b 2", "c 3", "d 4", "e 5", "f 6"]
+        .iter()
+        .enumerate()
+        .map(|(i, p)| format!("{{\"prompt\": \"{p}\", \"answer\": \"{}\"}}\n", i + 1))
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let script = common::root().join("tests/scripts/primitives.rhai");
+    let o = run(&[
+        script.to_str().unwrap(),
+        "--set",
+        &format!("model={}", tiny()),
+        "--set",
+        &format!("data={}", data.display()),
+        "--set",
+        &format!("out={}", out.display()),
+    ]);
+    let (so, se) = (text(&o.stdout), text(&o.stderr));
+    assert!(
+        o.status.success() && so.contains("primitives: ok"),
+        "stdout:\n{so}\nstderr:\n{se}"
+    );
+    // help("rollout_group") printed the options with their defaults.
+    assert!(so.contains("temperature") && so.contains("0.5"), "{so}");
+    // The run directory and the files the script wrote are real.
+    let run = out.join("run");
+    let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(lines.lines().count(), 2);
+    assert!(run.join("metrics.parquet").exists() && run.join("config.json").exists());
+    assert!(run.join("tokens/step-000001.parquet").exists());
+    for chart in ["soft_ratio.png", "p_soft.png", "by_position.png"] {
+        let (w, h) = png_size(&out.join(chart));
+        assert!(w >= 400 && h >= 300, "{chart}: {w}x{h}");
+    }
+    assert!(out.join("adapter/adapter_config.json").exists());
+    assert!(out.join("adapter/adapter_model.safetensors").exists());
+}
+
+fn train_toy(method: &str) -> (f64, f64) {
+    let out = common::scratch(&format!("script-train-{method}"));
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let (data, held) = (out.join("train.jsonl"), out.join("held.jsonl"));
+    write_prompts(&data, 64, 1);
+    write_prompts(&held, 16, 999);
+    let script = common::root().join("tests/scripts/train_toy.rhai");
+    let set = |k: &str, v: &Path| format!("{k}={}", v.display());
+    let o = run(&[
+        script.to_str().unwrap(),
+        "--set",
+        &format!("model={}", tiny()),
+        "--set",
+        &set("data", &data),
+        "--set",
+        &set("held", &held),
+        "--set",
+        &set("out", &out),
+        "--set",
+        &format!("method={method}"),
+    ]);
+    let (so, se) = (text(&o.stdout), text(&o.stderr));
+    assert!(o.status.success(), "stdout:\n{so}\nstderr:\n{se}");
+    // One summary line per step.
+    assert_eq!(
+        so.lines().filter(|l| l.starts_with("step ")).count(),
+        25,
+        "{so}"
+    );
+    let line = so
+        .lines()
+        .find(|l| l.starts_with("held-out reward"))
+        .unwrap();
+    let nums: Vec<f64> = line
+        .trim_start_matches("held-out reward ")
+        .split(" -> ")
+        .map(|x| x.trim().parse().unwrap())
+        .collect();
+    let metrics = std::fs::read_to_string(out.join(method).join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 25);
+    eprintln!("{method}: {line}");
+    (nums[0], nums[1])
+}
+
+#[test]
+fn stdlib_tarpo_and_grpo_train_a_tiny_model_from_a_script() {
+    for method in ["tarpo", "grpo"] {
+        let (before, after) = train_toy(method);
+        assert!(
+            after > before + 0.1 && after > 2.0 * before,
+            "{method}: held-out reward {before:.3} -> {after:.3}"
+        );
+    }
+}
+
+#[test]
+fn misspelled_option_fails_with_the_valid_keys() {
+    let o = run(&[
+        "-e",
+        "let a = 1;\ncompute_advantages([1.0, 0.0], #{group: 2, estimatr: \"grpo\"})",
+    ]);
+    let e = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        e.contains("<-e>:2:1: compute_advantages: unknown option `estimatr` (did you mean `estimator`?); valid options: estimator, group"),
+        "{e}"
+    );
+    // The same inside a stdlib method, with the call chain.
+    let o = run(&[
+        "-e",
+        "import \"tarpo\" as t;\nt::train((), (), #{stepz: 3})",
+    ]);
+    let e = text(&o.stderr);
+    assert!(
+        e.contains("tarpo.train: unknown option `stepz` (did you mean `steps`?)"),
+        "{e}"
+    );
+    assert!(e.contains("valid options: ") && e.contains("steps"), "{e}");
+    assert!(e.contains("in train(), called at <-e>:2"), "{e}");
+}
+
+#[test]
+fn script_errors_name_file_line_and_column() {
+    let dir = common::scratch("script-errors");
+    let f: PathBuf = dir.join("bad.rhai");
+    std::fs::write(&f, "let x = 1;\nlet y = [1, 2];\nlet z = y[5];\n").unwrap();
+    let o = run(&[f.to_str().unwrap()]);
+    let e = text(&o.stderr);
+    assert!(!o.status.success());
+    assert!(
+        e.contains(&format!("{}:3:", f.display())) && e.contains("out of bounds"),
+        "{e}"
+    );
+    assert!(!e.contains("panicked"), "{e}");
+    // Syntax errors too.
+    std::fs::write(&f, "let x = ;\n").unwrap();
+    let e = text(&run(&[f.to_str().unwrap()]).stderr);
+    assert!(e.contains(&format!("{}:1:9", f.display())), "{e}");
+    // A native error: a missing model directory.
+    let e = text(&run(&["-e", "load_backbone(\"/nonexistent\")"]).stderr);
+    assert!(
+        e.contains("<-e>:1:1: /nonexistent: not a model directory"),
+        "{e}"
+    );
+}
+
+#[test]
+fn set_values_reach_the_script_as_args() {
+    let o = run(&[
+        "-e",
+        "print(args.n + 1); print(args.name); print(args.xs.len()); args.flag",
+        "--set",
+        "n=41",
+        "--set",
+        "name=abc",
+        "--set",
+        "xs=[1,2,3]",
+        "--set",
+        "flag=true",
+    ]);
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(text(&o.stdout), "42\nabc\n3\ntrue\n");
+    let e = text(&run(&["-e", "1", "--set", "novalue"]).stderr);
+    assert!(e.contains("expected KEY=VALUE"), "{e}");
+}
