@@ -42,6 +42,19 @@ pub fn check() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Routes Ctrl-C (SIGINT) to `interrupt`; a second Ctrl-C while the first
+/// is being handled exits (status 130). Front ends call this once, after
+/// anything else that installs a SIGINT handler (rustyline does).
+pub fn install_interrupt_handler() -> anyhow::Result<()> {
+    ctrlc::set_handler(|| {
+        if is_interrupted() {
+            std::process::exit(130);
+        }
+        interrupt();
+    })?;
+    Ok(())
+}
+
 /// Turns progress bars on or off for this process.
 pub fn show_progress(on: bool) {
     SHOW_PROGRESS.store(on, Ordering::SeqCst);

@@ -121,20 +121,13 @@ enum Cmd {
     },
 }
 
-/// A session for `run`/`repl`: --set values as `args`, Ctrl-C wired to
-/// stop running code, progress bars on.
+/// A session for `run`/`repl`: --set values as `args`, progress bars on.
 fn session(set: &[String]) -> Result<tarpo::script::Session> {
     let mut args = rhai::Map::new();
     for kv in set {
         let (k, v) = tarpo::script::parse_set(kv).map_err(|e| anyhow!(e))?;
         args.insert(k.into(), v);
     }
-    ctrlc::set_handler(|| {
-        if tarpo::ctl::is_interrupted() {
-            std::process::exit(130); // a second Ctrl-C while stopping
-        }
-        tarpo::ctl::interrupt();
-    })?;
     tarpo::ctl::show_progress(true);
     // Panics inside scripts come back as the session's error message.
     std::panic::set_hook(Box::new(|_| {}));
@@ -225,6 +218,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Info { model } => info(&model)?,
         Cmd::Run { script, code, set } => {
             let mut s = session(&set)?;
+            tarpo::ctl::install_interrupt_handler()?;
             let out = match (script, code) {
                 (_, Some(code)) => s.eval(&code, "<-e>"),
                 (Some(path), None) => s.run_file(&path),

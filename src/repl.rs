@@ -102,6 +102,8 @@ const BANNER: &str = "tarpo repl: Rhai over the workbench. help() lists the prim
 pub fn run(mut session: Session, preload: Option<String>) -> anyhow::Result<()> {
     let words = Rc::new(RefCell::new(session.completion_words()));
     let mut rl: Editor<LineHelper, DefaultHistory> = Editor::new()?;
+    // After the editor: rustyline claims SIGINT when it sets up the terminal.
+    crate::ctl::install_interrupt_handler()?;
     rl.set_helper(Some(LineHelper {
         words: words.clone(),
     }));

@@ -11,6 +11,7 @@ use serde_json::{Map, Value};
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What a rollout does not know about itself: where it comes from and how it
 /// was scored. `rewards` and `advantages` hold one value per sequence.
@@ -328,9 +329,11 @@ fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Res
     done.with_context(|| format!("{}: cannot write", path.display()))
 }
 
-/// `dir/.name.tmp-PID.ext` beside `path` (its parent directories created);
-/// the extension is kept because some writers pick the format from it.
+/// `dir/.name.tmp-PID-N.ext` beside `path` (its parent directories created),
+/// unique per process and call; the extension is kept because some writers
+/// pick the format from it.
 pub(crate) fn temp_sibling(path: &Path) -> Result<PathBuf> {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
@@ -345,7 +348,8 @@ pub(crate) fn temp_sibling(path: &Path) -> Result<PathBuf> {
         .extension()
         .and_then(|e| e.to_str())
         .map_or(String::new(), |e| format!(".{e}"));
-    Ok(dir.join(format!(".{name}.tmp-{}{ext}", std::process::id())))
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    Ok(dir.join(format!(".{name}.tmp-{}-{n}{ext}", std::process::id())))
 }
 
 pub fn write_parquet(df: &mut DataFrame, path: &Path) -> Result<()> {

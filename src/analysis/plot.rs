@@ -8,6 +8,7 @@
 use super::font;
 use super::frame::{column_f64, column_strings, temp_sibling};
 use anyhow::{anyhow, bail, Context, Result};
+use plotters::coord::ranged1d::AsRangedCoord;
 use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -266,7 +267,7 @@ impl Panel {
         let points = || self.series.iter().flat_map(|(_, p)| p.iter());
         let (x0, x1) = padded_span(points().map(|p| p.0));
         let (y0, y1) = padded_span(points().map(|p| p.1));
-        let mut chart = cartesian(area, &self.title, x0..x1, y0..y1)?;
+        let mut chart = cartesian(area, &self.title, x0..x1, y0..y1, 65)?;
         chart
             .configure_mesh()
             .x_desc(self.x_label.as_str())
@@ -315,18 +316,20 @@ impl Chart for Panels {
     }
 }
 
-/// A chart area with a title and f64 axes over the given ranges.
-fn cartesian<'a, DB: DrawingBackend>(
+/// A chart area with a title, an f64 x axis over `x` and the y axis `y`,
+/// `y_labels` pixels wide for the y labels.
+fn cartesian<'a, DB: DrawingBackend, Y: AsRangedCoord>(
     area: &'a DrawingArea<DB, Shift>,
     title: &str,
     x: std::ops::Range<f64>,
-    y: std::ops::Range<f64>,
-) -> Result<ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>> {
+    y: Y,
+    y_labels: u32,
+) -> Result<ChartContext<'a, DB, Cartesian2d<RangedCoordf64, Y::CoordDescType>>> {
     ChartBuilder::on(area)
         .caption(title, ("sans-serif", 24))
         .margin(12)
         .x_label_area_size(45)
-        .y_label_area_size(65)
+        .y_label_area_size(y_labels)
         .build_cartesian_2d(x, y)
         .map_err(plot_err)
 }
@@ -405,8 +408,10 @@ impl Chart for Histogram<'_> {
     }
 
     fn draw<DB: DrawingBackend>(&self, root: &DrawingArea<DB, Shift>) -> Result<()> {
-        let top = self.counts.iter().copied().max().unwrap_or(0).max(1) as f64 * 1.05;
-        let mut chart = cartesian(root, self.title, self.lo..self.hi, 0.0..top)?;
+        // An integer axis, so counts get integer ticks; 5% headroom above the top bar.
+        let most = self.counts.iter().copied().max().unwrap_or(0).max(1);
+        let top = most + most.div_ceil(20);
+        let mut chart = cartesian(root, self.title, self.lo..self.hi, 0..top, 65)?;
         chart
             .configure_mesh()
             .x_desc(self.x_label)
@@ -417,7 +422,7 @@ impl Chart for Histogram<'_> {
         let fill = Palette99::pick(0).mix(0.7).filled();
         let rects = self.counts.iter().enumerate().map(|(b, &c)| {
             let x0 = self.lo + b as f64 * width;
-            Rectangle::new([(x0, 0.0), (x0 + width, c as f64)], fill)
+            Rectangle::new([(x0, 0), (x0 + width, c)], fill)
         });
         chart.draw_series(rects).map_err(plot_err)?;
         Ok(())
@@ -445,13 +450,10 @@ impl Chart for Bars<'_> {
             .map(|l| l.chars().count())
             .max()
             .unwrap_or(0);
-        let mut chart = ChartBuilder::on(root)
-            .caption(self.title, ("sans-serif", 24))
-            .margin(12)
-            .x_label_area_size(45)
-            .y_label_area_size((widest as u32 * 9 + 20).clamp(40, 320))
-            .build_cartesian_2d(x0..x1, (0..n).into_segmented())
-            .map_err(plot_err)?;
+        let label_width = (widest as u32 * 9 + 20).clamp(40, 320);
+        // An integer range includes its end: rows 0..=n-1 are n segments.
+        let rows = (0..n - 1).into_segmented();
+        let mut chart = cartesian(root, self.title, x0..x1, rows, label_width)?;
         // Row r (0 at the bottom) shows bar n - 1 - r, so bar 0 is on top.
         let label = |v: &SegmentValue<usize>| match v {
             SegmentValue::CenterOf(r) if *r < n => self.labels[n - 1 - r].clone(),
@@ -607,6 +609,11 @@ mod tests {
         let path = dir.join("bars.png");
         bars(&path, "soft ratio by token", &labels, &[0.9, 0.5, -0.1]).unwrap();
         assert_eq!(png_size(&path), bars_size(3));
+        // Degenerate inputs still draw: one bar, one value, one flat point.
+        bars(&path, "one", &labels[..1], &[0.0]).unwrap();
+        assert_eq!(png_size(&path), bars_size(1));
+        histogram(&path, "one", "x", &[3.0], 4, None).unwrap();
+        lines(&path, "flat", "x", "y", &[("p".into(), vec![(1.0, 1.0)])]).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
@@ -633,5 +640,95 @@ mod tests {
         let err = soft_by_position(&path, &no_mode, 2).unwrap_err();
         assert!(format!("{err:#}").contains("no column \"mode\""), "{err:#}");
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Sample charts for the eye: `cargo test --release --lib gallery -- --ignored`
+    /// writes them to $TMPDIR/tarpo-gallery.
+    #[test]
+    #[ignore]
+    fn gallery() {
+        let dir = std::env::temp_dir().join("tarpo-gallery");
+        let curve = |k: f64| -> Vec<(f64, f64)> {
+            (0..50)
+                .map(|s| (s as f64, (1.0 - (-(s as f64) / (10.0 * k)).exp()) * 0.6))
+                .collect()
+        };
+        let run = |k: f64| {
+            let rows: Vec<Map<String, Value>> = curve(k)
+                .into_iter()
+                .map(|(s, y)| {
+                    let v = serde_json::json!({"step": s as i64, "soft_ratio": y, "reward": 0.2 + y * 0.5});
+                    v.as_object().unwrap().clone()
+                })
+                .collect();
+            frame_from_rows(&rows).unwrap()
+        };
+        let series = vec![
+            ("tarpo".to_string(), curve(1.0)),
+            ("soft thinking".to_string(), curve(2.0)),
+        ];
+        lines(
+            &dir.join("lines.png"),
+            "soft ratio",
+            "step",
+            "soft ratio",
+            &series,
+        )
+        .unwrap();
+        lines(
+            &dir.join("lines.svg"),
+            "soft ratio",
+            "step",
+            "soft ratio",
+            &series,
+        )
+        .unwrap();
+        let runs = [
+            ("tarpo".to_string(), run(1.0)),
+            ("grpo".to_string(), run(3.0)),
+        ];
+        soft_ratio_over_steps(&dir.join("soft_ratio.png"), &runs).unwrap();
+        let values: Vec<f64> = (0..1000)
+            .map(|i| ((i * 7919) % 1000) as f64 / 1000.0)
+            .map(|u: f64| u * u)
+            .collect();
+        histogram(
+            &dir.join("p_soft.png"),
+            "router p_soft",
+            "p_soft",
+            &values,
+            25,
+            Some((0.0, 1.0)),
+        )
+        .unwrap();
+        let labels: Vec<String> = ["\" the\"", "\" so\"", "\"\\n\"", "\" therefore\""]
+            .map(String::from)
+            .to_vec();
+        bars(
+            &dir.join("bars.png"),
+            "soft ratio by token",
+            &labels,
+            &[0.9, 0.5, 0.3, 0.1],
+        )
+        .unwrap();
+        let rows: Vec<Map<String, Value>> = (0..200)
+            .map(|i| {
+                let mode = if (i * 37) % 100 < i / 2 {
+                    "soft"
+                } else {
+                    "hard"
+                };
+                serde_json::json!({"run": "a", "position": i, "mode": mode})
+                    .as_object()
+                    .unwrap()
+                    .clone()
+            })
+            .collect();
+        soft_by_position(
+            &dir.join("position.png"),
+            &frame_from_rows(&rows).unwrap(),
+            16,
+        )
+        .unwrap();
     }
 }

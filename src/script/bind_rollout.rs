@@ -41,11 +41,13 @@ pub fn register(engine: &mut Engine) {
                 let v: Dynamic = f.call_within_context(&ctx, (t.clone(), answer))?;
                 match super::opts::as_f64(&v) {
                     Some(x) => out.push(Dynamic::from_float(x)),
-                    None => return rt(Err(anyhow!(
+                    None => {
+                        return rt(Err(anyhow!(
                         "reward function {}: must return a number, returned {} for completion {i}",
                         f.fn_name(),
                         v.type_name()
-                    ))),
+                    )))
+                    }
                 }
             }
             Ok(out)
