@@ -221,3 +221,23 @@ fn set_values_reach_the_script_as_args() {
     let e = text(&run(&["-e", "1", "--set", "novalue"]).stderr);
     assert!(e.contains("expected KEY=VALUE"), "{e}");
 }
+
+#[test]
+fn every_stdlib_method_runs_from_a_script() {
+    let out = common::scratch("script-stdlib");
+    let data = out.join("data.jsonl");
+    write_prompts(&data, 16, 5);
+    let script = common::root().join("tests/scripts/stdlib_methods.rhai");
+    let o = run(&[
+        script.to_str().unwrap(),
+        "--set",
+        &format!("model={}", tiny()),
+        "--set",
+        &format!("data={}", data.display()),
+    ]);
+    let (so, se) = (text(&o.stdout), text(&o.stderr));
+    assert!(
+        o.status.success() && so.contains("stdlib: ok"),
+        "stdout:\n{so}\nstderr:\n{se}"
+    );
+}

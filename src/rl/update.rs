@@ -40,8 +40,11 @@ pub fn accumulate_gradients(
     let seqs = lens.iter().filter(|&&l| l > 0).count().max(1);
     let mut sum = LossMetrics::default();
     let rows: Vec<usize> = (0..n).filter(|&i| lens[i] > 0).collect();
-    for chunk in rows.chunks(cfg.micro_batch.max(1)) {
+    let chunks: Vec<&[usize]> = rows.chunks(cfg.micro_batch.max(1)).collect();
+    let bar = crate::ctl::Progress::new("replay", chunks.len() as u64);
+    for (c, chunk) in chunks.into_iter().enumerate() {
         crate::ctl::check()?;
+        bar.set(c as u64);
         let share = match cfg.loss.norm {
             Norm::TokenMean => {
                 chunk.iter().map(|&i| lens[i]).sum::<usize>() as f64 / total_tokens.max(1) as f64

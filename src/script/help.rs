@@ -246,7 +246,9 @@ pub fn overview() -> String {
     for (t, m) in METHODS {
         s += &format!("  {t:<10} {m}\n");
     }
-    s += "stdlib: import \"tarpo\" as tarpo; (also grpo, drgrpo, dapo, soft_thinking, coconut, hrpo, eval)\n";
+    s +=
+        "stdlib: import \"tarpo\" as tarpo; tarpo::train(m, ds, #{steps: 10}); tarpo::defaults()\n";
+    s += "        also grpo, drgrpo, dapo, soft_thinking, coconut, hrpo (train), eval (pass_rates)\n";
     s
 }
 
