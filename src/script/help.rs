@@ -217,6 +217,7 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "plot_soft_by_position", sig: "plot_soft_by_position(frame, path, opts?)", doc: "Soft fraction by position bucket, from a routing frame.", opts: PLOT },
     Prim { name: "pass_at_k", sig: "pass_at_k(n, c, k) -> float", doc: "Unbiased Pass@k from n samples with c correct.", opts: NONE },
     Prim { name: "check_options", sig: "check_options(name, opts, defaults) -> map", doc: "For script methods: `defaults` overlaid by `opts`; an unknown key is an error listing the valid ones.", opts: NONE },
+    Prim { name: "env", sig: "env(name) -> string | ()", doc: "An environment variable, or () when unset.", opts: NONE },
     Prim { name: "help", sig: "help() / help(name)", doc: "List the primitives, or show one with its options and defaults.", opts: NONE },
 ];
 

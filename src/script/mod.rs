@@ -74,6 +74,9 @@ pub fn engine() -> Engine {
         Some(s) => print!("{s}"),
         None => println!("no primitive {name:?}; help() lists them"),
     });
+    e.register_fn("env", |name: &str| -> Dynamic {
+        std::env::var(name).map_or(Dynamic::UNIT, Into::into)
+    });
     register_math(&mut e);
     e
 }
