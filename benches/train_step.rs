@@ -20,7 +20,7 @@
 //!
 //! Run: ./dev.sh bench   (or `cargo bench --bench train_step` with the env of ./dev.sh)
 //! Env: TARPO_BENCH_THREADS (default 2), TARPO_BENCH_RUNS (default 3),
-//!      TARPO_BENCH_MICRO (our replay micro-batch, default 32 = the whole batch).
+//!      TARPO_BENCH_MICRO (our replay micro-batch, default 8 as in `tarpo_loss`).
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
@@ -242,7 +242,7 @@ fn main() -> Result<()> {
     let threads = env_or("TARPO_BENCH_THREADS", 2);
     let runs = env_or("TARPO_BENCH_RUNS", 3).max(1);
     let batch = QUESTIONS.len() * GROUP;
-    let micro = env_or("TARPO_BENCH_MICRO", batch).clamp(1, batch);
+    let micro = env_or("TARPO_BENCH_MICRO", 8).clamp(1, batch);
     let models = std::env::var("TARPO_MODELS").unwrap_or_else(|_| "models".into());
     let dir = PathBuf::from(models).join("SmolLM2-135M-Instruct");
     if !dir.join("model.safetensors").exists() {

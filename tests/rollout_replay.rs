@@ -187,3 +187,33 @@ fn soft_spans_are_marked_in_sample_text() {
         .unwrap();
     assert_eq!(marked.replace(['⟦', '⟧'], ""), plain);
 }
+
+/// A group's repeated prompts are prefilled once and their cache rows copied:
+/// each completion is what the prompt gives alone (greedy, so comparable).
+#[test]
+fn shared_prefill_equals_separate_prompts() {
+    let m = model();
+    let p = prompts();
+    let grouped = vec![
+        p[0].clone(),
+        p[2].clone(),
+        p[0].clone(),
+        p[2].clone(),
+        p[0].clone(),
+    ];
+    let mut o = options(0);
+    o.sampling = Sampling::greedy();
+    let ro = rollout(&m.net, None, None, &grouped, &o).unwrap();
+    for (i, prompt) in grouped.iter().enumerate() {
+        let alone = rollout(&m.net, None, None, std::slice::from_ref(prompt), &o).unwrap();
+        assert_eq!(ro.tokens()[i], alone.tokens()[0], "row {i}");
+        for (a, b) in ro.records[i].iter().zip(&alone.records[0]) {
+            assert!(
+                (a.logp - b.logp).abs() < 1e-4,
+                "row {i}: {} vs {}",
+                a.logp,
+                b.logp
+            );
+        }
+    }
+}

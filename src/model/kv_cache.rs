@@ -88,6 +88,22 @@ impl KvCache {
         })
     }
 
+    /// A cache whose row i is this cache's row `rows[i]` (rows may repeat):
+    /// a prompt prefilled once serves every member of its group.
+    pub fn select_rows(&self, rows: &Tensor) -> Result<KvCache> {
+        let pick = |ts: &[Tensor]| -> Result<Vec<Tensor>> {
+            ts.iter().map(|t| Ok(t.f_index_select(0, rows)?)).collect()
+        };
+        Ok(KvCache {
+            k: pick(&self.k)?,
+            v: pick(&self.v)?,
+            valid: self.valid.f_index_select(0, rows)?,
+            lens: self.lens.f_index_select(0, rows)?,
+            used: self.used,
+            capacity: self.capacity,
+        })
+    }
+
     /// Slots written so far (the same for every row).
     pub fn used(&self) -> i64 {
         self.used

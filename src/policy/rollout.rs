@@ -231,6 +231,22 @@ impl MarkerWatch<'_> {
     }
 }
 
+/// The distinct prompts (first-seen order) and, per prompt, its index among them.
+fn distinct_rows(prompts: &[Vec<i64>]) -> (Vec<Vec<i64>>, Vec<i64>) {
+    let mut seen: std::collections::HashMap<&[i64], i64> = std::collections::HashMap::new();
+    let mut distinct = Vec::new();
+    let of_row = prompts
+        .iter()
+        .map(|p| {
+            *seen.entry(p.as_slice()).or_insert_with(|| {
+                distinct.push(p.clone());
+                distinct.len() as i64 - 1
+            })
+        })
+        .collect();
+    (distinct, of_row)
+}
+
 /// Samples up to `max_new` tokens for each prompt. With a router, each token's
 /// next input is hard or soft as the router samples; without one, all hard.
 /// Other methods' latent modes (`opts.latent`) go through here too, except
@@ -380,9 +396,11 @@ pub fn rollout_with(
         _ => None,
     };
     let device = net.embed_tokens.device();
-    let (ids, valid) = left_pad(prompts, device)?;
-    let (b, l) = (ids.size()[0], ids.size()[1]);
-    let mut cache = net.new_cache(b, l + opts.max_new as i64)?;
+    // A group repeats each prompt: prefill the distinct ones, then copy rows.
+    let (distinct, of_row) = distinct_rows(prompts);
+    let (ids, valid) = left_pad(&distinct, device)?;
+    let (b, l) = (prompts.len() as i64, ids.size()[1]);
+    let mut cache = net.new_cache(distinct.len() as i64, l + opts.max_new as i64)?;
     let mut rng = Rng::new(opts.seed);
     // Log-probs and mixtures use softmax(z / T); greedy decoding scores at T = 1.
     let temp = if opts.sampling.temperature > 0.0 {
@@ -408,12 +426,20 @@ pub fn rollout_with(
 
     let step = cache.step(&valid)?;
     let h = net.forward(&net.embed(&ids)?, &step, Some(&cache))?;
-    let mut h = h.f_narrow(1, l - 1, 1)?.f_squeeze_dim(1)?; // (B, H)
+    let mut h = h.f_narrow(1, l - 1, 1)?.f_squeeze_dim(1)?; // (distinct, H)
+    if distinct.len() < prompts.len() {
+        let rows = Tensor::from_slice(&of_row).f_to_device(device)?;
+        h = h.f_index_select(0, &rows)?;
+        cache = cache.select_rows(&rows)?;
+    }
 
     // Decode steps are small: their matmuls run on our own threads
     // (model::small_matmul), and libtorch's OpenMP workers, left spinning
     // between ops, would only compete with them for the cores.
-    let _threads = (device == Device::Cpu).then(|| IntraOpThreads::set(1));
+    // Past MAX_ROWS rows a step's matmuls are real GEMMs for libtorch, which
+    // then needs its threads (MKL beats the streaming kernel there).
+    let _threads = (device == Device::Cpu && b <= crate::model::small_matmul::MAX_ROWS)
+        .then(|| IntraOpThreads::set(1));
     let mut records: Vec<Vec<TokenRecord>> = vec![Vec::new(); b as usize];
     let mut inputs = Vec::new();
     let mut done = vec![false; b as usize];

@@ -81,12 +81,18 @@ pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut Rng) -> Result<Tensor> {
     }
     let (b, v) = (logits.size()[0], logits.size()[1]);
     let scaled = logits.f_to_kind(Kind::Float)?.f_div_scalar(s.temperature)?;
-    let (vals, idx) = if s.top_k > 0 && s.top_k < v {
+    let truncated = s.top_k > 0 && s.top_k < v;
+    // Only truncation needs the order: plain sampling inverts the CDF over the
+    // vocabulary as it is (a sort of V per row was a sixth of a decode step).
+    let (vals, idx) = if truncated {
         scaled.f_topk(s.top_k, -1, true, true)?
-    } else {
+    } else if s.top_p < 1.0 {
         scaled.f_sort(-1, true)?
+    } else {
+        let all = Tensor::f_arange(v, (Kind::Int64, scaled.device()))?.f_expand([b, v], false)?;
+        (scaled, all)
     };
-    let mut probs = vals.f_softmax(-1, Kind::Float)?; // descending
+    let mut probs = vals.f_softmax(-1, Kind::Float)?; // descending when truncated
     if s.top_p < 1.0 {
         // Drop a token once the mass strictly before it reaches top_p (keeps the first).
         let before = probs.f_cumsum(-1, Kind::Float)?.f_sub(&probs)?;
@@ -101,10 +107,12 @@ pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut Rng) -> Result<Tensor> {
         .f_mul(&total)?;
     // Index of the first cumulative mass above the target, never past the last
     // token with mass (rounding in u * total must not reach a dropped token).
+    let at = Tensor::f_arange(probs.size()[1], (Kind::Int64, probs.device()))?;
     let last_kept = probs
         .f_gt(0.0)?
-        .f_sum_dim_intlist(-1, true, Kind::Int64)?
-        .f_sub_scalar(1)?;
+        .f_to_kind(Kind::Int64)?
+        .f_mul(&at)?
+        .f_amax([-1].as_slice(), true)?;
     let j = cum
         .f_le_tensor(&target)?
         .f_sum_dim_intlist(-1, true, Kind::Int64)?
