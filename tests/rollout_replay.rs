@@ -217,3 +217,87 @@ fn shared_prefill_equals_separate_prompts() {
         }
     }
 }
+
+/// `rl::update` backpropagates in two halves (to the heads' input h, then on
+/// into the backbone): the parameter gradients equal one plain backward, and
+/// grad_hidden_norm equals ||dL/dh|| from autograd on the plain graph.
+#[test]
+fn split_backward_equals_plain_backward() {
+    use tarpo::model::LoraConfig;
+    use tarpo::rl::loss::{policy_loss, LossConfig, LossInputs};
+    use tarpo::rl::train::{Policy, RefInputs, Reference};
+    use tarpo::rl::update::{accumulate_gradients, ReplayConfig};
+    use tch::Tensor;
+    let mut model = model();
+    model.net.attach_lora(&LoraConfig::new(4, 8.0)).unwrap();
+    // LoRA B starts at zero; move it so the adapters matter.
+    tch::no_grad(|| {
+        for p in model.net.lora_parameters() {
+            let _ = p.shallow_clone().f_add_(&(p.randn_like() * 0.02));
+        }
+    });
+    let router = Router::new(model.net.cfg.hidden_size, 0.3, 1.0, 3, Device::Cpu).unwrap();
+    let ro = rollout(&model.net, Some(&router), None, &prompts(), &options(5)).unwrap();
+    let policy = Policy {
+        model,
+        router: Some(router),
+        router_ref: None,
+        gate: None,
+        reference: Reference::None,
+    };
+    let adv = [0.5, -1.0, 1.5, -0.25];
+    let loss_cfg = LossConfig {
+        beta: 0.0,
+        ..LossConfig::default()
+    };
+    let cfg = ReplayConfig {
+        loss: loss_cfg.clone(),
+        micro_batch: 4,
+        ref_inputs: RefInputs::Same,
+        score_temperature: None,
+    };
+    let mut params = policy.model.net.lora_parameters();
+    params.extend(policy.router.as_ref().unwrap().parameters());
+    let m = accumulate_gradients(&policy, &ro, &adv, &cfg).unwrap();
+    let split: Vec<Tensor> = params.iter().map(|p| p.grad().copy()).collect();
+    for p in &params {
+        let _ = p.grad().f_zero_();
+    }
+
+    let rows: Vec<usize> = (0..4).collect();
+    let batch = replay::build(&policy.model.net, &ro, &rows).unwrap();
+    let s = replay::score(
+        &policy.model.net,
+        policy.router.as_ref(),
+        &batch,
+        ro.temperature,
+    )
+    .unwrap();
+    let adv_t = Tensor::from_slice(&adv.map(|a| a as f32));
+    let x = LossInputs {
+        logp: &s.logp,
+        logp_ref: None,
+        logp_old: None,
+        router_logp: s.router_logp.as_ref(),
+        router_logp_ref: None,
+        router_logp_old: None,
+        adv: &adv_t,
+        mask: &batch.mask,
+        router_mask: &batch.router_mask,
+    };
+    let (loss, _) = policy_loss(&x, &loss_cfg).unwrap();
+    let dh = Tensor::run_backward(&[&loss], &[&s.hidden], true, false).remove(0);
+    let want = dh.square().sum(Kind::Double).double_value(&[]).sqrt();
+    assert!(want > 0.0);
+    assert!(
+        (m.grad_hidden_norm - want).abs() < 1e-5 * want,
+        "grad_hidden_norm {} vs autograd {want}",
+        m.grad_hidden_norm
+    );
+    loss.backward();
+    for (p, g) in params.iter().zip(&split) {
+        let d = common::max_abs_diff(&p.grad(), g);
+        let scale = g.abs().max().double_value(&[]).max(1e-8);
+        assert!(d <= 1e-5 * scale, "gradient differs by {d} (scale {scale})");
+    }
+}

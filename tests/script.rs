@@ -93,6 +93,12 @@ fn every_primitive_from_a_script() {
     }
     assert!(out.join("adapter/adapter_config.json").exists());
     assert!(out.join("adapter/adapter_model.safetensors").exists());
+    let csv = std::fs::read_to_string(out.join("head.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "{csv}"); // header + 3 rows
+    assert!(
+        csv.starts_with("run,step,prompt_id,sample_id,position,token_id,token,mode"),
+        "{csv}"
+    );
 }
 
 fn train_toy(method: &str) -> (f64, f64) {

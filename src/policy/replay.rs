@@ -204,9 +204,36 @@ pub fn score(
     batch: &ReplayBatch,
     temperature: f64,
 ) -> Result<Scores> {
+    check_temperature(temperature)?;
+    heads(net, router, batch, &hidden_states(net, batch)?, temperature)
+}
+
+/// `score` with the heads on a detached copy of the hidden states that
+/// requires grad: a backward of the loss then stops there and leaves dL/dh in
+/// `scores.hidden.grad()` (the grad_hidden_norm metric), and `h.backward`
+/// with that gradient (see `rl::update`) carries it on into the backbone, so
+/// the two halves cost one backward. Returns (scores, the backbone's h).
+pub fn score_split(
+    net: &Llama,
+    router: Option<&Router>,
+    batch: &ReplayBatch,
+    temperature: f64,
+) -> Result<(Scores, Tensor)> {
+    check_temperature(temperature)?;
+    let h = hidden_states(net, batch)?;
+    let leaf = h.f_detach()?.set_requires_grad(true);
+    Ok((heads(net, router, batch, &leaf, temperature)?, h))
+}
+
+fn check_temperature(temperature: f64) -> Result<()> {
     if temperature.is_nan() || temperature <= 0.0 {
         bail!("scoring temperature must be > 0, got {temperature}");
     }
+    Ok(())
+}
+
+/// (B, T, H) final-normed hidden states at the positions that predict each token.
+fn hidden_states(net: &Llama, batch: &ReplayBatch) -> Result<Tensor> {
     let h = net.forward(&batch.inputs, &Step::full(&batch.valid)?, None)?;
     let t = batch.tokens.size()[1];
     let at = Tensor::f_arange_start(
@@ -214,10 +241,20 @@ pub fn score(
         batch.prompt_width - 1 + t,
         (Kind::Int64, h.device()),
     )?;
-    let hidden = h.f_index_select(1, &at)?; // (B, T, H)
-                                            // log p(y) = z_y - logsumexp(z): no (B, T, V) log-softmax is kept for backward.
+    Ok(h.f_index_select(1, &at)?)
+}
+
+/// Token and router log-probs from the hidden states.
+fn heads(
+    net: &Llama,
+    router: Option<&Router>,
+    batch: &ReplayBatch,
+    hidden: &Tensor,
+    temperature: f64,
+) -> Result<Scores> {
+    // log p(y) = z_y - logsumexp(z): no (B, T, V) log-softmax is kept for backward.
     let z = net
-        .logits(&hidden)?
+        .logits(hidden)?
         .f_to_kind(Kind::Float)?
         .f_div_scalar(temperature)?;
     let logp = z
@@ -226,7 +263,7 @@ pub fn score(
         .f_sub(&z.f_logsumexp([-1].as_slice(), false)?)?;
     let (router_logp, router_all) = match router {
         Some(r) => {
-            let all = r.log_probs(&hidden)?;
+            let all = r.log_probs(hidden)?;
             let lp = all
                 .f_gather(-1, &batch.modes.f_unsqueeze(-1)?, false)?
                 .f_squeeze_dim(-1)?;
@@ -235,7 +272,7 @@ pub fn score(
         None => (None, None),
     };
     Ok(Scores {
-        hidden,
+        hidden: hidden.shallow_clone(),
         logp,
         router_logp,
         router_all,

@@ -62,6 +62,9 @@ pub struct LossMetrics {
     /// Mean KL per generated token, and per router decision.
     pub kl_token: f64,
     pub kl_router: f64,
+    /// ||dL/dh||, h the final-normed hidden states the heads read (filled by
+    /// `update::accumulate_gradients`; 0 from `policy_loss` alone).
+    pub grad_hidden_norm: f64,
 }
 
 pub fn policy_loss(x: &LossInputs, cfg: &LossConfig) -> Result<(Tensor, LossMetrics)> {
@@ -106,6 +109,7 @@ pub fn policy_loss(x: &LossInputs, cfg: &LossConfig) -> Result<(Tensor, LossMetr
         loss: loss.f_detach()?.double_value(&[]),
         kl_token: mean_over(&kl_token, x.mask)?,
         kl_router: mean_over(&kl_router, x.router_mask)?,
+        grad_hidden_norm: 0.0,
     };
     Ok((loss, metrics))
 }

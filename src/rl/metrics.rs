@@ -34,6 +34,8 @@ pub struct StepMetrics {
     /// Mean L2 distance between a soft input and the sampled token's embedding.
     pub embed_dist: f64,
     pub grad_norm: f64,
+    /// ||dL/dh|| at the final-normed hidden states the token and router heads read.
+    pub grad_hidden_norm: f64,
     pub grad_action_norm: f64,
     pub lr: f64,
     pub loss: f64,

@@ -223,6 +223,7 @@ impl Trainer {
         m.kl_token = loss.kl_token;
         m.kl_router = loss.kl_router;
         m.grad_norm = report.grad_norm;
+        m.grad_hidden_norm = loss.grad_hidden_norm;
         m.grad_action_norm = router_grad;
         m.lr = report.lr;
         m.skipped = skipped;

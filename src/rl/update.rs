@@ -39,6 +39,7 @@ pub fn accumulate_gradients(
     let total_tokens: usize = lens.iter().sum();
     let seqs = lens.iter().filter(|&&l| l > 0).count().max(1);
     let mut sum = LossMetrics::default();
+    let mut grad_h_sq = 0.0;
     let rows: Vec<usize> = (0..n).filter(|&i| lens[i] > 0).collect();
     let chunks: Vec<&[usize]> = rows.chunks(cfg.micro_batch.max(1)).collect();
     let bar = crate::ctl::Progress::new("replay", chunks.len() as u64);
@@ -54,24 +55,35 @@ pub fn accumulate_gradients(
         let batch = replay::build_with(&p.model.net, p.gate.as_ref(), ro, chunk)?;
         let adv_t = Tensor::from_slice(&chunk.iter().map(|&i| adv[i] as f32).collect::<Vec<_>>())
             .f_to_device(batch.inputs.device())?;
-        let (loss, m) = chunk_loss(p, ro, &batch, &adv_t, cfg)?;
+        let (loss, m, leaf, h) = chunk_loss(p, ro, &batch, &adv_t, cfg)?;
+        // Backward to the heads' input first (dL/dh), then on into the backbone.
         loss.f_mul_scalar(share)?.f_backward()?;
+        let g = leaf.grad();
+        if g.defined() {
+            grad_h_sq += g.f_square()?.f_sum(Kind::Double)?.double_value(&[]);
+            if h.requires_grad() {
+                h.f_mul(&g)?.f_sum(Kind::Float)?.f_backward()?;
+            }
+        }
         sum.loss += m.loss * share;
         sum.kl_token += m.kl_token * share;
         sum.kl_router += m.kl_router * share;
     }
+    sum.grad_hidden_norm = grad_h_sq.sqrt();
     Ok(sum)
 }
 
+/// The chunk's loss, its metrics, and the heads' input (a leaf) with the
+/// backbone's hidden states behind it (`replay::score_split`).
 fn chunk_loss(
     p: &Policy,
     ro: &Rollout,
     batch: &ReplayBatch,
     adv: &Tensor,
     cfg: &ReplayConfig,
-) -> Result<(Tensor, LossMetrics)> {
+) -> Result<(Tensor, LossMetrics, Tensor, Tensor)> {
     let temp = cfg.score_temperature.unwrap_or(ro.temperature);
-    let cur = replay::score(&p.model.net, p.router.as_ref(), batch, temp)?;
+    let (cur, h) = replay::score_split(&p.model.net, p.router.as_ref(), batch, temp)?;
     let reference = if cfg.loss.beta != 0.0 {
         Some(reference_scores(p, ro, batch, temp, cfg.ref_inputs)?)
     } else {
@@ -93,7 +105,8 @@ fn chunk_loss(
         mask: &batch.mask,
         router_mask: &batch.router_mask,
     };
-    policy_loss(&x, &cfg.loss)
+    let (loss, m) = policy_loss(&x, &cfg.loss)?;
+    Ok((loss, m, cur.hidden, h))
 }
 
 /// The frozen reference's scores on the same rows (no autograd).

@@ -118,6 +118,7 @@ pub fn register(engine: &mut Engine) {
                 "kl_token",
                 "kl_router",
                 "grad_norm",
+                "grad_hidden_norm",
                 "grad_action_norm",
                 "lr",
                 "loss",

@@ -192,5 +192,6 @@ fn loss_map(l: &LossHandle) -> Map {
     m.insert("loss".into(), l.metrics.loss.into());
     m.insert("kl_token".into(), l.metrics.kl_token.into());
     m.insert("kl_router".into(), l.metrics.kl_router.into());
+    m.insert("grad_hidden_norm".into(), l.metrics.grad_hidden_norm.into());
     m
 }

@@ -93,8 +93,14 @@ fn register_math(e: &mut Engine) {
             Ok(v.iter().sum::<f64>() / v.len() as f64)
         }))
     });
+    // Unbiased (Bessel), as the group std of GRPO's advantages.
     e.register_fn("std", |a: rhai::Array| {
-        rt(floats(&a, "array").map(|v| crate::rl::advantage::stats(&v).std))
+        rt(floats(&a, "array").and_then(|v| {
+            anyhow::ensure!(v.len() >= 2, "std needs at least 2 values, got {}", v.len());
+            let m = v.iter().sum::<f64>() / v.len() as f64;
+            let ss: f64 = v.iter().map(|x| (x - m) * (x - m)).sum();
+            Ok((ss / (v.len() - 1) as f64).sqrt())
+        }))
     });
 }
 
