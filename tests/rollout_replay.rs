@@ -301,3 +301,34 @@ fn split_backward_equals_plain_backward() {
         assert!(d <= 1e-5 * scale, "gradient differs by {d} (scale {scale})");
     }
 }
+
+/// The KL reference prefills each distinct prompt once: its scores equal the
+/// plain replay's (soft inputs and a router included).
+#[test]
+fn shared_prompt_scoring_equals_plain_scoring() {
+    let m = model();
+    let router = Router::new(m.net.cfg.hidden_size, 0.4, 1.0, 9, Device::Cpu).unwrap();
+    let p = prompts();
+    let grouped = vec![
+        p[1].clone(),
+        p[1].clone(),
+        p[3].clone(),
+        p[1].clone(),
+        p[3].clone(),
+    ];
+    let ro = rollout(&m.net, Some(&router), None, &grouped, &options(2)).unwrap();
+    assert!(ro.records.iter().flatten().any(|r| r.mode == SOFT));
+    let rows: Vec<usize> = vec![4, 0, 1, 3];
+    let batch = replay::build(&m.net, &ro, &rows).unwrap();
+    let _g = tch::no_grad_guard();
+    let plain = replay::score(&m.net, Some(&router), &batch, ro.temperature).unwrap();
+    let shared =
+        replay::score_shared_prompts(&m.net, Some(&router), &ro, &batch, ro.temperature).unwrap();
+    let d = common::max_abs_diff(&(&plain.logp * &batch.mask), &(&shared.logp * &batch.mask));
+    assert!(d < 1e-4, "token log-probs differ by {d}");
+    let rd = common::max_abs_diff(
+        &(plain.router_logp.as_ref().unwrap() * &batch.mask),
+        &(shared.router_logp.as_ref().unwrap() * &batch.mask),
+    );
+    assert!(rd < 1e-4, "router log-probs differ by {rd}");
+}

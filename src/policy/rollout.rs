@@ -232,7 +232,7 @@ impl MarkerWatch<'_> {
 }
 
 /// The distinct prompts (first-seen order) and, per prompt, its index among them.
-fn distinct_rows(prompts: &[Vec<i64>]) -> (Vec<Vec<i64>>, Vec<i64>) {
+pub(crate) fn distinct_rows(prompts: &[Vec<i64>]) -> (Vec<Vec<i64>>, Vec<i64>) {
     let mut seen: std::collections::HashMap<&[i64], i64> = std::collections::HashMap::new();
     let mut distinct = Vec::new();
     let of_row = prompts

@@ -129,11 +129,14 @@ fn reference_scores(
     match &p.reference {
         Reference::Base => {
             p.model.net.set_lora_enabled(false);
-            let s = replay::score(&p.model.net, p.router_ref.as_ref(), rows, temp);
+            let s =
+                replay::score_shared_prompts(&p.model.net, p.router_ref.as_ref(), ro, rows, temp);
             p.model.net.set_lora_enabled(true);
             s
         }
-        Reference::Model(m) => replay::score(&m.net, p.router_ref.as_ref(), rows, temp),
+        Reference::Model(m) => {
+            replay::score_shared_prompts(&m.net, p.router_ref.as_ref(), ro, rows, temp)
+        }
         Reference::None => {
             bail!(
                 "beta > 0 needs a reference model (or LoRA, whose base weights are the reference)"
