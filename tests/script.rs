@@ -247,3 +247,57 @@ fn every_stdlib_method_runs_from_a_script() {
         "stdout:\n{so}\nstderr:\n{se}"
     );
 }
+
+#[test]
+fn a_stdlib_run_resumes_exactly_from_its_checkpoint() {
+    let out = common::scratch("script-resume");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let data = out.join("data.jsonl");
+    write_prompts(&data, 16, 7);
+    let script = common::root().join("tests/scripts/resume.rhai");
+    let go = |run: &str, steps: u32, resume: bool| -> String {
+        let o = super_run(&script, &data, &out.join(run), steps, resume);
+        let (so, se) = (text(&o.stdout), text(&o.stderr));
+        assert!(o.status.success(), "stdout:\n{so}\nstderr:\n{se}");
+        so.lines()
+            .find(|l| l.starts_with("bias"))
+            .unwrap()
+            .to_string()
+    };
+    let straight = go("straight", 6, false);
+    go("stopped", 3, false);
+    let resumed = go("stopped", 6, true);
+    assert_eq!(straight, resumed, "router after 6 steps");
+    // Every logged step equals the straight run's (time aside).
+    let rows = |run: &str| -> Vec<serde_json::Value> {
+        std::fs::read_to_string(out.join(run).join("metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+                v.as_object_mut().unwrap().remove("time_s");
+                v
+            })
+            .collect()
+    };
+    let (a, b) = (rows("straight"), rows("stopped"));
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b);
+    assert!(out
+        .join("stopped/checkpoints/step-000006/optimizer.safetensors")
+        .exists());
+}
+
+fn super_run(script: &Path, data: &Path, run: &Path, steps: u32, resume: bool) -> Output {
+    common::tarpo()
+        .arg("run")
+        .arg(script)
+        .args(["--set", &format!("model={}", tiny())])
+        .args(["--set", &format!("data={}", data.display())])
+        .args(["--set", &format!("run={}", run.display())])
+        .args(["--set", &format!("steps={steps}")])
+        .args(["--set", &format!("resume={resume}")])
+        .output()
+        .expect("run tarpo")
+}

@@ -4,7 +4,8 @@
 //! step and RNG state, and the data cursor. A checkpoint is written into
 //! `step-N.tmp/` and renamed to `step-N/`, so a crash never leaves half of one.
 use super::dataset::Sampler;
-use super::train::Trainer;
+use super::optim::AdamW;
+use super::train::{Policy, Trainer};
 use crate::model::lora::ADAPTER_WEIGHTS;
 use crate::policy::Router;
 use anyhow::{anyhow, bail, Context, Result};
@@ -22,8 +23,32 @@ struct State {
 
 const FORMAT: u32 = 1;
 
+/// What a run's state is made of, wherever it lives (a `Trainer`, or a
+/// script's backbone and optimizer).
+pub struct Parts<'a> {
+    pub policy: &'a Policy,
+    pub opt: &'a AdamW,
+    /// Optimizer steps taken.
+    pub step: u64,
+    /// The state of the generator that draws rollout seeds.
+    pub rng: u64,
+    pub sampler: Option<&'a Sampler>,
+}
+
 /// Writes `run_dir/checkpoints/step-NNNNNN/` and points `run_dir/checkpoints/latest` at it.
 pub fn save(tr: &Trainer, sampler: Option<&Sampler>, run_dir: &Path) -> Result<PathBuf> {
+    let parts = Parts {
+        policy: &tr.policy,
+        opt: &tr.opt,
+        step: tr.step,
+        rng: tr.rng.state,
+        sampler,
+    };
+    save_parts(&parts, run_dir)
+}
+
+/// `save` for a run's state held in pieces.
+pub fn save_parts(tr: &Parts, run_dir: &Path) -> Result<PathBuf> {
     let root = run_dir.join("checkpoints");
     let name = format!("step-{:06}", tr.step);
     let (dir, tmp) = (root.join(&name), root.join(format!("{name}.tmp")));
@@ -46,12 +71,20 @@ pub fn save(tr: &Trainer, sampler: Option<&Sampler>, run_dir: &Path) -> Result<P
         ];
         Tensor::write_safetensors(&tensors, tmp.join("router.safetensors"))?;
     }
+    if let Some(g) = &tr.policy.gate {
+        let tensors: Vec<(&str, Tensor)> = g
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach()))
+            .collect();
+        Tensor::write_safetensors(&tensors, tmp.join("hrpo_gate.safetensors"))?;
+    }
     tr.opt.save(&tmp.join("optimizer.safetensors"))?;
     let state = State {
         format: FORMAT,
         step: tr.step,
-        rng: tr.rng.state,
-        sampler: sampler.copied(),
+        rng: tr.rng,
+        sampler: tr.sampler.copied(),
     };
     std::fs::write(
         tmp.join("state.json"),
@@ -83,6 +116,19 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
 /// saved it. Values are copied into the existing tensors, so the optimizer's
 /// handles on them stay valid. Returns the data cursor.
 pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Option<Sampler>> {
+    let (step, rng, sampler) = load_parts(&tr.policy, &mut tr.opt, dir)?;
+    tr.step = step;
+    tr.rng.state = rng;
+    Ok(sampler)
+}
+
+/// `load` into a policy and optimizer held in pieces: returns the step, the
+/// seed generator's state and the data cursor for the caller to put back.
+pub fn load_parts(
+    policy: &Policy,
+    opt: &mut AdamW,
+    dir: &Path,
+) -> Result<(u64, u64, Option<Sampler>)> {
     let state_path = dir.join("state.json");
     let text = std::fs::read_to_string(&state_path)
         .with_context(|| format!("{}: cannot read", state_path.display()))?;
@@ -95,18 +141,24 @@ pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Option<Sampler>> {
             state.format
         );
     }
-    let net = &tr.policy.model.net;
+    let net = &policy.model.net;
     if net.has_lora() {
         let path = dir.join("adapter").join(ADAPTER_WEIGHTS);
         copy_into(&path, &net.named_lora_parameters())?;
     }
-    if let (Some(r), Some(r0)) = (&tr.policy.router, &tr.policy.router_ref) {
+    if let (Some(r), Some(r0)) = (&policy.router, &policy.router_ref) {
         load_routers(&dir.join("router.safetensors"), r, r0)?;
     }
-    tr.opt.load(&dir.join("optimizer.safetensors"))?;
-    tr.step = state.step;
-    tr.rng.state = state.rng;
-    Ok(state.sampler)
+    if let Some(g) = &policy.gate {
+        let named: Vec<(String, Tensor)> = g
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t))
+            .collect();
+        copy_into(&dir.join("hrpo_gate.safetensors"), &named)?;
+    }
+    opt.load(&dir.join("optimizer.safetensors"))?;
+    Ok((state.step, state.rng, state.sampler))
 }
 
 fn load_routers(path: &Path, r: &Router, r0: &Router) -> Result<()> {

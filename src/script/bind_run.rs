@@ -5,6 +5,7 @@ use super::help;
 use super::opts::Opts;
 use super::types::*;
 use crate::analysis::{frame, plot};
+use crate::rl::checkpoint;
 use anyhow::{bail, Context, Result};
 use polars::prelude::DataFrame;
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map};
@@ -36,6 +37,13 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("new_run", |d: &str| rt(new_run(d, Map::new())));
     engine.register_fn("new_run", |d: &str, c: Map| rt(new_run(d, c)));
     engine.register_fn("load_run", |d: &str| rt(load_run(d)));
+    engine.register_fn("open_run", |d: &str, c: Map| {
+        rt(if Path::new(d).join("metrics.jsonl").exists() {
+            load_run(d)
+        } else {
+            new_run(d, c)
+        })
+    });
     engine.register_fn("log", |r: &mut RunHandle, m: Map| rt(log(r, m)));
     engine.register_fn(
         "log_tokens",
@@ -102,6 +110,25 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("step_summary", |m: Map| -> Res<String> {
         Ok(summary(&rt(map_to_json(&m, "metrics"))?))
     });
+    engine.register_fn(
+        "save_checkpoint",
+        |r: RunHandle, m: Backbone, o: OptimizerHandle| rt(save_checkpoint(&r, &m, &o, None)),
+    );
+    engine.register_fn(
+        "save_checkpoint",
+        |r: RunHandle, m: Backbone, o: OptimizerHandle, d: DatasetHandle| {
+            rt(save_checkpoint(&r, &m, &o, Some(&d)))
+        },
+    );
+    engine.register_fn("resume", |r: RunHandle, m: Backbone, o: OptimizerHandle| {
+        rt(resume(&r, &m, &o, None))
+    });
+    engine.register_fn(
+        "resume",
+        |r: RunHandle, m: Backbone, o: OptimizerHandle, d: DatasetHandle| {
+            rt(resume(&r, &m, &o, Some(&d)))
+        },
+    );
     engine.register_fn("pass_at_k", |n: i64, c: i64, k: i64| rt(pass_at_k(n, c, k)));
     engine.register_fn("check_options", |name: &str, o: Map, d: Map| {
         rt(check_options(name, o, d))
@@ -369,6 +396,81 @@ fn histogram(values: &Array, path: &str, o: Map) -> Result<()> {
 fn by_position(f: &FrameHandle, path: &str, o: Map) -> Result<()> {
     let o = Opts::check("plot_soft_by_position", help::PLOT, o)?;
     plot::soft_by_position(Path::new(path), &f.0, o.usize("bucket")?.max(1))
+}
+
+/// Writes `RUN/checkpoints/step-N/` (adapter, router, gate, optimizer,
+/// rollout seed generator, data cursor); returns its path.
+fn save_checkpoint(
+    r: &RunHandle,
+    m: &Backbone,
+    o: &OptimizerHandle,
+    d: Option<&DatasetHandle>,
+) -> Result<String> {
+    let opt = o.0.borrow();
+    if !opt.backbone.same(m) {
+        bail!("save_checkpoint: the optimizer belongs to another backbone");
+    }
+    let st = m.0.borrow();
+    let sampler = d.map(|d| *d.sampler.borrow());
+    let parts = checkpoint::Parts {
+        policy: &st.policy,
+        opt: &opt.adamw,
+        step: opt.adamw.step_count(),
+        rng: st.rng.state,
+        sampler: sampler.as_ref(),
+    };
+    let dir = checkpoint::save_parts(&parts, &r.0.borrow().dir)?;
+    Ok(dir.display().to_string())
+}
+
+/// Restores the run's latest checkpoint into a backbone, optimizer and data
+/// set built as before, drops metrics rows of later steps (they will be
+/// redone, identically), and returns the step to continue from (0: none).
+fn resume(
+    r: &RunHandle,
+    m: &Backbone,
+    o: &OptimizerHandle,
+    d: Option<&DatasetHandle>,
+) -> Result<i64> {
+    let mut run = r.0.borrow_mut();
+    let Some(dir) = checkpoint::latest(&run.dir)? else {
+        return Ok(0);
+    };
+    let mut opt = o.0.borrow_mut();
+    if !opt.backbone.same(m) {
+        bail!("resume: the optimizer belongs to another backbone");
+    }
+    let mut st = m.0.borrow_mut();
+    let (step, rng, sampler) = checkpoint::load_parts(&st.policy, &mut opt.adamw, &dir)?;
+    st.rng.state = rng;
+    match (d, sampler) {
+        (Some(d), Some(s)) => *d.sampler.borrow_mut() = s,
+        (Some(_), None) => bail!(
+            "resume: {} has no data cursor (saved without the data set)",
+            dir.display()
+        ),
+        _ => {}
+    }
+    let keep = |row: &serde_json::Map<String, Value>| {
+        row.get("step")
+            .and_then(Value::as_u64)
+            .is_none_or(|s| s <= step)
+    };
+    if !run.rows.iter().all(keep) {
+        run.rows.retain(keep);
+        let text: String = run
+            .rows
+            .iter()
+            .map(|row| serde_json::to_string(row).map(|l| l + "\n"))
+            .collect::<Result<_, _>>()?;
+        let file = run.dir.join("metrics.jsonl");
+        let tmp = run.dir.join("metrics.jsonl.tmp");
+        std::fs::write(&tmp, text).with_context(|| format!("{}: cannot write", tmp.display()))?;
+        std::fs::rename(&tmp, &file)
+            .with_context(|| format!("{}: cannot replace", file.display()))?;
+    }
+    eprintln!("resumed from {} (step {step})", dir.display());
+    Ok(step as i64)
 }
 
 /// Unbiased Pass@k (Chen et al. 2021): 1 - C(n - c, k) / C(n, k).
