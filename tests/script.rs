@@ -87,12 +87,23 @@ fn every_primitive_from_a_script() {
     assert_eq!(lines.lines().count(), 2);
     assert!(run.join("metrics.parquet").exists() && run.join("config.json").exists());
     assert!(run.join("tokens/step-000001.parquet").exists());
-    for chart in ["soft_ratio.png", "p_soft.png", "by_position.png"] {
+    for chart in [
+        "soft_ratio.png",
+        "p_soft.png",
+        "by_position.png",
+        "length.png",
+    ] {
         let (w, h) = png_size(&out.join(chart));
         assert!(w >= 400 && h >= 300, "{chart}: {w}x{h}");
     }
     assert!(out.join("adapter/adapter_config.json").exists());
     assert!(out.join("adapter/adapter_model.safetensors").exists());
+    // One highlighted span per soft token of the rollout (the frame counts them).
+    let page = std::fs::read_to_string(out.join("soft.html")).unwrap();
+    let soft_spans = page.matches("<span class=\"soft\"").count();
+    let soft_line = so.lines().find(|l| l.starts_with("soft tokens ")).unwrap();
+    assert_eq!(soft_line, format!("soft tokens {soft_spans}"), "{page}");
+    assert_eq!(page.matches("<h3>").count(), 8);
     let csv = std::fs::read_to_string(out.join("head.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4, "{csv}"); // header + 3 rows
     assert!(

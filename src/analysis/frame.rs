@@ -316,7 +316,7 @@ pub fn sql(df: &DataFrame, query: &str) -> Result<DataFrame> {
 
 /// Writes `path` through a temporary file in the same directory, renamed into
 /// place once complete, so a reader never sees a half-written file.
-fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
     let tmp = temp_sibling(path)?;
     let mut file =
         File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;

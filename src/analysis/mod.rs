@@ -6,7 +6,9 @@
 //! `plot` draws the charts people want first (soft ratio and reward over
 //! steps, the router's p_soft histogram, soft fraction by position, bars such
 //! as soft ratio by token) to PNG or SVG files with Plotters; `font` embeds the
-//! one font those charts use, so they draw the same on any machine.
+//! one font those charts use, so they draw the same on any machine; `html`
+//! writes completions with their soft tokens highlighted.
 pub mod font;
 pub mod frame;
+pub mod html;
 pub mod plot;

@@ -4,7 +4,7 @@
 use super::help;
 use super::opts::Opts;
 use super::types::*;
-use crate::analysis::{frame, plot};
+use crate::analysis::{frame, html, plot};
 use crate::rl::checkpoint;
 use anyhow::{bail, Context, Result};
 use polars::prelude::DataFrame;
@@ -72,6 +72,12 @@ pub fn register(engine: &mut Engine) {
         "routing_frame",
         |ro: RolloutHandle, rw: Array, adv: Array| rt(routing(&ro, Some(rw), Some(adv))),
     );
+    engine.register_fn("write_html", |ro: RolloutHandle, p: &str| {
+        rt(write_html(&ro, None, p))
+    });
+    engine.register_fn("write_html", |ro: RolloutHandle, rw: Array, p: &str| {
+        rt(write_html(&ro, Some(rw), p))
+    });
     engine.register_fn("read_parquet", |p: &str| {
         rt(frame::read_parquet(Path::new(p)).map(|f| FrameHandle(Rc::new(f))))
     });
@@ -81,19 +87,17 @@ pub fn register(engine: &mut Engine) {
         rt(plot_soft_ratio(vec![r], p))
     });
     engine.register_fn("plot_soft_ratio", |runs: Array, p: &str| -> Res<()> {
-        let mut v = Vec::new();
-        for (i, r) in runs.into_iter().enumerate() {
-            match r.try_cast::<RunHandle>() {
-                Some(r) => v.push(r),
-                None => {
-                    return rt(Err(anyhow::anyhow!(
-                        "plot_soft_ratio: runs[{i}] is not a Run"
-                    )))
-                }
-            }
-        }
-        rt(plot_soft_ratio(v, p))
+        rt(runs_of(runs, "plot_soft_ratio").and_then(|v| plot_soft_ratio(v, p)))
     });
+    engine.register_fn("plot_metric", |r: RunHandle, col: &str, p: &str| {
+        rt(plot_metric(vec![r], col, p))
+    });
+    engine.register_fn(
+        "plot_metric",
+        |runs: Array, col: &str, p: &str| -> Res<()> {
+            rt(runs_of(runs, "plot_metric").and_then(|v| plot_metric(v, col, p)))
+        },
+    );
     engine.register_fn("plot_histogram", |v: Array, p: &str| {
         rt(histogram(&v, p, Map::new()))
     });
@@ -377,6 +381,45 @@ fn plot_soft_ratio(runs: Vec<RunHandle>, path: &str) -> Result<()> {
         frames.push((name, (*metrics_frame(r)?.0).clone()));
     }
     plot::soft_ratio_over_steps(Path::new(path), &frames)
+}
+
+/// The rollout's completions as HTML, soft tokens highlighted.
+fn write_html(ro: &RolloutHandle, rw: Option<Array>, path: &str) -> Result<()> {
+    let rw = rw.map(|a| floats(&a, "rewards")).transpose()?;
+    let d = &ro.0;
+    let st = d.backbone.0.borrow();
+    let page = html::soft_text(&d.ro, &st.policy.model.tok, d.group, rw.as_deref())?;
+    html::write(Path::new(path), &page)
+}
+
+/// The Run handles of an array (`what` names the primitive in errors).
+fn runs_of(runs: Array, what: &str) -> Result<Vec<RunHandle>> {
+    runs.into_iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let t = r.type_name();
+            r.try_cast::<RunHandle>()
+                .ok_or_else(|| anyhow::anyhow!("{what}: runs[{i}] is a {t}, not a Run"))
+        })
+        .collect()
+}
+
+/// One metric over steps, a line per run (e.g. completion_length, kl_token).
+fn plot_metric(runs: Vec<RunHandle>, column: &str, path: &str) -> Result<()> {
+    let mut series = Vec::new();
+    for r in &runs {
+        let f = metrics_frame(r)?;
+        let name = r.0.borrow().dir.display().to_string();
+        let steps = frame::column_f64(&f.0, "step")?;
+        let ys = frame::column_f64(&f.0, column).with_context(|| format!("run {name}"))?;
+        let pts = steps
+            .iter()
+            .zip(&ys)
+            .filter_map(|(x, y)| Some(((*x)?, (*y)?)))
+            .collect();
+        series.push((name, pts));
+    }
+    plot::lines(Path::new(path), column, "step", column, &series)
 }
 
 fn histogram(values: &Array, path: &str, o: Map) -> Result<()> {

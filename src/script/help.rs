@@ -216,6 +216,8 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "routing_frame", sig: "routing_frame(ro, rewards?, adv?) -> Frame", doc: "One row per generated token: mode, p_soft, logp, entropy, ... (a polars DataFrame).", opts: NONE },
     Prim { name: "read_parquet", sig: "read_parquet(path) -> Frame", doc: "Load a parquet file as a Frame.", opts: NONE },
     Prim { name: "plot_soft_ratio", sig: "plot_soft_ratio(run | [runs], path)", doc: "Soft ratio and reward over training steps, one line per run (.png or .svg).", opts: NONE },
+    Prim { name: "write_html", sig: "write_html(ro, rewards?, path)", doc: "The completions as an HTML page, soft tokens highlighted, p_soft/log p/entropy per token on hover.", opts: NONE },
+    Prim { name: "plot_metric", sig: "plot_metric(run | [runs], column, path)", doc: "Any logged metric over steps, one line per run (completion_length, kl_token, ...).", opts: NONE },
     Prim { name: "plot_histogram", sig: "plot_histogram(values, path, opts?)", doc: "Histogram of an array (e.g. the router's p_soft).", opts: PLOT },
     Prim { name: "plot_soft_by_position", sig: "plot_soft_by_position(frame, path, opts?)", doc: "Soft fraction by position bucket, from a routing frame.", opts: PLOT },
     Prim { name: "pass_at_k", sig: "pass_at_k(n, c, k) -> float", doc: "Unbiased Pass@k from n samples with c correct.", opts: NONE },
