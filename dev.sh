@@ -66,7 +66,10 @@ case "$cmd" in
     build
     step "quickstart: greedy chat generation on SmolLM2-135M-Instruct"
     "${CARGO_TARGET_DIR:-target}/release/tarpo" generate --model "$MODELS/SmolLM2-135M-Instruct" \
-      --chat --greedy --max-new 64 --prompt "What is 12 times 7? Answer briefly." ;;
+      --chat --greedy --max-new 64 --prompt "What is 12 times 7? Answer briefly."
+    step "quickstart: a TARPO rollout, where the router went soft, one training step (scripts/quickstart.rhai)"
+    "${CARGO_TARGET_DIR:-target}/release/tarpo" run scripts/quickstart.rhai \
+      --set model="$MODELS/SmolLM2-135M-Instruct" ;;
   test)
     setup_tokenizers
     build
