@@ -10,12 +10,15 @@ use rustyline::history::DefaultHistory;
 use rustyline::validate::{ValidationContext, ValidationResult, Validator};
 use rustyline::{Context, Editor, Helper, Highlighter, Hinter};
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 
 #[derive(Helper, Hinter, Highlighter)]
 struct LineHelper {
     words: Rc<RefCell<Vec<String>>>,
+    /// Per workbench-typed variable, its methods (completion after `var.`).
+    methods: Rc<RefCell<HashMap<String, Vec<String>>>>,
 }
 
 impl Completer for LineHelper {
@@ -31,12 +34,21 @@ impl Completer for LineHelper {
             .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
             .map_or(0, |i| i + 1);
         let prefix = &line[start..pos];
-        if prefix.is_empty() {
+        // After `var.`, the methods of var's type when it is known.
+        let receiver = line[..start].strip_suffix('.').map(|before| {
+            let from = before
+                .rfind(|c: char| !(c.is_alphanumeric() || c == '_'))
+                .map_or(0, |i| i + 1);
+            &before[from..]
+        });
+        let methods = self.methods.borrow();
+        let typed = receiver.and_then(|r| methods.get(r));
+        if prefix.is_empty() && typed.is_none() {
             return Ok((pos, Vec::new()));
         }
-        let found = self
-            .words
-            .borrow()
+        let words = self.words.borrow();
+        let found = typed
+            .unwrap_or(&words)
             .iter()
             .filter(|w| w.starts_with(prefix))
             .map(|w| Pair {
@@ -101,11 +113,13 @@ const BANNER: &str = "tarpo repl: Rhai over the workbench. help() lists the prim
 /// Runs the REPL until Ctrl-D; `preload` is code run first (e.g. loading `--model`).
 pub fn run(mut session: Session, preload: Option<String>) -> anyhow::Result<()> {
     let words = Rc::new(RefCell::new(session.completion_words()));
+    let methods = Rc::new(RefCell::new(HashMap::new()));
     let mut rl: Editor<LineHelper, DefaultHistory> = Editor::new()?;
     // After the editor: rustyline claims SIGINT when it sets up the terminal.
     crate::ctl::install_interrupt_handler()?;
     rl.set_helper(Some(LineHelper {
         words: words.clone(),
+        methods: methods.clone(),
     }));
     let history = history_path();
     let _ = rl.load_history(&history);
@@ -116,6 +130,11 @@ pub fn run(mut session: Session, preload: Option<String>) -> anyhow::Result<()> 
     }
     loop {
         *words.borrow_mut() = session.completion_words();
+        *methods.borrow_mut() = session
+            .variables()
+            .into_iter()
+            .filter_map(|(name, _, _)| Some((name.clone(), session.methods_of(&name)?)))
+            .collect();
         match rl.readline("tarpo> ") {
             Ok(line) => {
                 if line.trim().is_empty() {
@@ -147,7 +166,11 @@ fn command(session: &mut Session, line: &str) -> bool {
         }
         "vars" => {
             for (n, t, v) in session.variables() {
-                println!("{n}: {t} = {v}");
+                if v.is_empty() {
+                    println!("{n}: {t}");
+                } else {
+                    println!("{n}: {t} = {v}");
+                }
             }
         }
         "help" => print!("{}", crate::script::help::overview()),

@@ -184,13 +184,32 @@ impl Session {
         self.scope
             .iter()
             .map(|(name, _, v)| {
-                let mut shown = v.to_string();
+                // Workbench handles print as their Rust type name: show none.
+                let mut shown = if v.to_string() == v.type_name() {
+                    String::new()
+                } else {
+                    v.to_string()
+                };
                 if shown.chars().count() > 60 {
                     shown = shown.chars().take(57).collect::<String>() + "...";
                 }
-                (name.to_string(), v.type_name().to_string(), shown)
+                let ty = self.engine.map_type_name(v.type_name()).to_string();
+                (name.to_string(), ty, shown)
             })
             .collect()
+    }
+
+    /// The methods and properties of variable `name`'s type, when it is one of
+    /// the workbench's types (completion after `name.`).
+    pub fn methods_of(&self, name: &str) -> Option<Vec<String>> {
+        let v = self.scope.get_value::<Dynamic>(name)?;
+        let ty = self.engine.map_type_name(v.type_name());
+        let (_, list) = help::METHODS.iter().find(|(t, _)| *t == ty)?;
+        Some(
+            list.split_whitespace()
+                .map(|m| m.split('(').next().unwrap_or(m).to_string())
+                .collect(),
+        )
     }
 
     /// Names completion may offer: primitives, methods, keywords, variables,

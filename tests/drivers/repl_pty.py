@@ -69,6 +69,14 @@ send("([1.0, 0.0], #{group: 2})\r")
 expect("0.7070")
 expect("tarpo> ")
 
+# After `m.`, completion offers the Backbone's methods only (`t` -> tokenize,
+# where the flat list has text, texts, tokens, tokenize, true, ...).
+send("m.t\t")
+expect("m.tokenize")
+send("(\"12\").len()\r")
+expect("1\r\n")
+expect("tarpo> ")
+
 # A multi-line for loop: input continues while the brace is open.
 send("let s = 0;\r")
 expect("tarpo> ")
@@ -105,6 +113,7 @@ expect("tarpo> ")
 
 # Commands.
 send(":vars\r")
+expect("m: Backbone\r\n")
 expect("x: i64 = 40")
 expect("tarpo> ")
 
