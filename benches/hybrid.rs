@@ -5,7 +5,9 @@
 //! than a trained TARPO router takes), mixing the top-10 embeddings.
 //!
 //! Run: ./dev.sh bench   (or `cargo bench --bench hybrid` with the env of ./dev.sh)
+mod common;
 use anyhow::{bail, Result};
+use common::{env_or, median};
 use std::path::PathBuf;
 use std::time::Instant;
 use tarpo::model::{Message, Model};
@@ -14,14 +16,8 @@ use tarpo::policy::{rollout, RolloutOptions, Router, Sampling};
 use tch::{Device, Kind};
 
 fn main() -> Result<()> {
-    let threads: i32 = std::env::var("TARPO_BENCH_THREADS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(2);
-    let runs: usize = std::env::var("TARPO_BENCH_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(5);
+    let threads = env_or("TARPO_BENCH_THREADS", 2) as i32;
+    let runs = env_or("TARPO_BENCH_RUNS", 5);
     let dir = PathBuf::from(std::env::var("TARPO_MODELS").unwrap_or_else(|_| "models".into()))
         .join("SmolLM2-135M-Instruct");
     if !dir.join("model.safetensors").exists() {
@@ -90,18 +86,13 @@ fn main() -> Result<()> {
             100.0 * soft_frac[r]
         );
     }
-    let med = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(|a, b| a.total_cmp(b));
-        v[v.len() / 2]
-    };
-    let (h, y) = (med(&hard), med(&hybrid));
+    let (h, y) = (median(&hard), median(&hybrid));
     println!("hybrid rollout: SmolLM2-135M f32 CPU, group 8 x 128 tokens, {threads} threads, median of {runs}");
     println!("  hard-only  {h:.2} s   {:.1} tok/s", 8.0 * 128.0 / h);
     println!(
         "  hybrid     {y:.2} s   {:.1} tok/s   ({:.0} % soft steps)",
         8.0 * 128.0 / y,
-        100.0 * med(&soft_frac)
+        100.0 * median(&soft_frac)
     );
     println!("  overhead   {:+.1} %", 100.0 * (y / h - 1.0));
     Ok(())

@@ -7,7 +7,9 @@
 //!
 //! Run: ./dev.sh bench   (or `cargo bench --bench rollout` with the env of ./dev.sh)
 //! Env: TARPO_BENCH_THREADS (default 2), TARPO_BENCH_RUNS (default 5).
+mod common;
 use anyhow::{bail, Context, Result};
+use common::{env_or, median};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Instant;
@@ -27,19 +29,6 @@ const QUESTIONS: [&str; GROUP] = [
     "What is the square root of 81?",
     "Write a haiku about numbers.",
 ];
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
-}
 
 /// Read bandwidth in bytes/s: summing a 512 MB tensor with the same threads.
 fn read_bandwidth() -> f64 {

@@ -21,7 +21,9 @@
 //! Run: ./dev.sh bench   (or `cargo bench --bench train_step` with the env of ./dev.sh)
 //! Env: TARPO_BENCH_THREADS (default 2), TARPO_BENCH_RUNS (default 3),
 //!      TARPO_BENCH_MICRO (our replay micro-batch, default 8 as in `tarpo_loss`).
+mod common;
 use anyhow::{bail, Context, Result};
+use common::{env_or, median};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -33,6 +35,7 @@ use tarpo::policy::{Rng, RolloutOptions, Sampling};
 use tarpo::rl::loss::LossConfig;
 use tarpo::rl::optim::{AdamW, AdamWConfig};
 use tarpo::rl::train::{param_groups, Policy, RefInputs, Reference, TrainConfig, Trainer};
+use tarpo::rl::update::ReplayConfig;
 use tch::{Device, Kind};
 
 const GROUP: usize = 8;
@@ -57,19 +60,6 @@ fn digits(text: &str, _answer: &str) -> f64 {
         return 0.0;
     }
     chars.iter().filter(|c| c.is_ascii_digit()).count() as f64 / chars.len() as f64
-}
-
-fn env_or(name: &str, default: usize) -> usize {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
 }
 
 /// Peak resident set size of this process in MB (VmHWM).
@@ -217,14 +207,16 @@ fn trainer(dir: &Path, micro_batch: usize) -> Result<Trainer> {
         // eos = []: exactly NEW tokens per completion.
         rollout: RolloutOptions::new(NEW, sampling, 0, vec![]),
         estimator: "grpo".into(),
-        loss: LossConfig {
-            lambda: 0.0,
-            beta: BETA,
-            ..LossConfig::default()
+        replay: ReplayConfig {
+            loss: LossConfig {
+                lambda: 0.0,
+                beta: BETA,
+                ..LossConfig::default()
+            },
+            micro_batch,
+            ref_inputs: RefInputs::Same,
+            score_temperature: None,
         },
-        micro_batch,
-        ref_inputs: RefInputs::Same,
-        score_temperature: None,
         overlong: None,
         // One optimizer step per generation batch (TRL num_iterations = 1).
         epochs: 1,

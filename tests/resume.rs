@@ -9,6 +9,7 @@ use tarpo::rl::dataset::Sampler;
 use tarpo::rl::loss::LossConfig;
 use tarpo::rl::optim::{AdamW, AdamWConfig, Schedule, ScheduleKind};
 use tarpo::rl::train::{param_groups, Policy, RefInputs, Reference, TrainConfig, Trainer};
+use tarpo::rl::update::ReplayConfig;
 use tch::{Device, Kind, Tensor};
 
 fn digits(text: &str, _: &str) -> f64 {
@@ -63,14 +64,16 @@ fn trainer() -> Trainer {
         group: 4,
         rollout,
         estimator: "grpo".into(),
-        loss: LossConfig {
-            lambda: 0.1,
-            beta: 0.01,
-            ..LossConfig::default()
+        replay: ReplayConfig {
+            loss: LossConfig {
+                lambda: 0.1,
+                beta: 0.01,
+                ..LossConfig::default()
+            },
+            micro_batch: 3,
+            ref_inputs: RefInputs::Same,
+            score_temperature: None,
         },
-        micro_batch: 3,
-        ref_inputs: RefInputs::Same,
-        score_temperature: None,
         overlong: None,
         epochs: 1,
     };

@@ -12,6 +12,18 @@ fn run(args: &[&str]) -> Output {
         .expect("run tarpo")
 }
 
+/// `tarpo run tests/scripts/NAME --set model=<tiny model> --set KEY=VALUE...`
+fn run_script(name: &str, sets: &[(&str, String)]) -> Output {
+    let mut cmd = common::tarpo();
+    cmd.arg("run")
+        .arg(common::root().join("tests/scripts").join(name))
+        .args(["--set", &format!("model={}", tiny())]);
+    for (k, v) in sets {
+        cmd.args(["--set", &format!("{k}={v}")]);
+    }
+    cmd.output().expect("run tarpo")
+}
+
 fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).to_string()
 }
@@ -64,16 +76,13 @@ fn every_primitive_from_a_script() {
         .map(|(i, p)| format!("{{\"prompt\": \"{p}\", \"answer\": \"{}\"}}\n", i + 1))
         .collect();
     std::fs::write(&data, rows).unwrap();
-    let script = common::root().join("tests/scripts/primitives.rhai");
-    let o = run(&[
-        script.to_str().unwrap(),
-        "--set",
-        &format!("model={}", tiny()),
-        "--set",
-        &format!("data={}", data.display()),
-        "--set",
-        &format!("out={}", out.display()),
-    ]);
+    let o = run_script(
+        "primitives.rhai",
+        &[
+            ("data", data.display().to_string()),
+            ("out", out.display().to_string()),
+        ],
+    );
     let (so, se) = (text(&o.stdout), text(&o.stderr));
     assert!(
         o.status.success() && so.contains("primitives: ok"),
@@ -119,21 +128,15 @@ fn train_toy(method: &str) -> (f64, f64) {
     let (data, held) = (out.join("train.jsonl"), out.join("held.jsonl"));
     write_prompts(&data, 64, 1);
     write_prompts(&held, 16, 999);
-    let script = common::root().join("tests/scripts/train_toy.rhai");
-    let set = |k: &str, v: &Path| format!("{k}={}", v.display());
-    let o = run(&[
-        script.to_str().unwrap(),
-        "--set",
-        &format!("model={}", tiny()),
-        "--set",
-        &set("data", &data),
-        "--set",
-        &set("held", &held),
-        "--set",
-        &set("out", &out),
-        "--set",
-        &format!("method={method}"),
-    ]);
+    let o = run_script(
+        "train_toy.rhai",
+        &[
+            ("data", data.display().to_string()),
+            ("held", held.display().to_string()),
+            ("out", out.display().to_string()),
+            ("method", method.to_string()),
+        ],
+    );
     let (so, se) = (text(&o.stdout), text(&o.stderr));
     assert!(o.status.success(), "stdout:\n{so}\nstderr:\n{se}");
     // One summary line per step.
@@ -244,14 +247,10 @@ fn every_stdlib_method_runs_from_a_script() {
     let out = common::scratch("script-stdlib");
     let data = out.join("data.jsonl");
     write_prompts(&data, 16, 5);
-    let script = common::root().join("tests/scripts/stdlib_methods.rhai");
-    let o = run(&[
-        script.to_str().unwrap(),
-        "--set",
-        &format!("model={}", tiny()),
-        "--set",
-        &format!("data={}", data.display()),
-    ]);
+    let o = run_script(
+        "stdlib_methods.rhai",
+        &[("data", data.display().to_string())],
+    );
     let (so, se) = (text(&o.stdout), text(&o.stderr));
     assert!(
         o.status.success() && so.contains("stdlib: ok"),
@@ -266,9 +265,16 @@ fn a_stdlib_run_resumes_exactly_from_its_checkpoint() {
     std::fs::create_dir_all(&out).unwrap();
     let data = out.join("data.jsonl");
     write_prompts(&data, 16, 7);
-    let script = common::root().join("tests/scripts/resume.rhai");
     let go = |run: &str, steps: u32, resume: bool| -> String {
-        let o = super_run(&script, &data, &out.join(run), steps, resume);
+        let o = run_script(
+            "resume.rhai",
+            &[
+                ("data", data.display().to_string()),
+                ("run", out.join(run).display().to_string()),
+                ("steps", steps.to_string()),
+                ("resume", resume.to_string()),
+            ],
+        );
         let (so, se) = (text(&o.stdout), text(&o.stderr));
         assert!(o.status.success(), "stdout:\n{so}\nstderr:\n{se}");
         so.lines()
@@ -298,17 +304,4 @@ fn a_stdlib_run_resumes_exactly_from_its_checkpoint() {
     assert!(out
         .join("stopped/checkpoints/step-000006/optimizer.safetensors")
         .exists());
-}
-
-fn super_run(script: &Path, data: &Path, run: &Path, steps: u32, resume: bool) -> Output {
-    common::tarpo()
-        .arg("run")
-        .arg(script)
-        .args(["--set", &format!("model={}", tiny())])
-        .args(["--set", &format!("data={}", data.display())])
-        .args(["--set", &format!("run={}", run.display())])
-        .args(["--set", &format!("steps={steps}")])
-        .args(["--set", &format!("resume={resume}")])
-        .output()
-        .expect("run tarpo")
 }

@@ -8,6 +8,7 @@ use tarpo::policy::{rollout, Rng, RolloutOptions, Router, Sampling};
 use tarpo::rl::loss::LossConfig;
 use tarpo::rl::optim::{AdamW, AdamWConfig};
 use tarpo::rl::train::{param_groups, Policy, RefInputs, Reference, TrainConfig, Trainer};
+use tarpo::rl::update::ReplayConfig;
 use tch::{Device, Kind};
 
 fn digits(text: &str, _answer: &str) -> f64 {
@@ -77,14 +78,16 @@ fn trainer(with_router: bool) -> Trainer {
         group: 8,
         rollout: rollout_opts(0),
         estimator: "grpo".into(),
-        loss: LossConfig {
-            lambda: 0.1,
-            beta: 0.001,
-            ..LossConfig::default()
+        replay: ReplayConfig {
+            loss: LossConfig {
+                lambda: 0.1,
+                beta: 0.001,
+                ..LossConfig::default()
+            },
+            micro_batch: 16,
+            ref_inputs: RefInputs::Same,
+            score_temperature: None,
         },
-        micro_batch: 16,
-        ref_inputs: RefInputs::Same,
-        score_temperature: None,
         overlong: None,
         epochs: 1,
     };
@@ -219,7 +222,7 @@ fn ppo_epochs_reuse_one_rollout() {
     let answers = vec![String::new(); 2];
     let err = t.step(&batch, &answers, &digits).unwrap_err().to_string();
     assert!(err.contains("needs the PPO clip"), "{err}");
-    t.cfg.loss.clip = Some((0.2, 0.28));
+    t.cfg.replay.loss.clip = Some((0.2, 0.28));
     let m = t.step(&batch, &answers, &digits).unwrap();
     assert_eq!(t.step, 3, "three optimizer steps on one rollout");
     assert!(m.loss.is_finite() && !m.skipped);

@@ -238,20 +238,12 @@ pub fn score_shared_prompts(
 ) -> Result<Scores> {
     check_temperature(temperature)?;
     let _g = tch::no_grad_guard();
-    let dev = batch.inputs.device();
     let prompts: Vec<Vec<i64>> = batch.rows.iter().map(|&r| ro.prompts[r].clone()).collect();
-    let (distinct, of_row) = super::rollout::distinct_rows(&prompts);
-    let (ids, valid) = super::rollout::left_pad(&distinct, dev)?;
     let (p, w) = (batch.prompt_width, batch.inputs.size()[1]);
     let n = w - p; // generated inputs per row (T - 1)
-    let mut cache = net.new_cache(distinct.len() as i64, ids.size()[1] + n)?;
-    let step = cache.step(&valid)?;
-    let h = net.forward(&net.embed(&ids)?, &step, Some(&cache))?;
-    let last = h.f_narrow(1, ids.size()[1] - 1, 1)?; // predicts token 0
-    let rows = Tensor::from_slice(&of_row).f_to_device(dev)?;
-    let mut hidden = last.f_index_select(0, &rows)?;
+    let (last, mut cache) = super::rollout::prefill(net, &prompts, n)?;
+    let mut hidden = last.f_unsqueeze(1)?; // predicts token 0
     if n > 0 {
-        let mut cache = cache.select_rows(&rows)?;
         let step = cache.step(&batch.valid.f_narrow(1, p, n)?)?;
         let gen = net.forward(&batch.inputs.f_narrow(1, p, n)?, &step, Some(&cache))?;
         hidden = Tensor::f_cat(&[&hidden, &gen], 1)?;

@@ -20,7 +20,7 @@ use super::mix;
 use super::router::{Router, HARD, SOFT};
 use super::sampler::{sample, Rng, Sampling};
 use crate::model::llama::linear;
-use crate::model::{Llama, Tokenizer};
+use crate::model::{KvCache, Llama, Tokenizer};
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -150,6 +150,35 @@ pub struct Rollout {
 }
 
 impl Rollout {
+    /// The given rows, in that order (kept inputs are dropped).
+    pub fn select(&self, rows: &[usize]) -> Rollout {
+        Rollout {
+            prompts: rows.iter().map(|&i| self.prompts[i].clone()).collect(),
+            records: rows.iter().map(|&i| self.records[i].clone()).collect(),
+            inputs: Vec::new(),
+            temperature: self.temperature,
+            mix_k: self.mix_k,
+        }
+    }
+
+    /// This rollout followed by `other` (same temperature and mixture size).
+    pub fn concat(mut self, other: Rollout) -> Result<Rollout> {
+        if self.mix_k != other.mix_k || self.temperature != other.temperature {
+            bail!("cannot join rollouts made with different settings");
+        }
+        self.prompts.extend(other.prompts);
+        self.records.extend(other.records);
+        self.inputs.clear();
+        Ok(self)
+    }
+
+    /// Fraction of generated tokens fed back soft (0 with no tokens).
+    pub fn soft_ratio(&self) -> f64 {
+        let recs = || self.records.iter().flatten();
+        let soft = recs().filter(|r| r.mode == SOFT).count() as f64;
+        soft / recs().count().max(1) as f64
+    }
+
     pub fn tokens(&self) -> Vec<Vec<i64>> {
         self.records
             .iter()
@@ -231,8 +260,28 @@ impl MarkerWatch<'_> {
     }
 }
 
+/// Prefills `prompts` (left-padded) into a new cache with room for `extra`
+/// more slots, each distinct prompt once (a group repeats its prompt) with its
+/// cache rows copied to every prompt that shares it. Returns the (B, H)
+/// final-normed hidden state at each prompt's last position, and the cache.
+pub(crate) fn prefill(net: &Llama, prompts: &[Vec<i64>], extra: i64) -> Result<(Tensor, KvCache)> {
+    let device = net.embed_tokens.device();
+    let (distinct, of_row) = distinct_rows(prompts);
+    let (ids, valid) = left_pad(&distinct, device)?;
+    let l = ids.size()[1];
+    let mut cache = net.new_cache(distinct.len() as i64, l + extra)?;
+    let step = cache.step(&valid)?;
+    let h = net.forward(&net.embed(&ids)?, &step, Some(&cache))?;
+    let h = h.f_narrow(1, l - 1, 1)?.f_squeeze_dim(1)?;
+    if distinct.len() == prompts.len() {
+        return Ok((h, cache));
+    }
+    let rows = Tensor::from_slice(&of_row).f_to_device(device)?;
+    Ok((h.f_index_select(0, &rows)?, cache.select_rows(&rows)?))
+}
+
 /// The distinct prompts (first-seen order) and, per prompt, its index among them.
-pub(crate) fn distinct_rows(prompts: &[Vec<i64>]) -> (Vec<Vec<i64>>, Vec<i64>) {
+fn distinct_rows(prompts: &[Vec<i64>]) -> (Vec<Vec<i64>>, Vec<i64>) {
     let mut seen: std::collections::HashMap<&[i64], i64> = std::collections::HashMap::new();
     let mut distinct = Vec::new();
     let of_row = prompts
@@ -396,11 +445,7 @@ pub fn rollout_with(
         _ => None,
     };
     let device = net.embed_tokens.device();
-    // A group repeats each prompt: prefill the distinct ones, then copy rows.
-    let (distinct, of_row) = distinct_rows(prompts);
-    let (ids, valid) = left_pad(&distinct, device)?;
-    let (b, l) = (prompts.len() as i64, ids.size()[1]);
-    let mut cache = net.new_cache(distinct.len() as i64, l + opts.max_new as i64)?;
+    let b = prompts.len() as i64;
     let mut rng = Rng::new(opts.seed);
     // Log-probs and mixtures use softmax(z / T); greedy decoding scores at T = 1.
     let temp = if opts.sampling.temperature > 0.0 {
@@ -424,14 +469,7 @@ pub fn rollout_with(
         None
     };
 
-    let step = cache.step(&valid)?;
-    let h = net.forward(&net.embed(&ids)?, &step, Some(&cache))?;
-    let mut h = h.f_narrow(1, l - 1, 1)?.f_squeeze_dim(1)?; // (distinct, H)
-    if distinct.len() < prompts.len() {
-        let rows = Tensor::from_slice(&of_row).f_to_device(device)?;
-        h = h.f_index_select(0, &rows)?;
-        cache = cache.select_rows(&rows)?;
-    }
+    let (mut h, mut cache) = prefill(net, prompts, opts.max_new as i64)?; // (B, H)
 
     // Decode steps are small: their matmuls run on our own threads
     // (model::small_matmul), and libtorch's OpenMP workers, left spinning

@@ -81,18 +81,19 @@ pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut Rng) -> Result<Tensor> {
     }
     let (b, v) = (logits.size()[0], logits.size()[1]);
     let scaled = logits.f_to_kind(Kind::Float)?.f_div_scalar(s.temperature)?;
-    let truncated = s.top_k > 0 && s.top_k < v;
     // Only truncation needs the order: plain sampling inverts the CDF over the
-    // vocabulary as it is (a sort of V per row was a sixth of a decode step).
-    let (vals, idx) = if truncated {
-        scaled.f_topk(s.top_k, -1, true, true)?
+    // vocabulary as it is (a sort of V per row was a sixth of a decode step),
+    // so its positions are the token ids themselves (no index to map through).
+    let (vals, idx) = if s.top_k > 0 && s.top_k < v {
+        let (vals, idx) = scaled.f_topk(s.top_k, -1, true, true)?;
+        (vals, Some(idx))
     } else if s.top_p < 1.0 {
-        scaled.f_sort(-1, true)?
+        let (vals, idx) = scaled.f_sort(-1, true)?;
+        (vals, Some(idx))
     } else {
-        let all = Tensor::f_arange(v, (Kind::Int64, scaled.device()))?.f_expand([b, v], false)?;
-        (scaled, all)
+        (scaled, None)
     };
-    let mut probs = vals.f_softmax(-1, Kind::Float)?; // descending when truncated
+    let mut probs = vals.f_softmax(-1, Kind::Float)?; // descending when ordered
     if s.top_p < 1.0 {
         // Drop a token once the mass strictly before it reaches top_p (keeps the first).
         let before = probs.f_cumsum(-1, Kind::Float)?.f_sub(&probs)?;
@@ -117,7 +118,11 @@ pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut Rng) -> Result<Tensor> {
         .f_le_tensor(&target)?
         .f_sum_dim_intlist(-1, true, Kind::Int64)?
         .f_minimum(&last_kept)?;
-    Ok(idx.f_gather(-1, &j, false)?.f_squeeze_dim(-1)?)
+    let j = match idx {
+        Some(idx) => idx.f_gather(-1, &j, false)?,
+        None => j,
+    };
+    Ok(j.f_squeeze_dim(-1)?)
 }
 
 #[cfg(test)]

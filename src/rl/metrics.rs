@@ -61,8 +61,7 @@ pub fn rollout_metrics(
     group: usize,
 ) -> Result<StepMetrics> {
     let recs = || ro.records.iter().flatten();
-    let tokens = recs().count().max(1) as f64;
-    let soft = recs().filter(|r| r.mode == SOFT).count() as f64;
+    let soft_ratio = ro.soft_ratio();
     let r = advantage::stats(rewards);
     let a = advantage::stats(adv);
     let bern = |p: f64| {
@@ -79,8 +78,8 @@ pub fn rollout_metrics(
         adv_max: a.max,
         adv_std: a.std,
         zero_adv_frac: advantage::zero_advantage_fraction(rewards, group)?,
-        soft_ratio: soft / tokens,
-        hard_ratio: 1.0 - soft / tokens,
+        soft_ratio,
+        hard_ratio: 1.0 - soft_ratio,
         completion_length: mean(ro.records.iter().map(|r| r.len() as f64)),
         valid_completion_length: mean(
             ro.records

@@ -3,13 +3,14 @@
 //! Each piece is its own function elsewhere; this file only wires them and
 //! gathers the per-step metrics of ALGORITHMS.md section 2.
 use super::advantage;
-use super::loss::{LossConfig, LossMetrics};
+use super::loss::LossMetrics;
 use super::metrics::{rollout_metrics, StepMetrics};
 use super::optim::{grad_norm, AdamW};
 use super::update::{self, ReplayConfig};
 use crate::model::Model;
 use crate::policy::{rollout_with, HrpoGate, Rng, Rollout, RolloutOptions, Router};
 use anyhow::{bail, Result};
+use tch::Tensor;
 
 /// Draws `k` more prompts (token ids) and their reference answers.
 pub type PromptSource<'a> = dyn FnMut(usize) -> Result<(Vec<Vec<i64>>, Vec<String>)> + 'a;
@@ -43,6 +44,20 @@ pub struct Policy {
     pub reference: Reference,
 }
 
+impl Policy {
+    /// Everything training updates: LoRA, router, HRPO gate.
+    pub fn parameters(&self) -> Vec<Tensor> {
+        let mut params = self.model.net.lora_parameters();
+        if let Some(r) = &self.router {
+            params.extend(r.parameters());
+        }
+        if let Some(g) = &self.gate {
+            params.extend(g.parameters());
+        }
+        params
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
     /// Completions per prompt.
@@ -50,13 +65,8 @@ pub struct TrainConfig {
     /// Sampling, stop tokens, mixture size, answer marker (the seed is drawn per step).
     pub rollout: RolloutOptions,
     pub estimator: String,
-    pub loss: LossConfig,
-    /// Completions per replay forward (bounds memory at any group size).
-    pub micro_batch: usize,
-    pub ref_inputs: RefInputs,
-    /// Log-probs are scored at the sampling temperature unless set (the
-    /// reference code scored at 1.0 while sampling at 0.5).
-    pub score_temperature: Option<f64>,
+    /// Loss, micro-batch, reference inputs and scoring temperature.
+    pub replay: ReplayConfig,
     /// DAPO's soft overlong punishment (max_len, cache), added to the reward.
     pub overlong: Option<(usize, usize)>,
     /// Optimizer steps per rollout (PPO epochs; > 1 needs `loss.clip`).
@@ -117,9 +127,9 @@ impl Trainer {
                 .take((n - have) * g)
                 .collect();
             kept_rewards.extend(rows.iter().map(|&i| rewards[i]));
-            let part = select_rows(&ro, &rows);
+            let part = ro.select(&rows);
             kept = Some(match kept {
-                Some(k) => concat(k, part)?,
+                Some(k) => k.concat(part)?,
                 None => part,
             });
         }
@@ -177,29 +187,19 @@ impl Trainer {
         Ok((ro, rewards))
     }
 
-    /// The replay and loss settings of this trainer's config.
-    pub fn replay_config(&self) -> ReplayConfig {
-        ReplayConfig {
-            loss: self.cfg.loss.clone(),
-            micro_batch: self.cfg.micro_batch,
-            ref_inputs: self.cfg.ref_inputs,
-            score_temperature: self.cfg.score_temperature,
-        }
-    }
-
     /// Advantages, gradients and one optimizer step on a scored rollout.
     fn update(&mut self, ro: &Rollout, rewards: &[f64], zero_adv_frac: f64) -> Result<StepMetrics> {
         let g = self.cfg.group;
         let adv = advantage::compute(rewards, g, &self.cfg.estimator)?;
         let epochs = self.cfg.epochs.max(1);
-        if epochs > 1 && self.cfg.loss.clip.is_none() {
+        if epochs > 1 && self.cfg.replay.loss.clip.is_none() {
             bail!("epochs = {epochs} needs the PPO clip (loss.clip): without the ratio every epoch repeats the same on-policy step");
         }
         // Several epochs over one rollout (PPO); the reported loss is the first, on-policy one.
         let (mut loss, mut router_grad, mut skipped) = (LossMetrics::default(), 0.0, false);
         let mut report = None;
         for e in 0..epochs {
-            let l = update::accumulate_gradients(&self.policy, ro, &adv, &self.replay_config())?;
+            let l = update::accumulate_gradients(&self.policy, ro, &adv, &self.cfg.replay)?;
             if e == 0 {
                 loss = l;
             }
@@ -229,28 +229,6 @@ impl Trainer {
         m.skipped = skipped;
         Ok(m)
     }
-}
-
-/// The given rows of a rollout (kept inputs are dropped).
-fn select_rows(ro: &Rollout, rows: &[usize]) -> Rollout {
-    Rollout {
-        prompts: rows.iter().map(|&i| ro.prompts[i].clone()).collect(),
-        records: rows.iter().map(|&i| ro.records[i].clone()).collect(),
-        inputs: Vec::new(),
-        temperature: ro.temperature,
-        mix_k: ro.mix_k,
-    }
-}
-
-/// Two rollouts of the same settings, one after the other.
-fn concat(mut a: Rollout, b: Rollout) -> Result<Rollout> {
-    if a.mix_k != b.mix_k || a.temperature != b.temperature {
-        bail!("cannot join rollouts made with different settings");
-    }
-    a.prompts.extend(b.prompts);
-    a.records.extend(b.records);
-    a.inputs.clear();
-    Ok(a)
 }
 
 /// Optimizer groups as the reference runs them: LoRA (backbone) at `lr`, the

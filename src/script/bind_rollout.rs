@@ -167,7 +167,7 @@ fn register_methods(engine: &mut Engine) {
         Ok(int_array(r.0.ro.records[i].iter().map(|t| t.token)))
     });
     engine.register_fn("records", |r: &mut RolloutHandle, i: i64| rt(records(r, i)));
-    engine.register_fn("soft_ratio", |r: &mut RolloutHandle| soft_ratio(r));
+    engine.register_fn("soft_ratio", |r: &mut RolloutHandle| r.0.ro.soft_ratio());
     engine.register_fn("marked", |r: &mut RolloutHandle, i: i64| -> Res<String> {
         let i = rt(index(r, i))?;
         let st = r.0.backbone.0.borrow();
@@ -184,7 +184,7 @@ fn register_methods(engine: &mut Engine) {
             "Rollout({} completions, group {}, soft ratio {:.3})",
             r.0.texts.len(),
             r.0.group,
-            soft_ratio(r)
+            r.0.ro.soft_ratio()
         )
     });
 }
@@ -195,20 +195,6 @@ fn index(r: &RolloutHandle, i: i64) -> Result<usize> {
         bail!("completion index {i} out of range (0..{n})");
     }
     Ok(i as usize)
-}
-
-fn soft_ratio(r: &RolloutHandle) -> f64 {
-    let (soft, all) =
-        r.0.ro
-            .records
-            .iter()
-            .flatten()
-            .fold((0, 0), |(s, a), t| (s + usize::from(t.mode == SOFT), a + 1));
-    if all == 0 {
-        0.0
-    } else {
-        soft as f64 / all as f64
-    }
 }
 
 /// Completion `i`'s tokens as maps (the per-token record of ALGORITHMS.md).
@@ -258,15 +244,8 @@ fn select(r: &RolloutHandle, groups: Array) -> Result<RolloutHandle> {
         .iter()
         .flat_map(|&g| g as usize * d.group..(g as usize + 1) * d.group)
         .collect();
-    let ro = crate::policy::Rollout {
-        prompts: rows.iter().map(|&i| d.ro.prompts[i].clone()).collect(),
-        records: rows.iter().map(|&i| d.ro.records[i].clone()).collect(),
-        inputs: Vec::new(),
-        temperature: d.ro.temperature,
-        mix_k: d.ro.mix_k,
-    };
     Ok(RolloutHandle(Rc::new(RolloutData {
-        ro,
+        ro: d.ro.select(&rows),
         group: d.group,
         items: groups
             .iter()
@@ -281,23 +260,20 @@ fn select(r: &RolloutHandle, groups: Array) -> Result<RolloutHandle> {
 /// Two rollouts of the same backbone and settings, one after the other.
 fn join(a: &RolloutHandle, b: &RolloutHandle) -> Result<RolloutHandle> {
     let (x, y) = (&a.0, &b.0);
-    if x.group != y.group || x.ro.mix_k != y.ro.mix_k || x.ro.temperature != y.ro.temperature {
-        bail!("join: the rollouts differ in group, topk or temperature");
+    if x.group != y.group {
+        bail!(
+            "join: the rollouts differ in group ({} vs {})",
+            x.group,
+            y.group
+        );
     }
     if !x.backbone.same(&y.backbone) {
         bail!("join: the rollouts come from different backbones");
     }
-    let mut ro = crate::policy::Rollout {
-        prompts: x.ro.prompts.clone(),
-        records: x.ro.records.clone(),
-        inputs: Vec::new(),
-        temperature: x.ro.temperature,
-        mix_k: x.ro.mix_k,
-    };
-    ro.prompts.extend(y.ro.prompts.iter().cloned());
-    ro.records.extend(y.ro.records.iter().cloned());
+    let all: Vec<usize> = (0..x.ro.records.len()).collect();
+    let rest: Vec<usize> = (0..y.ro.records.len()).collect();
     Ok(RolloutHandle(Rc::new(RolloutData {
-        ro,
+        ro: x.ro.select(&all).concat(y.ro.select(&rest))?,
         group: x.group,
         items: x.items.iter().chain(&y.items).cloned().collect(),
         texts: x.texts.iter().chain(&y.texts).cloned().collect(),

@@ -507,10 +507,7 @@ fn resume(
             .map(|row| serde_json::to_string(row).map(|l| l + "\n"))
             .collect::<Result<_, _>>()?;
         let file = run.dir.join("metrics.jsonl");
-        let tmp = run.dir.join("metrics.jsonl.tmp");
-        std::fs::write(&tmp, text).with_context(|| format!("{}: cannot write", tmp.display()))?;
-        std::fs::rename(&tmp, &file)
-            .with_context(|| format!("{}: cannot replace", file.display()))?;
+        frame::write_atomic(&file, |f| Ok(f.write_all(text.as_bytes())?))?;
     }
     eprintln!("resumed from {} (step {step})", dir.display());
     Ok(step as i64)

@@ -7,7 +7,7 @@ use super::opts::Opts;
 use super::types::*;
 use crate::rl::loss::LossConfig;
 use crate::rl::loss_agg::Norm;
-use crate::rl::optim::{grad_norm, AdamW, AdamWConfig, Schedule};
+use crate::rl::optim::{grad_norm, zero_grads, AdamW, AdamWConfig, Schedule};
 use crate::rl::train::{param_groups, RefInputs};
 use crate::rl::update::{accumulate_gradients, ReplayConfig};
 use anyhow::{bail, Result};
@@ -133,7 +133,7 @@ fn tarpo_loss(m: &Backbone, ro: &RolloutHandle, adv: &Array, o: Map) -> Result<L
         );
     }
     // A new loss owns the gradient: clear what an unstepped or interrupted one left.
-    zero_grads(&st.policy);
+    zero_grads(&st.policy.parameters())?;
     st.pending_loss = 0;
     let metrics = accumulate_gradients(&st.policy, &ro.0.ro, &adv, &cfg)?;
     st.losses += 1;
@@ -143,22 +143,6 @@ fn tarpo_loss(m: &Backbone, ro: &RolloutHandle, adv: &Array, o: Map) -> Result<L
         serial: st.losses,
         backbone: m.clone(),
     })
-}
-
-fn zero_grads(p: &crate::rl::train::Policy) {
-    let mut params = p.model.net.lora_parameters();
-    if let Some(r) = &p.router {
-        params.extend(r.parameters());
-    }
-    if let Some(g) = &p.gate {
-        params.extend(g.parameters());
-    }
-    for t in params {
-        let mut g = t.grad();
-        if g.defined() {
-            let _ = g.f_zero_();
-        }
-    }
 }
 
 fn step(o: &OptimizerHandle, l: &LossHandle) -> Result<rhai::Map> {

@@ -262,17 +262,17 @@ pub fn overview() -> String {
 pub fn one(name: &str) -> Option<String> {
     let p = find(name)?;
     let mut s = format!("{}\n  {}\n", p.sig, p.doc);
-    if !p.opts.is_empty() {
-        s += "options:\n";
-        for o in p.opts {
-            s += &format!("  {:<18} {:<22} {}\n", o.name, o.def.show(), o.doc);
+    let mut table = |title: &str, opts: &[Opt]| {
+        if !opts.is_empty() {
+            s += title;
+            for o in opts {
+                s += &format!("  {:<18} {:<22} {}\n", o.name, o.def.show(), o.doc);
+            }
         }
-    }
+    };
+    table("options:\n", p.opts);
     if name == "load_backbone" {
-        s += "lora options:\n";
-        for o in LORA {
-            s += &format!("  {:<18} {:<22} {}\n", o.name, o.def.show(), o.doc);
-        }
+        table("lora options:\n", LORA);
     }
     Some(s)
 }

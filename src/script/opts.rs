@@ -3,7 +3,7 @@
 //! that names the key and lists the valid ones, never silently ignored. The
 //! same table gives `help(name)` its options and defaults, so the two cannot
 //! drift apart.
-use anyhow::{bail, Result};
+use anyhow::{anyhow, bail, Result};
 use rhai::{Dynamic, Map};
 
 /// An option's type and default.
@@ -134,11 +134,6 @@ impl Opts {
         Ok(Opts { func, spec, map })
     }
 
-    /// An empty map (every default).
-    pub fn defaults(func: &'static str, spec: &'static [Opt]) -> Result<Opts> {
-        Opts::check(func, spec, Map::new())
-    }
-
     fn spec(&self, name: &str) -> Result<Opt> {
         match self.spec.iter().find(|o| o.name == name) {
             Some(o) => Ok(*o),
@@ -150,17 +145,36 @@ impl Opts {
         self.map.get(name).filter(|v| !v.is_unit())
     }
 
-    /// Whether the user set this option.
-    pub fn has(&self, name: &str) -> bool {
-        self.given(name).is_some()
+    /// The given value (type-checked by `check`), else the spec's default.
+    fn get<T>(
+        &self,
+        name: &str,
+        value: fn(&Dynamic) -> Option<T>,
+        default: fn(Def) -> Option<T>,
+    ) -> Result<T> {
+        let def = self.spec(name)?.def;
+        match self.given(name) {
+            Some(v) => value(v),
+            None => default(def),
+        }
+        .ok_or_else(|| anyhow!("{}: option `{name}` has no value", self.func))
+    }
+
+    /// The given value, or None when unset (options without a default).
+    fn get_opt<T>(&self, name: &str, value: fn(&Dynamic) -> Option<T>) -> Result<Option<T>> {
+        self.spec(name)?;
+        Ok(self.given(name).and_then(value))
     }
 
     pub fn int(&self, name: &str) -> Result<i64> {
-        match (self.given(name), self.spec(name)?.def) {
-            (Some(v), _) => Ok(v.as_int().unwrap_or_default()),
-            (None, Def::Int(d)) => Ok(d),
-            _ => bail!("{}: option `{name}` has no value", self.func),
-        }
+        self.get(
+            name,
+            |v| v.as_int().ok(),
+            |d| match d {
+                Def::Int(i) => Some(i),
+                _ => None,
+            },
+        )
     }
 
     /// A non-negative integer (sizes and counts).
@@ -172,56 +186,49 @@ impl Opts {
         Ok(v as usize)
     }
 
-    pub fn opt_int(&self, name: &str) -> Result<Option<i64>> {
-        Ok(match self.given(name) {
-            Some(_) => Some(self.int(name)?),
-            None => None,
-        })
-    }
-
     pub fn float(&self, name: &str) -> Result<f64> {
-        match (self.given(name), self.spec(name)?.def) {
-            (Some(v), _) => Ok(as_f64(v).unwrap_or_default()),
-            (None, Def::Float(d)) => Ok(d),
-            _ => bail!("{}: option `{name}` has no value", self.func),
-        }
-    }
-
-    pub fn opt_float(&self, name: &str) -> Result<Option<f64>> {
-        Ok(match self.given(name) {
-            Some(_) => Some(self.float(name)?),
-            None => None,
+        self.get(name, as_f64, |d| match d {
+            Def::Float(f) => Some(f),
+            _ => None,
         })
     }
 
     pub fn bool(&self, name: &str) -> Result<bool> {
-        match (self.given(name), self.spec(name)?.def) {
-            (Some(v), _) => Ok(v.as_bool().unwrap_or_default()),
-            (None, Def::Bool(d)) => Ok(d),
-            _ => bail!("{}: option `{name}` has no value", self.func),
-        }
+        self.get(
+            name,
+            |v| v.as_bool().ok(),
+            |d| match d {
+                Def::Bool(b) => Some(b),
+                _ => None,
+            },
+        )
     }
 
     pub fn str(&self, name: &str) -> Result<String> {
-        match (self.given(name), self.spec(name)?.def) {
-            (Some(v), _) => Ok(v.clone().into_string().unwrap_or_default()),
-            (None, Def::Str(d)) => Ok(d.to_string()),
-            _ => bail!("{}: option `{name}` has no value", self.func),
-        }
+        self.get(
+            name,
+            |v| v.clone().into_string().ok(),
+            |d| match d {
+                Def::Str(s) => Some(s.to_string()),
+                _ => None,
+            },
+        )
+    }
+
+    pub fn opt_int(&self, name: &str) -> Result<Option<i64>> {
+        self.get_opt(name, |v| v.as_int().ok())
+    }
+
+    pub fn opt_float(&self, name: &str) -> Result<Option<f64>> {
+        self.get_opt(name, as_f64)
     }
 
     pub fn opt_bool(&self, name: &str) -> Result<Option<bool>> {
-        Ok(match self.given(name) {
-            Some(_) => Some(self.bool(name)?),
-            None => None,
-        })
+        self.get_opt(name, |v| v.as_bool().ok())
     }
 
     pub fn opt_str(&self, name: &str) -> Result<Option<String>> {
-        Ok(match self.given(name) {
-            Some(_) => Some(self.str(name)?),
-            None => None,
-        })
+        self.get_opt(name, |v| v.clone().into_string().ok())
     }
 
     pub fn map(&self, name: &str) -> Option<Map> {

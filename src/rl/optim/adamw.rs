@@ -215,14 +215,7 @@ impl AdamW {
 
     /// Zeroes every defined gradient in place.
     pub fn zero_grad(&self) -> Result<()> {
-        for p in self.all_params() {
-            let mut g = p.f_grad()?;
-            if g.defined() {
-                let _ = g.f_detach_()?;
-                let _ = g.f_zero_()?;
-            }
-        }
-        Ok(())
+        super::clip::zero_grads(self.all_params())
     }
 
     /// Total 2-norm of the current gradients (no clipping).

@@ -71,6 +71,16 @@ pub(super) fn clip_enabled(max_norm: Option<f64>) -> Option<f64> {
     max_norm.filter(|&m| m > 0.0)
 }
 
+/// Zeroes (and detaches) every defined gradient of `params` in place.
+pub fn zero_grads<'a, I: IntoIterator<Item = &'a Tensor>>(params: I) -> Result<()> {
+    for g in grads_of(params)? {
+        let mut g = g;
+        let _ = g.f_detach_()?;
+        let _ = g.f_zero_()?;
+    }
+    Ok(())
+}
+
 /// Total 2-norm of the gradients of `params` (parameters without a gradient
 /// are left out; 0 when none has one).
 pub fn grad_norm<'a, I: IntoIterator<Item = &'a Tensor>>(params: I) -> Result<f64> {
