@@ -49,8 +49,7 @@ pub const ROUTING_COLUMNS: [&str; 15] = [
 /// sequence's value on each of its tokens, null when not given.
 pub fn routing_frame(ro: &Rollout, tok: &Tokenizer, meta: &RecordMeta) -> Result<DataFrame> {
     check_meta(meta, ro.records.len())?;
-    let rows = ro.records.iter().map(Vec::len).sum();
-    let mut cols = RoutingColumns::with_capacity(rows);
+    let mut cols = RoutingColumns::default();
     let mut texts = TokenTexts::new(tok);
     for (i, seq) in ro.records.iter().enumerate() {
         for (j, rec) in seq.iter().enumerate() {
@@ -127,24 +126,6 @@ struct RoutingColumns {
 }
 
 impl RoutingColumns {
-    fn with_capacity(n: usize) -> Self {
-        let mut c = RoutingColumns::default();
-        c.prompt_id.reserve(n);
-        c.sample_id.reserve(n);
-        c.position.reserve(n);
-        c.token_id.reserve(n);
-        c.token.reserve(n);
-        c.mode.reserve(n);
-        c.forced.reserve(n);
-        c.p_soft.reserve(n);
-        c.logp.reserve(n);
-        c.entropy.reserve(n);
-        c.topk_entropy.reserve(n);
-        c.reward.reserve(n);
-        c.advantage.reserve(n);
-        c
-    }
-
     /// Token `j` of sequence `i`.
     fn push(
         &mut self,

@@ -66,6 +66,16 @@ pub fn soft_ratio_over_steps(path: &Path, runs: &[(String, DataFrame)]) -> Resul
     render(path, &Panels(panels))
 }
 
+/// One metric column over steps, one line per run (per-step metric frames).
+pub fn metric_over_steps(path: &Path, runs: &[(String, DataFrame)], column: &str) -> Result<()> {
+    let mut series = Vec::with_capacity(runs.len());
+    for (name, df) in runs {
+        let pts = xy_points(df, "step", column).with_context(|| format!("run {name:?}"))?;
+        series.push((name.clone(), pts));
+    }
+    lines(path, column, "step", column, &series)
+}
+
 /// (x, y) pairs of two frame columns, rows with a null in either dropped.
 fn xy_points(df: &DataFrame, x: &str, y: &str) -> Result<Vec<(f64, f64)>> {
     let (xs, ys) = (column_f64(df, x)?, column_f64(df, y)?);

@@ -375,12 +375,7 @@ fn routing(ro: &RolloutHandle, rw: Option<Array>, adv: Option<Array>) -> Result<
 }
 
 fn plot_soft_ratio(runs: Vec<RunHandle>, path: &str) -> Result<()> {
-    let mut frames = Vec::new();
-    for r in &runs {
-        let name = r.0.borrow().dir.display().to_string();
-        frames.push((name, (*metrics_frame(r)?.0).clone()));
-    }
-    plot::soft_ratio_over_steps(Path::new(path), &frames)
+    plot::soft_ratio_over_steps(Path::new(path), &metric_frames(&runs)?)
 }
 
 /// The rollout's completions as HTML, soft tokens highlighted.
@@ -406,20 +401,17 @@ fn runs_of(runs: Array, what: &str) -> Result<Vec<RunHandle>> {
 
 /// One metric over steps, a line per run (e.g. completion_length, kl_token).
 fn plot_metric(runs: Vec<RunHandle>, column: &str, path: &str) -> Result<()> {
-    let mut series = Vec::new();
-    for r in &runs {
-        let f = metrics_frame(r)?;
-        let name = r.0.borrow().dir.display().to_string();
-        let steps = frame::column_f64(&f.0, "step")?;
-        let ys = frame::column_f64(&f.0, column).with_context(|| format!("run {name}"))?;
-        let pts = steps
-            .iter()
-            .zip(&ys)
-            .filter_map(|(x, y)| Some(((*x)?, (*y)?)))
-            .collect();
-        series.push((name, pts));
-    }
-    plot::lines(Path::new(path), column, "step", column, &series)
+    plot::metric_over_steps(Path::new(path), &metric_frames(&runs)?, column)
+}
+
+/// Each run's per-step metrics, named by its directory.
+fn metric_frames(runs: &[RunHandle]) -> Result<Vec<(String, DataFrame)>> {
+    runs.iter()
+        .map(|r| {
+            let name = r.0.borrow().dir.display().to_string();
+            Ok((name, (*metrics_frame(r)?.0).clone()))
+        })
+        .collect()
 }
 
 fn histogram(values: &Array, path: &str, o: Map) -> Result<()> {
