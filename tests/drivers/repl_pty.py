@@ -44,30 +44,38 @@ def expect(pattern, timeout=120):
     pending = pending[pending.index(pattern) + len(pattern):]
 
 
+def prompt():
+    """Waits for a fresh prompt: rustyline turns bracketed paste on (ESC[?2004h)
+    when a new line starts, not when it redraws a multi-line input, and keys
+    sent before that are lost when it enters raw mode."""
+    expect("\x1b[?2004h")
+    expect("tarpo> ")
+
+
 def send(text):
     os.write(fd, text.encode())
 
 
-expect("tarpo> ")  # after the preloaded `let m = load_backbone(...)`
+prompt()  # after the preloaded `let m = load_backbone(...)`
 send("m.info.layers\r")
 expect("2\r\n")
-expect("tarpo> ")
+prompt()
 
 # Definitions persist across lines (variables and functions).
 send("let x = 40;\r")
-expect("tarpo> ")
+prompt()
 send("fn twice(v) { v * 2 }\r")
-expect("tarpo> ")
+prompt()
 send("twice(x) + 2\r")
 expect("82")
-expect("tarpo> ")
+prompt()
 
 # Tab completes a primitive's name.
 send("compute_adv\t")
 expect("compute_advantages")
 send("([1.0, 0.0], #{group: 2})\r")
 expect("0.7070")
-expect("tarpo> ")
+prompt()
 
 # After `m.`, completion offers the Backbone's methods only (`t` -> tokenize,
 # where the flat list has text, texts, tokens, tokenize, true, ...).
@@ -75,47 +83,47 @@ send("m.t\t")
 expect("m.tokenize")
 send("(\"12\").len()\r")
 expect("1\r\n")
-expect("tarpo> ")
+prompt()
 
 # A multi-line for loop: input continues while the brace is open.
 send("let s = 0;\r")
-expect("tarpo> ")
+prompt()
 send("for i in 0..5 {\r")
 send("  s += i;\r")
 send("}\r")
-expect("tarpo> ")
+prompt()
 send("s * 100\r")
 expect("1000")
-expect("tarpo> ")
+prompt()
 
 # An error leaves the session usable.
 send("no_such_variable + 1\r")
 expect("error: <repl>:1:1")
-expect("tarpo> ")
+prompt()
 send("x + 1\r")
 expect("41")
-expect("tarpo> ")
+prompt()
 
 # A misspelled option key lists the valid ones.
 send("compute_advantages([1.0], #{grop: 1})\r")
 expect("valid options: estimator, group")
-expect("tarpo> ")
+prompt()
 
 # Ctrl-C stops a running loop; the state is kept.
 send("let n = 0; loop { n += 1; }\r")
 time.sleep(1.5)
 send("\x03")
 expect("interrupted")
-expect("tarpo> ")
+prompt()
 send("n > 1000\r")
 expect("true")
-expect("tarpo> ")
+prompt()
 
 # Commands.
 send(":vars\r")
 expect("m: Backbone\r\n")
 expect("x: i64 = 40")
-expect("tarpo> ")
+prompt()
 
 # Ctrl-D exits cleanly.
 send("\x04")
