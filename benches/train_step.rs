@@ -31,11 +31,12 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 use tarpo::model::lora::LoraConfig;
 use tarpo::model::{Message, Model};
-use tarpo::policy::{Rng, RolloutOptions, Sampling};
-use tarpo::rl::loss::LossConfig;
-use tarpo::rl::optim::{AdamW, AdamWConfig};
-use tarpo::rl::train::{param_groups, Policy, RefInputs, Reference, TrainConfig, Trainer};
-use tarpo::rl::update::ReplayConfig;
+use tarpo::policy::{rollout, Rng, Rollout, RolloutOptions, Sampling};
+use tarpo::rl::advantage;
+use tarpo::rl::loss::{LossConfig, LossMetrics};
+use tarpo::rl::optim::{AdamW, AdamWConfig, StepReport};
+use tarpo::rl::policy::{param_groups, Policy};
+use tarpo::rl::update::{accumulate_gradients, ReplayConfig};
 use tch::{Device, Kind};
 
 const GROUP: usize = 8;
@@ -174,60 +175,82 @@ impl Peer {
     }
 }
 
-fn trainer(dir: &Path, micro_batch: usize) -> Result<Trainer> {
-    let mut model = Model::load(dir, Device::Cpu, Kind::Float)?;
-    model.net.attach_lora(&LoraConfig {
-        seed: SEED,
-        ..LoraConfig::new(RANK, ALPHA)
-    })?;
-    let policy = Policy {
-        model,
-        router: None,
-        router_ref: None,
-        gate: None,
-        reference: Reference::Base,
-    };
-    // torch's AdamW defaults, as the transformers Trainer runs them.
-    let opt = AdamW::new(
-        param_groups(&policy, LR, LR, 0.0),
-        AdamWConfig {
-            betas: (0.9, 0.999),
-            eps: 1e-8,
-            max_grad_norm: Some(1.0),
-            ..AdamWConfig::default()
-        },
-    )?;
-    let sampling = Sampling {
-        temperature: 1.0,
-        top_k: 0,
-        top_p: 1.0,
-    };
-    let cfg = TrainConfig {
-        group: GROUP,
-        // eos = []: exactly NEW tokens per completion.
-        rollout: RolloutOptions::new(NEW, sampling, 0, vec![]),
-        estimator: "grpo".into(),
-        replay: ReplayConfig {
-            loss: LossConfig {
-                lambda: 0.0,
-                beta: BETA,
-                ..LossConfig::default()
+/// Our side: the policy, its optimizer and the step's settings.
+struct Ours {
+    policy: Policy,
+    opt: AdamW,
+    rollout: RolloutOptions,
+    replay: ReplayConfig,
+    rng: Rng,
+}
+
+impl Ours {
+    fn new(dir: &Path, micro_batch: usize) -> Result<Ours> {
+        let mut model = Model::load(dir, Device::Cpu, Kind::Float)?;
+        model.net.attach_lora(&LoraConfig {
+            seed: SEED,
+            ..LoraConfig::new(RANK, ALPHA)
+        })?;
+        let policy = Policy::new(model);
+        // torch's AdamW defaults, as the transformers Trainer runs them.
+        let opt = AdamW::new(
+            param_groups(&policy, LR, LR, 0.0),
+            AdamWConfig {
+                betas: (0.9, 0.999),
+                eps: 1e-8,
+                max_grad_norm: Some(1.0),
+                ..AdamWConfig::default()
             },
-            micro_batch,
-            ref_inputs: RefInputs::Same,
-            score_temperature: None,
-        },
-        overlong: None,
-        // One optimizer step per generation batch (TRL num_iterations = 1).
-        epochs: 1,
-    };
-    Ok(Trainer {
-        policy,
-        opt,
-        cfg,
-        step: 0,
-        rng: Rng::new(SEED),
-    })
+        )?;
+        let sampling = Sampling {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        let mut replay = ReplayConfig::new(LossConfig {
+            lambda: 0.0,
+            beta: BETA,
+            ..LossConfig::default()
+        });
+        replay.micro_batch = micro_batch;
+        Ok(Ours {
+            policy,
+            opt,
+            // eos = []: exactly NEW tokens per completion.
+            rollout: RolloutOptions::new(NEW, sampling, 0, vec![]),
+            replay,
+            rng: Rng::new(SEED),
+        })
+    }
+
+    /// One GRPO step over the primitives (what the stdlib loop calls):
+    /// rollout, rewards, advantages, replay with the KL reference, backward,
+    /// AdamW (one optimizer step per generation batch, TRL num_iterations 1).
+    fn step(
+        &mut self,
+        prompts: &[Vec<i64>],
+        reward: &dyn Fn(&str) -> f64,
+    ) -> Result<(Rollout, LossMetrics, StepReport)> {
+        let expanded: Vec<Vec<i64>> = prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), GROUP))
+            .collect();
+        let mut opts = self.rollout.clone();
+        opts.seed = self.rng.next_u64();
+        let net = &self.policy.model.net;
+        let ro = rollout(net, None, None, &expanded, &opts)?;
+        let tok = &self.policy.model.tok;
+        let rewards = ro
+            .tokens()
+            .iter()
+            .map(|t| Ok(reward(&tok.decode(t, true)?)))
+            .collect::<Result<Vec<f64>>>()?;
+        let adv = advantage::compute(&rewards, GROUP, "grpo")?;
+        let loss = accumulate_gradients(&self.policy, &ro, &adv, &self.replay)?;
+        let report = self.opt.step()?;
+        self.opt.zero_grad()?;
+        Ok((ro, loss, report))
+    }
 }
 
 fn main() -> Result<()> {
@@ -241,7 +264,7 @@ fn main() -> Result<()> {
         bail!("{} missing: run ./dev.sh setup", dir.display());
     }
     tch::set_num_threads(threads as i32);
-    let mut ours = trainer(&dir, micro)?;
+    let mut ours = Ours::new(&dir, micro)?;
     let tok = &ours.policy.model.tok;
     let prompts: Vec<Vec<i64>> = QUESTIONS
         .iter()
@@ -252,7 +275,6 @@ fn main() -> Result<()> {
             )
         })
         .collect::<Result<_>>()?;
-    let answers = vec![String::new(); prompts.len()];
 
     let tmp = std::env::temp_dir();
     let questions_json = tmp.join("tarpo-bench-train-questions.json");
@@ -281,23 +303,23 @@ fn main() -> Result<()> {
     let mut our_step = || -> Result<Sample> {
         // The first reward call marks the end of the rollout.
         let rollout_end = std::cell::Cell::new(None);
-        let reward = |text: &str, answer: &str| {
+        let reward = |text: &str| {
             if rollout_end.get().is_none() {
                 rollout_end.set(Some(Instant::now()));
             }
-            digits(text, answer)
+            digits(text, "")
         };
         let cpu = cpu_seconds()?;
         let start = Instant::now();
-        let m = ours.step(&prompts, &answers, &reward)?;
+        let (ro, loss, report) = ours.step(&prompts, &reward)?;
         let wall = start.elapsed().as_secs_f64();
         let cpu = cpu_seconds()? - cpu;
         // Untimed: hand the freed heap back to the OS so TRL's step has the
         // memory (the peer does the same after each of its steps).
         // SAFETY: glibc's malloc_trim only releases free heap memory.
         unsafe { malloc_trim(0) };
-        if m.completion_length != NEW as f64 || !m.loss.is_finite() || m.skipped {
-            bail!("tarpo step went wrong: {m:?}");
+        if ro.lengths().iter().any(|&n| n != NEW) || !loss.loss.is_finite() || report.skipped {
+            bail!("tarpo step went wrong: {loss:?} {report:?}");
         }
         let generate = rollout_end
             .get()

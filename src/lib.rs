@@ -2,7 +2,7 @@
 //! reason partly in latent space (TARPO and its baselines).
 //!
 //! Layers, lowest first (lower layers never call upward):
-//! `ctl` (interrupt, progress) -> `model` (checkpoints, decoder, KV cache,
+//! `ctl` (interrupt, progress) and `rng` (the seeded generator) -> `model` (checkpoints, decoder, KV cache,
 //! tokenizer) -> `policy` (router, rollouts, replay) -> `rl` (rewards,
 //! advantages, losses, optimizer, checkpoints) -> `analysis` (frames, charts)
 //! -> `script` (Rhai bindings, stdlib) -> `repl` and the CLI in `main.rs`.
@@ -12,4 +12,5 @@ pub mod model;
 pub mod policy;
 pub mod repl;
 pub mod rl;
+pub mod rng;
 pub mod script;

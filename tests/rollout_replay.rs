@@ -225,7 +225,7 @@ fn shared_prefill_equals_separate_prompts() {
 fn split_backward_equals_plain_backward() {
     use tarpo::model::LoraConfig;
     use tarpo::rl::loss::{policy_loss, LossConfig, LossInputs};
-    use tarpo::rl::train::{Policy, RefInputs, Reference};
+    use tarpo::rl::policy::Policy;
     use tarpo::rl::update::{accumulate_gradients, ReplayConfig};
     use tch::Tensor;
     let mut model = model();
@@ -238,24 +238,17 @@ fn split_backward_equals_plain_backward() {
     });
     let router = Router::new(model.net.cfg.hidden_size, 0.3, 1.0, 3, Device::Cpu).unwrap();
     let ro = rollout(&model.net, Some(&router), None, &prompts(), &options(5)).unwrap();
-    let policy = Policy {
-        model,
-        router: Some(router),
-        router_ref: None,
-        gate: None,
-        reference: Reference::None,
-    };
+    let mut policy = Policy::new(model);
+    policy.router = Some(router);
     let adv = [0.5, -1.0, 1.5, -0.25];
     let loss_cfg = LossConfig {
         beta: 0.0,
         ..LossConfig::default()
     };
-    let cfg = ReplayConfig {
-        loss: loss_cfg.clone(),
-        micro_batch: 4,
-        ref_inputs: RefInputs::Same,
-        score_temperature: None,
-    };
+    let mut cfg = ReplayConfig::new(loss_cfg.clone());
+    cfg.micro_batch = 3;
+    // The LM head in chunks of 2 positions, each backpropagated on its own.
+    cfg.logits_chunk = Some(2);
     let mut params = policy.model.net.lora_parameters();
     params.extend(policy.router.as_ref().unwrap().parameters());
     let m = accumulate_gradients(&policy, &ro, &adv, &cfg).unwrap();

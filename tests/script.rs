@@ -259,6 +259,34 @@ fn every_stdlib_method_runs_from_a_script() {
 }
 
 #[test]
+fn the_training_loop_pieces_from_a_script() {
+    let out = common::scratch("script-training-loop");
+    let data = out.join("data.jsonl");
+    // Every other row's answer is "flat": the test's reward gives those 0.5.
+    let words = [
+        "a cat", "the sum", "one and", "we is", "of the", "to a", "cat sum", "and we",
+    ];
+    let rows: String = words
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let a = if i % 2 == 0 { "flat" } else { "x" };
+            format!("{{\"prompt\": \"{p}\", \"answer\": \"{a}\"}}\n")
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let o = run_script(
+        "training_loop.rhai",
+        &[("data", data.display().to_string())],
+    );
+    let (so, se) = (text(&o.stdout), text(&o.stderr));
+    assert!(
+        o.status.success() && so.contains("training loop: ok"),
+        "stdout:\n{so}\nstderr:\n{se}"
+    );
+}
+
+#[test]
 fn a_stdlib_run_resumes_exactly_from_its_checkpoint() {
     let out = common::scratch("script-resume");
     let _ = std::fs::remove_dir_all(&out);

@@ -265,3 +265,143 @@ fn tarpo_loss_and_router_gradient_match_pytorch_and_finite_differences() {
         );
     }
 }
+
+/// Runs the oracle on the case with the reference's inputs `ref_inputs`.
+fn oracle(c: &Case, policy_dir: &Path, ref_inputs: &str) -> Value {
+    let dir = common::scratch("tarpo_loss").join(ref_inputs);
+    std::fs::create_dir_all(&dir).unwrap();
+    let (case_path, routers) = write_case(c, &dir);
+    let out = dir.join("oracle.json");
+    let base = common::tiny_models().join(BASE);
+    common::run_python(
+        "tarpo_loss_oracle.py",
+        &[
+            out.to_str().unwrap(),
+            policy_dir.to_str().unwrap(),
+            base.to_str().unwrap(),
+            case_path.to_str().unwrap(),
+            routers.to_str().unwrap(),
+            ref_inputs,
+        ],
+    );
+    serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
+}
+
+/// The training path itself (`update::accumulate_gradients`: micro-batches,
+/// the LM head in chunks, the reference against a frozen copy) with the
+/// reference on the policy's inputs and on all-hard ones (the paper's code),
+/// against the PyTorch oracle: loss, both KL terms and the router gradient.
+#[test]
+fn training_loss_matches_pytorch_with_same_and_hard_reference_inputs() {
+    use tarpo::rl::policy::{Policy, Reference};
+    use tarpo::rl::update::{accumulate_gradients, RefInputs, ReplayConfig};
+    for (name, inputs) in [("same", RefInputs::Same), ("hard", RefInputs::Hard)] {
+        let (c, policy_dir) = case();
+        let o = oracle(&c, &policy_dir, name);
+        let adv: Vec<f64> = Vec::<f32>::try_from(&c.adv)
+            .unwrap()
+            .into_iter()
+            .map(f64::from)
+            .collect();
+        let mut policy = Policy::new(c.policy);
+        policy.reference = Reference::Model(Box::new(c.reference.net));
+        policy.router = Some(c.router);
+        policy.router_ref = Some(c.router_ref);
+        let mut cfg = ReplayConfig::new(LossConfig {
+            lambda: 0.1,
+            beta: 0.05,
+            ..LossConfig::default()
+        });
+        cfg.ref_inputs = inputs;
+        cfg.micro_batch = 3;
+        cfg.logits_chunk = Some(5);
+        let m = accumulate_gradients(&policy, &c.ro, &adv, &cfg).unwrap();
+        let close = |got: f64, key: &str, tol: f64| {
+            let want = o[key].as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= tol * want.abs().max(1.0),
+                "{name}: {key} {got} vs pytorch {want}"
+            );
+            want
+        };
+        close(m.loss, "loss", 1e-5);
+        close(m.kl_token, "kl_token", 1e-5);
+        let kl_router = close(m.kl_router, "kl_router", 1e-5);
+        assert!(kl_router > 1e-4, "{name}: the router KL is not trivially 0");
+        let r = policy.router.as_ref().unwrap();
+        let gw: Vec<Vec<f64>> = serde_json::from_value(o["grad_weight"].clone()).unwrap();
+        let gw = Tensor::from_slice(&gw.concat())
+            .view([2, -1])
+            .to_kind(Kind::Float);
+        let scale = gw.abs().max().double_value(&[]);
+        let d = common::max_abs_diff(&r.weight.grad(), &gw);
+        assert!(d < 1e-5 * scale.max(1.0), "{name}: router weight grad {d}");
+        let gb: Vec<f64> = serde_json::from_value(o["grad_bias"].clone()).unwrap();
+        for (i, g) in gb.iter().enumerate() {
+            let got = r.bias.grad().double_value(&[i as i64]);
+            assert!(
+                (got - g).abs() < 1e-6,
+                "{name}: router bias grad {i}: {got} vs {g}"
+            );
+        }
+    }
+}
+
+/// At initialisation (policy = reference, router = its reference) the router
+/// KL is 0 on the same inputs; with all-hard reference inputs it stays near 0
+/// (the router reference is scored at the policy's modes), where comparing
+/// log pi(soft) with log pi_ref(hard) would give k3 = 0.49 per soft step at
+/// p_soft = 0.3.
+#[test]
+fn router_kl_is_zero_at_initialisation() {
+    use tarpo::rl::policy::Policy;
+    use tarpo::rl::update::{accumulate_gradients, RefInputs, ReplayConfig};
+    let model = Model::load(&common::tiny_models().join(BASE), Device::Cpu, Kind::Float).unwrap();
+    let h = model.net.cfg.hidden_size;
+    let router = Router::new(h, 0.3, 1.0, 5, Device::Cpu).unwrap();
+    let prompts = vec![
+        vec![5, 9, 33, 2],
+        vec![7, 100, 3],
+        vec![40, 41, 42],
+        vec![12, 13],
+    ];
+    let mut opts = RolloutOptions::new(
+        12,
+        Sampling {
+            temperature: 0.5,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        17,
+        vec![1],
+    );
+    opts.mix_k = 5;
+    let ro = rollout(&model.net, Some(&router), None, &prompts, &opts).unwrap();
+    let soft = ro.records.iter().flatten().filter(|r| r.mode == 1).count();
+    assert!(soft >= 5, "the rollout has soft steps: {soft}");
+    let mut policy = Policy::new(model);
+    policy.router_ref = Some(router.frozen_copy().unwrap());
+    policy.router = Some(router);
+    let adv = [1.0, -0.5, 0.25, -1.0];
+    for (inputs, bound) in [(RefInputs::Same, 0.0), (RefInputs::Hard, 1e-3)] {
+        let mut cfg = ReplayConfig::new(LossConfig::default());
+        cfg.ref_inputs = inputs;
+        let m = accumulate_gradients(&policy, &ro, &adv, &cfg).unwrap();
+        assert!(
+            m.kl_router <= bound,
+            "{inputs:?}: router KL {} at init",
+            m.kl_router
+        );
+        if inputs == RefInputs::Same {
+            assert_eq!(m.kl_token, 0.0, "a frozen backbone is its own reference");
+        } else {
+            assert!(
+                m.kl_token > 1e-4,
+                "hard reference inputs differ from the policy's"
+            );
+        }
+        for p in policy.parameters() {
+            let _ = p.grad().f_zero_();
+        }
+    }
+}

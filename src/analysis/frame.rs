@@ -2,8 +2,8 @@
 //! DESIGN.md "Records"), frames from loosely typed metric rows, SQL over a
 //! frame, parquet/CSV files, and column access for charts.
 use crate::model::Tokenizer;
-use crate::policy::router::{HARD, SOFT};
 use crate::policy::{Rollout, TokenRecord};
+use crate::policy::{HARD, LATENT, SOFT};
 use anyhow::{anyhow, bail, Context, Result};
 use polars::prelude::*;
 use polars::sql::SQLContext;
@@ -43,7 +43,8 @@ pub const ROUTING_COLUMNS: [&str; 15] = [
     "advantage",
 ];
 
-/// One row per generated token of `ro`, columns `ROUTING_COLUMNS`. `token` is
+/// One row per generated step of `ro`, columns `ROUTING_COLUMNS` (a Coconut
+/// thought has mode "latent", token_id -1 and token ""). `token` is
 /// the token decoded alone (special tokens kept; a byte-level piece of a
 /// multi-byte character decodes to U+FFFD). `reward`/`advantage` repeat the
 /// sequence's value on each of its tokens, null when not given.
@@ -53,7 +54,11 @@ pub fn routing_frame(ro: &Rollout, tok: &Tokenizer, meta: &RecordMeta) -> Result
     let mut texts = TokenTexts::new(tok);
     for (i, seq) in ro.records.iter().enumerate() {
         for (j, rec) in seq.iter().enumerate() {
-            let text = texts.get(rec.token)?;
+            let text = if rec.has_token() {
+                texts.get(rec.token)?
+            } else {
+                ""
+            };
             cols.push(i, j, rec, text, meta)
                 .with_context(|| format!("sequence {i}, token {j}"))?;
         }
@@ -138,7 +143,10 @@ impl RoutingColumns {
         self.mode.push(match rec.mode {
             HARD => "hard",
             SOFT => "soft",
-            m => bail!("unknown mode {m} (expected HARD = {HARD} or SOFT = {SOFT})"),
+            LATENT => "latent",
+            m => bail!(
+                "unknown mode {m} (expected HARD = {HARD}, SOFT = {SOFT} or LATENT = {LATENT})"
+            ),
         });
         self.prompt_id.push((i / meta.group) as i64);
         self.sample_id.push((i % meta.group) as i64);

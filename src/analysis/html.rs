@@ -40,7 +40,7 @@ pub fn soft_text(
         "<!doctype html><meta charset=\"utf-8\"><title>soft tokens</title>\n<style>\
          body{font-family:sans-serif;max-width:60em;margin:2em auto}\
          pre{white-space:pre-wrap;font-family:monospace;line-height:1.6}\
-         .soft{background:#ffb347}</style>\n\
+         .soft{background:#ffb347}.thought{color:#999}</style>\n\
          <p>Soft tokens (fed back as a top-k mixture) on orange; hard tokens tinted blue by the \
          router's p_soft. Hover a token for p_soft, log p and entropy.</p>\n",
     );
@@ -55,6 +55,12 @@ pub fn soft_text(
             recs.len()
         )?;
         for r in recs {
+            if !r.has_token() {
+                h.push_str(
+                    "<span class=\"thought\" title=\"continuous thought (no token)\">·</span>",
+                );
+                continue;
+            }
             let text = escape(&tok.decode(&[r.token], false)?);
             let tip = format!(
                 "p_soft {:.3} · log p {:.3} · entropy {:.3}",

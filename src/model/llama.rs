@@ -4,7 +4,7 @@
 //! Shapes: B batch, T new tokens, S keys (cache + new), H hidden, D head dim.
 use super::config::ModelConfig;
 use super::kv_cache::{KvCache, Step};
-use super::lora::{LoraAdapter, LoraConfig};
+use super::lora::{LoraAdapter, LoraConfig, LoraUse};
 use super::rope::{Angles, Rope};
 use super::small_matmul;
 use super::weights::Weights;
@@ -34,18 +34,33 @@ impl Linear {
         })
     }
 
-    /// x W^T + b, plus the LoRA update if an adapter is attached.
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.forward_with(x, true)
+    /// A copy of the base weights outside autograd (no adapter).
+    fn frozen(&self) -> Result<Self> {
+        Ok(Linear {
+            weight: self.weight.f_detach_copy()?,
+            bias: self.bias.as_ref().map(|b| b.f_detach_copy()).transpose()?,
+            lora: None,
+        })
     }
 
-    /// Like `forward`, with the adapter used only when `lora` is true. The base
-    /// product keeps `linear`'s fast path; the update is plain libtorch (autograd).
-    pub fn forward_with(&self, x: &Tensor, lora: bool) -> Result<Tensor> {
+    /// x W^T + b, plus the LoRA update if an adapter is attached.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, LoraUse::Trained)
+    }
+
+    /// Like `forward`, with the adapter `lora` says. The base product keeps
+    /// `linear`'s fast path; the update is plain libtorch (autograd).
+    pub fn forward_with(&self, x: &Tensor, lora: LoraUse) -> Result<Tensor> {
         let y = linear(x, &self.weight, self.bias.as_ref())?;
-        match &self.lora {
-            Some(ad) if lora => Ok(y.f_add(&ad.forward(x)?)?),
-            _ => Ok(y),
+        match self
+            .lora
+            .as_ref()
+            .map(|ad| ad.delta(x, lora))
+            .transpose()?
+            .flatten()
+        {
+            Some(d) => Ok(y.f_add(&d)?),
+            None => Ok(y),
         }
     }
 }
@@ -86,6 +101,13 @@ impl RmsNorm {
         Ok(RmsNorm {
             weight: w.get(name, &[dim])?,
             eps,
+        })
+    }
+
+    fn frozen(&self) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: self.weight.f_detach_copy()?,
+            eps: self.eps,
         })
     }
 
@@ -133,13 +155,23 @@ impl Attention {
         })
     }
 
+    fn frozen(&self) -> Result<Self> {
+        Ok(Attention {
+            q: self.q.frozen()?,
+            k: self.k.frozen()?,
+            v: self.v.frozen()?,
+            o: self.o.frozen()?,
+            ..*self
+        })
+    }
+
     fn forward(
         &self,
         x: &Tensor,
         rot: &Angles,
         step: &Step,
         cache: Option<(&KvCache, usize)>,
-        lora: bool,
+        lora: LoraUse,
     ) -> Result<Tensor> {
         let (b, t) = (x.size()[0], x.size()[1]);
         let split = |y: Tensor, n: i64| -> Result<Tensor> {
@@ -186,7 +218,15 @@ impl Mlp {
         })
     }
 
-    fn forward(&self, x: &Tensor, lora: bool) -> Result<Tensor> {
+    fn frozen(&self) -> Result<Self> {
+        Ok(Mlp {
+            gate: self.gate.frozen()?,
+            up: self.up.frozen()?,
+            down: self.down.frozen()?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, lora: LoraUse) -> Result<Tensor> {
         let g = self.gate.forward_with(x, lora)?.f_silu()?;
         self.down
             .forward_with(&g.f_mul(&self.up.forward_with(x, lora)?)?, lora)
@@ -201,6 +241,15 @@ struct Layer {
 }
 
 impl Layer {
+    fn frozen(&self) -> Result<Self> {
+        Ok(Layer {
+            input_norm: self.input_norm.frozen()?,
+            attn: self.attn.frozen()?,
+            post_norm: self.post_norm.frozen()?,
+            mlp: self.mlp.frozen()?,
+        })
+    }
+
     fn load(w: &Weights, i: usize, c: &ModelConfig) -> Result<Self> {
         let p = format!("model.layers.{i}");
         let eps = c.rms_norm_eps;
@@ -234,9 +283,9 @@ pub struct Llama {
     rope: Rope,
     /// The attached adapters' configuration (`lora`), None without adapters.
     pub(crate) lora_cfg: Option<LoraConfig>,
-    /// Whether forwards use the adapters: one flag for the whole model, read
-    /// once per forward (`set_lora_enabled`).
-    pub(crate) lora_on: Cell<bool>,
+    /// Which adapters forwards use: one flag for the whole model, read once
+    /// per forward (`set_lora_enabled`, `set_lora_reference`).
+    pub(crate) lora_use: Cell<LoraUse>,
 }
 
 impl Llama {
@@ -262,7 +311,31 @@ impl Llama {
             lm_head,
             rope,
             lora_cfg: None,
-            lora_on: Cell::new(true),
+            lora_use: Cell::new(LoraUse::Trained),
+        })
+    }
+
+    /// A frozen copy of the base weights (no adapters, nothing requires grad):
+    /// the KL reference of a fully fine-tuned backbone.
+    pub fn frozen_copy(&self) -> Result<Llama> {
+        let _g = tch::no_grad_guard();
+        Ok(Llama {
+            cfg: self.cfg.clone(),
+            embed_tokens: self.embed_tokens.f_detach_copy()?,
+            layers: self
+                .layers
+                .iter()
+                .map(Layer::frozen)
+                .collect::<Result<_>>()?,
+            norm: self.norm.frozen()?,
+            lm_head: self
+                .lm_head
+                .as_ref()
+                .map(|h| h.f_detach_copy())
+                .transpose()?,
+            rope: Rope::new(&self.cfg, self.embed_tokens.device()).context("rotary embeddings")?,
+            lora_cfg: None,
+            lora_use: Cell::new(LoraUse::Trained),
         })
     }
 
@@ -281,7 +354,7 @@ impl Llama {
     /// final-normed hidden states (B, T, H): the vector the LM head (and a router) reads.
     pub fn forward(&self, x: &Tensor, step: &Step, cache: Option<&KvCache>) -> Result<Tensor> {
         let rot = self.rope.angles(&step.positions, x.kind())?;
-        let lora = self.lora_on.get();
+        let lora = self.lora_use.get();
         let mut h = x.shallow_clone();
         for (i, layer) in self.layers.iter().enumerate() {
             let a = layer.attn.forward(
@@ -345,27 +418,34 @@ impl Llama {
         out
     }
 
-    /// Every base weight tensor, once (a tied LM head is the embedding; LoRA
-    /// adapters are in `lora_parameters`).
-    pub fn tensors(&self) -> Vec<&Tensor> {
-        let mut out = vec![&self.embed_tokens, &self.norm.weight];
-        out.extend(self.lm_head.as_ref());
-        for l in &self.layers {
-            out.extend([&l.input_norm.weight, &l.post_norm.weight]);
-            for lin in [
-                &l.attn.q,
-                &l.attn.k,
-                &l.attn.v,
-                &l.attn.o,
-                &l.mlp.gate,
-                &l.mlp.up,
-                &l.mlp.down,
-            ] {
-                out.push(&lin.weight);
-                out.extend(lin.bias.as_ref());
+    /// Every base weight with its checkpoint name, once (a tied LM head is
+    /// the embedding; LoRA adapters are in `lora_parameters`).
+    pub fn named_tensors(&self) -> Vec<(String, &Tensor)> {
+        let mut out = vec![("model.embed_tokens.weight".to_string(), &self.embed_tokens)];
+        for (i, l) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.push((format!("{p}.input_layernorm.weight"), &l.input_norm.weight));
+            out.push((
+                format!("{p}.post_attention_layernorm.weight"),
+                &l.post_norm.weight,
+            ));
+        }
+        for (module, _, lin) in self.linear_modules() {
+            out.push((format!("{module}.weight"), &lin.weight));
+            if let Some(b) = &lin.bias {
+                out.push((format!("{module}.bias"), b));
             }
         }
+        out.push(("model.norm.weight".to_string(), &self.norm.weight));
+        if let Some(h) = &self.lm_head {
+            out.push(("lm_head.weight".to_string(), h));
+        }
         out
+    }
+
+    /// Every base weight tensor, once.
+    pub fn tensors(&self) -> Vec<&Tensor> {
+        self.named_tensors().into_iter().map(|(_, t)| t).collect()
     }
 
     /// Bytes of weights read by one decode step (every weight once).

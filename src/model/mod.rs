@@ -1,22 +1,26 @@
 //! Hugging Face checkpoints: config, weights, decoder, KV cache, tokenizer.
+pub mod batch;
 pub mod config;
 pub mod device;
 pub mod kv_cache;
 pub mod llama;
 pub mod lora;
+pub mod peft;
 pub mod rope;
 pub mod small_matmul;
 pub mod tokenizer;
+pub mod trainable;
 pub mod weights;
 
 use anyhow::{Context, Result};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind};
 
+pub use batch::left_pad;
 pub use config::ModelConfig;
 pub use kv_cache::{KvCache, Step};
 pub use llama::Llama;
-pub use lora::{LoraAdapter, LoraConfig};
+pub use lora::{LoraAdapter, LoraConfig, LoraUse};
 pub use tokenizer::{Message, Tokenizer};
 pub use weights::Weights;
 

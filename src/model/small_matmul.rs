@@ -5,7 +5,7 @@
 //! that never comes), and that matmul is most of a decode step. This kernel
 //! streams every row of W once, dots it with all rows of x (which sit in L1),
 //! and splits the rows of W across threads. Only for contiguous f32 CPU tensors
-//! outside autograd; everything else goes to libtorch.
+//! that autograd does not track; everything else goes to libtorch.
 use anyhow::Result;
 use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
@@ -24,10 +24,20 @@ pub fn applies(x: &Tensor, w: &Tensor, rows: i64) -> bool {
         && x.device() == Device::Cpu
         && x.kind() == Kind::Float
         && w.kind() == Kind::Float
-        && !x.requires_grad()
-        && !w.requires_grad()
         && w.is_contiguous()
         && has_fma()
+        && !((x.requires_grad() || w.requires_grad()) && grad_enabled())
+}
+
+/// Whether autograd records operations (trainable weights under no_grad,
+/// as in a rollout, may still take this path).
+fn grad_enabled() -> bool {
+    // SAFETY: sets the thread's grad mode and puts the previous one back.
+    unsafe {
+        let prev = torch_sys::at_grad_set_enabled(0);
+        torch_sys::at_grad_set_enabled(prev);
+        prev != 0
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -3,7 +3,9 @@
 //! its teacher-forced replay.
 pub mod generate;
 pub mod hrpo;
+pub mod latent;
 pub mod mix;
+pub mod records;
 pub mod replay;
 pub mod rollout;
 pub mod router;
@@ -11,8 +13,8 @@ pub mod sampler;
 
 pub use generate::{generate, GenerateOptions};
 pub use hrpo::HrpoGate;
-pub use rollout::{
-    rollout, rollout_with, Latent, LatentRecord, Rollout, RolloutOptions, TokenRecord,
-};
+pub use latent::Latent;
+pub use records::{LatentRecord, Rollout, TokenRecord, HARD, LATENT, SOFT};
+pub use rollout::{rollout, rollout_with, RolloutOptions};
 pub use router::Router;
 pub use sampler::{Rng, Sampling};

@@ -1,24 +1,31 @@
 //! Teacher-forced replay of a rollout, with autograd.
 //!
 //! Rebuilds exactly the inputs the rollout fed the model: prompt tokens, then
-//! for each generated token its embedding (hard) or its mixture rebuilt from
-//! the recorded top-k ids and weights with the current embedding matrix (soft),
-//! with the rollout's positions and attention mask (the reference code dropped
-//! the mask in training). One forward gives every position's hidden state, from
-//! which token and router log-probs follow.
+//! for each generated step its token's embedding (hard), its mixture rebuilt
+//! from the recorded top-k ids and weights with the current embedding matrix
+//! (soft), or its recorded vector (latent), with the rollout's positions and
+//! attention mask (the reference code dropped the mask in training). One
+//! forward gives every position's hidden state, from which token and router
+//! log-probs follow.
 //!
-//! Latent steps of the other methods (`rollout::Latent`): Soft Thinking's and
+//! Latent steps of the other methods (`latent::Latent`): Soft Thinking's and
 //! Coconut's recorded input vectors are fed back as constants (no gradient
 //! flows through a latent input into the positions that produced it, as in the
 //! GRPO-style training of these methods); HRPO's input is recomputed from the
 //! recorded h_hat as gate(E[y_t], h_hat) with autograd, so the gate trains
-//! (`build_with`). Only SOFT records use their latent vector: a record turned
-//! HARD replays as E[y_t].
+//! (`build_with`). Only SOFT and LATENT records use their latent vector: a
+//! record turned HARD replays as E[y_t]. Coconut's thoughts (LATENT) carry no
+//! token: they are steps of the sequence but not of the token mask.
+//!
+//! The LM head runs over the positions in chunks (`chunk_len`): at a 152k
+//! vocabulary the (B, T, V) logits of a whole micro-batch are gigabytes, and
+//! `rl::update` backpropagates chunk by chunk so that only one chunk's logits
+//! ever exist.
 use super::hrpo::HrpoGate;
 use super::mix;
-use super::rollout::{LatentRecord, Rollout};
-use super::router::{Router, SOFT};
-use crate::model::{Llama, Step};
+use super::records::{LatentRecord, Rollout, LATENT, SOFT};
+use super::router::Router;
+use crate::model::{left_pad, Llama, Step};
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
@@ -29,9 +36,12 @@ pub struct ReplayBatch {
     pub inputs: Tensor,
     /// (B, W) real positions.
     pub valid: Tensor,
-    /// (B, T) generated tokens, their modes, and which are real.
+    /// (B, T) generated tokens (0 at LATENT steps) and their modes.
     pub tokens: Tensor,
     pub modes: Tensor,
+    /// (B, T) real steps.
+    pub steps: Tensor,
+    /// (B, T) steps with a sampled token: what the token loss counts.
     pub mask: Tensor,
     /// (B, T) router decisions (real and not forced).
     pub router_mask: Tensor,
@@ -43,6 +53,97 @@ pub struct ReplayBatch {
 /// need the gate, `build_with`).
 pub fn build(net: &Llama, ro: &Rollout, rows: &[usize]) -> Result<ReplayBatch> {
     build_with(net, None, ro, rows)
+}
+
+/// Per-step host arrays of a batch, (B, T) row-major (mixtures (B, T, k),
+/// latent vectors (B, T, H) allocated when first needed).
+struct HostSteps {
+    /// Steps, mixture size and hidden size of the batch.
+    t: usize,
+    k: usize,
+    hs: usize,
+    toks: Vec<i64>,
+    modes: Vec<i64>,
+    steps: Vec<bool>,
+    mask: Vec<bool>,
+    rmask: Vec<bool>,
+    mix_ids: Vec<i64>,
+    mix_w: Vec<f32>,
+    inputs: Option<Vec<f32>>,
+    is_input: Vec<bool>,
+    hrpo: Option<Vec<f32>>,
+    is_hrpo: Vec<bool>,
+}
+
+impl HostSteps {
+    fn new(b: usize, t: usize, k: usize, hs: usize) -> Self {
+        let n = b * t;
+        HostSteps {
+            t,
+            k,
+            hs,
+            toks: vec![0; n],
+            modes: vec![0; n],
+            steps: vec![false; n],
+            mask: vec![false; n],
+            rmask: vec![false; n],
+            mix_ids: vec![0; n * k],
+            mix_w: vec![0.0; n * k],
+            inputs: None,
+            is_input: vec![false; n],
+            hrpo: None,
+            is_hrpo: vec![false; n],
+        }
+    }
+
+    /// Copies the records of rollout row `r` into batch row `i`.
+    fn fill(&mut self, i: usize, r: usize, ro: &Rollout, gate: bool) -> Result<()> {
+        let (t, k, hs) = (self.t, self.k, self.hs);
+        for (j, rec) in ro.records[r].iter().enumerate() {
+            let at = i * t + j;
+            self.toks[at] = if rec.has_token() { rec.token } else { 0 };
+            self.modes[at] = rec.mode;
+            self.steps[at] = true;
+            self.mask[at] = rec.has_token();
+            self.rmask[at] = !rec.forced;
+            if rec.mode != SOFT && rec.mode != LATENT {
+                continue;
+            }
+            let (v, dst, flag) = match &rec.latent {
+                LatentRecord::None if rec.mode == LATENT => {
+                    bail!("row {r} step {j}: a latent step without its recorded input")
+                }
+                LatentRecord::None => {
+                    if rec.mix_ids.len() != k || rec.mix_weights.len() != k {
+                        bail!("row {r} token {j}: soft record without its {k} mixture entries");
+                    }
+                    self.mix_ids[at * k..(at + 1) * k].copy_from_slice(&rec.mix_ids);
+                    self.mix_w[at * k..(at + 1) * k].copy_from_slice(&rec.mix_weights);
+                    continue;
+                }
+                LatentRecord::Input(v) => (v, &mut self.inputs, &mut self.is_input),
+                LatentRecord::Hrpo(v) => {
+                    if !gate {
+                        bail!(
+                            "row {r} token {j}: an HRPO step needs the gate (replay::build_with)"
+                        );
+                    }
+                    (v, &mut self.hrpo, &mut self.is_hrpo)
+                }
+            };
+            if v.len() != hs {
+                bail!(
+                    "row {r} token {j}: latent vector of {} values for hidden size {hs}",
+                    v.len()
+                );
+            }
+            let n = self.toks.len();
+            dst.get_or_insert_with(|| vec![0f32; n * hs])[at * hs..(at + 1) * hs]
+                .copy_from_slice(v);
+            flag[at] = true;
+        }
+        Ok(())
+    }
 }
 
 /// `build` with the HRPO gate, which rows with HRPO steps need (the inputs of
@@ -64,125 +165,71 @@ pub fn build_with(
     }
     let dev = net.embed_tokens.device();
     let k = ro.mix_k as usize;
-    let p = rows.iter().map(|&r| ro.prompts[r].len()).max().unwrap_or(0);
     let t = rows.iter().map(|&r| ro.records[r].len()).max().unwrap_or(0);
     if t == 0 {
         bail!("replay of completions with no generated tokens");
     }
-    let b = rows.len();
-    let (mut prompt, mut pvalid) = (vec![0i64; b * p], vec![false; b * p]);
-    let (mut toks, mut modes, mut mask, mut rmask) = (
-        vec![0i64; b * t],
-        vec![0i64; b * t],
-        vec![false; b * t],
-        vec![false; b * t],
-    );
-    let (mut mids, mut mw) = (vec![0i64; b * t * k], vec![0f32; b * t * k]);
-    // Latent vectors (recorded inputs; HRPO states), allocated when first needed.
-    let hs = net.cfg.hidden_size as usize;
-    let (mut lat_in, mut lat_hrpo): (Option<Vec<f32>>, Option<Vec<f32>>) = (None, None);
-    let (mut is_in, mut is_hrpo) = (vec![false; b * t], vec![false; b * t]);
+    let (b, hs) = (rows.len(), net.cfg.hidden_size as usize);
+    let mut host = HostSteps::new(b, t, k, hs);
     for (i, &r) in rows.iter().enumerate() {
-        let pr = &ro.prompts[r];
-        let off = p - pr.len();
-        for (j, &id) in pr.iter().enumerate() {
-            prompt[i * p + off + j] = id;
-            pvalid[i * p + off + j] = true;
-        }
-        for (j, rec) in ro.records[r].iter().enumerate() {
-            let at = i * t + j;
-            toks[at] = rec.token;
-            modes[at] = rec.mode;
-            mask[at] = true;
-            rmask[at] = !rec.forced;
-            if rec.mode != SOFT {
-                continue;
-            }
-            let (v, dst, flag) = match &rec.latent {
-                LatentRecord::None => {
-                    if rec.mix_ids.len() != k || rec.mix_weights.len() != k {
-                        bail!("row {r} token {j}: soft record without its {k} mixture entries");
-                    }
-                    mids[at * k..(at + 1) * k].copy_from_slice(&rec.mix_ids);
-                    mw[at * k..(at + 1) * k].copy_from_slice(&rec.mix_weights);
-                    continue;
-                }
-                LatentRecord::Input(v) => (v, &mut lat_in, &mut is_in),
-                LatentRecord::Hrpo(v) => {
-                    if gate.is_none() {
-                        bail!(
-                            "row {r} token {j}: an HRPO step needs the gate (replay::build_with)"
-                        );
-                    }
-                    (v, &mut lat_hrpo, &mut is_hrpo)
-                }
-            };
-            if v.len() != hs {
-                bail!(
-                    "row {r} token {j}: latent vector of {} values for hidden size {hs}",
-                    v.len()
-                );
-            }
-            dst.get_or_insert_with(|| vec![0f32; b * t * hs])[at * hs..(at + 1) * hs]
-                .copy_from_slice(v);
-            flag[at] = true;
-        }
+        host.fill(i, r, ro, gate.is_some())?;
     }
-    let (bi, pi, ti, ki) = (b as i64, p as i64, t as i64, k as i64);
-    let tensor = |v: &[i64], shape: &[i64]| -> Result<Tensor> {
+    let (bi, ti, ki, hi) = (b as i64, t as i64, k as i64, hs as i64);
+    let ints = |v: &[i64], shape: &[i64]| -> Result<Tensor> {
         Ok(Tensor::from_slice(v).f_view(shape)?.f_to_device(dev)?)
     };
     let flags = |v: &[bool]| -> Result<Tensor> {
-        Ok(Tensor::from_slice(v).f_view([bi, -1])?.f_to_device(dev)?)
+        Ok(Tensor::from_slice(v).f_view([bi, ti])?.f_to_device(dev)?)
     };
-    let tokens = tensor(&toks, &[bi, ti])?;
-    let modes_t = tensor(&modes, &[bi, ti])?;
-    let mask_t = flags(&mask)?;
+    let tokens = ints(&host.toks, &[bi, ti])?;
+    let modes = ints(&host.modes, &[bi, ti])?;
+    let steps = flags(&host.steps)?;
 
-    // Inputs of generated tokens 0..T-2 (the last token's input predicts nothing).
+    // Inputs of generated steps 0..T-2 (the last step's input predicts nothing).
     let n = ti - 1;
-    let hard = net.embed(&tokens.f_narrow(1, 0, n)?)?;
+    let first = |x: Tensor| -> Result<Tensor> { Ok(x.f_narrow(1, 0, n)?) };
+    let hard = net.embed(&first(tokens.shallow_clone())?)?;
+    let weights = Tensor::from_slice(&host.mix_w)
+        .f_view([bi, ti, ki])?
+        .f_to_device(dev)?;
     let soft = mix::embed(
         &net.embed_tokens,
-        &tensor(&mids, &[bi, ti, ki])?.f_narrow(1, 0, n)?,
-        &Tensor::from_slice(&mw)
-            .f_view([bi, ti, ki])?
-            .f_to_device(dev)?
-            .f_narrow(1, 0, n)?,
+        &first(ints(&host.mix_ids, &[bi, ti, ki])?)?,
+        &first(weights)?,
     )?;
-    let is_soft = modes_t.f_narrow(1, 0, n)?.f_eq(SOFT)?.f_unsqueeze(-1)?;
+    let is_soft = first(modes.f_eq(SOFT)?)?.f_unsqueeze(-1)?;
     let mut gen_inputs = soft.f_where_self(&is_soft, &hard)?;
-    let hi = hs as i64;
     let latent = |v: &[f32]| -> Result<Tensor> {
-        Ok(Tensor::from_slice(v)
-            .f_view([bi, ti, hi])?
-            .f_narrow(1, 0, n)?
-            .f_to_device(dev)?)
+        first(
+            Tensor::from_slice(v)
+                .f_view([bi, ti, hi])?
+                .f_to_device(dev)?,
+        )
     };
-    let at_steps =
-        |f: &[bool]| -> Result<Tensor> { Ok(flags(f)?.f_narrow(1, 0, n)?.f_unsqueeze(-1)?) };
-    if let Some(v) = &lat_in {
+    let at_steps = |f: &[bool]| -> Result<Tensor> { Ok(first(flags(f)?)?.f_unsqueeze(-1)?) };
+    if let Some(v) = &host.inputs {
         let x = latent(v)?.f_to_kind(hard.kind())?;
-        gen_inputs = x.f_where_self(&at_steps(&is_in)?, &gen_inputs)?;
+        gen_inputs = x.f_where_self(&at_steps(&host.is_input)?, &gen_inputs)?;
     }
-    if let (Some(v), Some(g)) = (&lat_hrpo, gate) {
+    if let (Some(v), Some(g)) = (&host.hrpo, gate) {
         let x = g.forward(&hard, &latent(v)?)?.f_to_kind(hard.kind())?;
-        gen_inputs = x.f_where_self(&at_steps(&is_hrpo)?, &gen_inputs)?;
+        gen_inputs = x.f_where_self(&at_steps(&host.is_hrpo)?, &gen_inputs)?;
     }
-    let prompt_inputs = net.embed(&tensor(&prompt, &[bi, pi])?)?;
-    let inputs = Tensor::f_cat(&[&prompt_inputs, &gen_inputs], 1)?;
-    // A generated input is real iff the token after it is.
-    let gen_valid = mask_t.f_narrow(1, 1, n)?;
-    let valid = Tensor::f_cat(&[&flags(&pvalid)?, &gen_valid], 1)?;
+    let prompts: Vec<Vec<i64>> = rows.iter().map(|&r| ro.prompts[r].clone()).collect();
+    let (prompt_ids, prompt_valid) = left_pad(&prompts, dev)?;
+    let inputs = Tensor::f_cat(&[&net.embed(&prompt_ids)?, &gen_inputs], 1)?;
+    // A generated input is real iff the step after it is.
+    let valid = Tensor::f_cat(&[&prompt_valid, &steps.f_narrow(1, 1, n)?], 1)?;
     Ok(ReplayBatch {
         rows: rows.to_vec(),
         inputs,
         valid,
         tokens,
-        modes: modes_t,
-        mask: mask_t,
-        router_mask: flags(&rmask)?,
-        prompt_width: pi,
+        modes,
+        steps,
+        mask: flags(&host.mask)?,
+        router_mask: flags(&host.rmask)?,
+        prompt_width: prompt_ids.size()[1],
     })
 }
 
@@ -197,7 +244,17 @@ pub struct Scores {
     pub router_all: Option<Tensor>,
 }
 
-/// One forward over the replayed inputs (with autograd unless disabled by the caller).
+/// Elements of fp32 logits one LM-head chunk may hold (256 MB).
+pub const LOGITS_BUDGET: i64 = 1 << 26;
+
+/// Positions per LM-head chunk for `rows` sequences at vocabulary `vocab`.
+pub fn chunk_len(rows: i64, vocab: i64) -> i64 {
+    (LOGITS_BUDGET / (rows * vocab).max(1)).max(1)
+}
+
+/// One forward over the replayed inputs (with autograd unless disabled by the
+/// caller). Under autograd every chunk's logits stay alive for the backward:
+/// training goes through `rl::update`, which backpropagates per chunk.
 pub fn score(
     net: &Llama,
     router: Option<&Router>,
@@ -206,23 +263,6 @@ pub fn score(
 ) -> Result<Scores> {
     check_temperature(temperature)?;
     heads(net, router, batch, &hidden_states(net, batch)?, temperature)
-}
-
-/// `score` with the heads on a detached copy of the hidden states that
-/// requires grad: a backward of the loss then stops there and leaves dL/dh in
-/// `scores.hidden.grad()` (the grad_hidden_norm metric), and `h.backward`
-/// with that gradient (see `rl::update`) carries it on into the backbone, so
-/// the two halves cost one backward. Returns (scores, the backbone's h).
-pub fn score_split(
-    net: &Llama,
-    router: Option<&Router>,
-    batch: &ReplayBatch,
-    temperature: f64,
-) -> Result<(Scores, Tensor)> {
-    check_temperature(temperature)?;
-    let h = hidden_states(net, batch)?;
-    let leaf = h.f_detach()?.set_requires_grad(true);
-    Ok((heads(net, router, batch, &leaf, temperature)?, h))
 }
 
 /// `score` without autograd for the KL reference, prefilling each distinct
@@ -251,7 +291,7 @@ pub fn score_shared_prompts(
     heads(net, router, batch, &hidden, temperature)
 }
 
-fn check_temperature(temperature: f64) -> Result<()> {
+pub fn check_temperature(temperature: f64) -> Result<()> {
     if temperature.is_nan() || temperature <= 0.0 {
         bail!("scoring temperature must be > 0, got {temperature}");
     }
@@ -259,7 +299,7 @@ fn check_temperature(temperature: f64) -> Result<()> {
 }
 
 /// (B, T, H) final-normed hidden states at the positions that predict each token.
-fn hidden_states(net: &Llama, batch: &ReplayBatch) -> Result<Tensor> {
+pub fn hidden_states(net: &Llama, batch: &ReplayBatch) -> Result<Tensor> {
     let h = net.forward(&batch.inputs, &Step::full(&batch.valid)?, None)?;
     let t = batch.tokens.size()[1];
     let at = Tensor::f_arange_start(
@@ -270,7 +310,34 @@ fn hidden_states(net: &Llama, batch: &ReplayBatch) -> Result<Tensor> {
     Ok(h.f_index_select(1, &at)?)
 }
 
-/// Token and router log-probs from the hidden states.
+/// log p(y) = z_y - logsumexp(z), z = logits(hidden) / temperature, for hidden
+/// (B, T, H) and tokens (B, T): (B, T) fp32. No (B, T, V) log-softmax is kept
+/// for the backward, but z itself is: call it on chunks of T.
+pub fn token_logp(
+    net: &Llama,
+    hidden: &Tensor,
+    tokens: &Tensor,
+    temperature: f64,
+) -> Result<Tensor> {
+    let z = net
+        .logits(hidden)?
+        .f_to_kind(Kind::Float)?
+        .f_div_scalar(temperature)?;
+    Ok(z.f_gather(-1, &tokens.f_unsqueeze(-1)?, false)?
+        .f_squeeze_dim(-1)?
+        .f_sub(&z.f_logsumexp([-1].as_slice(), false)?)?)
+}
+
+/// log pi_r(. | h) (B, T, 2) and its value at `modes` (B, T).
+pub fn router_logp(router: &Router, hidden: &Tensor, modes: &Tensor) -> Result<(Tensor, Tensor)> {
+    let all = router.log_probs(hidden)?;
+    // Coconut's LATENT steps meet no router; clamp keeps the gather in range.
+    let at = modes.f_clamp(0, 1)?.f_unsqueeze(-1)?;
+    let lp = all.f_gather(-1, &at, false)?.f_squeeze_dim(-1)?;
+    Ok((all, lp))
+}
+
+/// Token and router log-probs from the hidden states, the LM head in chunks of T.
 fn heads(
     net: &Llama,
     router: Option<&Router>,
@@ -278,29 +345,30 @@ fn heads(
     hidden: &Tensor,
     temperature: f64,
 ) -> Result<Scores> {
-    // log p(y) = z_y - logsumexp(z): no (B, T, V) log-softmax is kept for backward.
-    let z = net
-        .logits(hidden)?
-        .f_to_kind(Kind::Float)?
-        .f_div_scalar(temperature)?;
-    let logp = z
-        .f_gather(-1, &batch.tokens.f_unsqueeze(-1)?, false)?
-        .f_squeeze_dim(-1)?
-        .f_sub(&z.f_logsumexp([-1].as_slice(), false)?)?;
-    let (router_logp, router_all) = match router {
+    let (b, t) = (batch.tokens.size()[0], batch.tokens.size()[1]);
+    let c = chunk_len(b, net.cfg.vocab_size);
+    let mut parts = Vec::new();
+    for start in (0..t).step_by(c as usize) {
+        let len = c.min(t - start);
+        let h = hidden.f_narrow(1, start, len)?;
+        parts.push(token_logp(
+            net,
+            &h,
+            &batch.tokens.f_narrow(1, start, len)?,
+            temperature,
+        )?);
+    }
+    let (router_all, router_lp) = match router {
         Some(r) => {
-            let all = r.log_probs(hidden)?;
-            let lp = all
-                .f_gather(-1, &batch.modes.f_unsqueeze(-1)?, false)?
-                .f_squeeze_dim(-1)?;
-            (Some(lp), Some(all))
+            let (all, lp) = router_logp(r, hidden, &batch.modes)?;
+            (Some(all), Some(lp))
         }
         None => (None, None),
     };
     Ok(Scores {
         hidden: hidden.shallow_clone(),
-        logp,
-        router_logp,
+        logp: Tensor::f_cat(&parts, 1)?,
+        router_logp: router_lp,
         router_all,
     })
 }

@@ -6,9 +6,8 @@ use super::sampler::Rng;
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
-/// Mode indices, in this order (ALGORITHMS.md section 2).
-pub const HARD: i64 = 0;
-pub const SOFT: i64 = 1;
+/// The router's actions, in this order (ALGORITHMS.md section 2).
+pub use super::records::{HARD, SOFT};
 
 pub struct Router {
     /// (2, H) fp32: in bf16 a bias of 4.6 moves in steps of 0.03, far larger than an Adam step.

@@ -1,5 +1,6 @@
-//! Token sampling: temperature, top-k, top-p, greedy, with a seeded generator
-//! whose whole state is one u64 (so a run can checkpoint and resume it exactly).
+//! Token sampling: temperature, top-k, top-p, greedy, drawing from the
+//! crate's seeded generator (`crate::rng::Rng`).
+pub use crate::rng::Rng;
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
@@ -36,40 +37,64 @@ impl Sampling {
     }
 }
 
-/// SplitMix64: tiny, fast, and its state is a single word.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Rng {
-    pub state: u64,
+/// A row-wise sampling distribution after truncation (`Sampling::truncate`).
+pub struct Truncated {
+    /// (B, K) probabilities of the kept tokens: softmax(z / T) over the top-k
+    /// (K = k) or the whole vocabulary (K = V), zeroed past the top-p nucleus
+    /// (not renormalised after that cut).
+    pub probs: Tensor,
+    /// (B, K) the token id of each column when a cut ordered them (descending
+    /// probability); None when column j is token j.
+    pub ids: Option<Tensor>,
 }
 
-impl Rng {
-    pub fn new(seed: u64) -> Self {
-        Rng { state: seed }
+impl Truncated {
+    /// The probabilities as (B, V) in vocabulary order.
+    pub fn in_vocab_order(&self, vocab: i64) -> Result<Tensor> {
+        match &self.ids {
+            None => Ok(self.probs.shallow_clone()),
+            Some(ids) => {
+                let b = self.probs.size()[0];
+                let zeros = Tensor::f_zeros([b, vocab], (Kind::Float, self.probs.device()))?;
+                Ok(zeros.f_scatter(-1, ids, &self.probs)?)
+            }
+        }
     }
+}
 
-    pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in [0, 1) with 24 random bits (exactly representable in f32).
-    pub fn next_f32(&mut self) -> f32 {
-        (self.next_u64() >> 40) as f32 * (1.0 / (1u32 << 24) as f32)
-    }
-
-    /// Standard normal (Box-Muller).
-    pub fn next_normal(&mut self) -> f64 {
-        let u1 = 1.0 - self.next_f64(); // (0, 1]
-        let u2 = self.next_f64();
-        (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
-    }
-
-    /// Uniform in [0, 1) with 53 random bits.
-    pub fn next_f64(&mut self) -> f64 {
-        (self.next_u64() >> 11) as f64 * (1.0 / (1u64 << 53) as f64)
+impl Sampling {
+    /// The distribution a token is drawn from, cut in transformers' order:
+    /// temperature, then top-k, then top-p. Greedy decoding cuts nothing and
+    /// scales by 1 (softmax(z)).
+    pub fn truncate(&self, logits: &Tensor) -> Result<Truncated> {
+        let v = logits.size()[1];
+        let greedy = self.temperature == 0.0;
+        let temp = if greedy { 1.0 } else { self.temperature };
+        let top_k = if !greedy && self.top_k > 0 && self.top_k < v {
+            self.top_k
+        } else {
+            0
+        };
+        let top_p = if greedy { 1.0 } else { self.top_p };
+        let scaled = logits.f_to_kind(Kind::Float)?.f_div_scalar(temp)?;
+        // Only truncation needs the order: without it the columns stay token
+        // ids (a sort of V per row was a sixth of a decode step).
+        let (vals, ids) = if top_k > 0 {
+            let (vals, idx) = scaled.f_topk(top_k, -1, true, true)?;
+            (vals, Some(idx))
+        } else if top_p < 1.0 {
+            let (vals, idx) = scaled.f_sort(-1, true)?;
+            (vals, Some(idx))
+        } else {
+            (scaled, None)
+        };
+        let mut probs = vals.f_softmax(-1, Kind::Float)?; // descending when ordered
+        if top_p < 1.0 {
+            // Drop a token once the mass strictly before it reaches top_p (keeps the first).
+            let before = probs.f_cumsum(-1, Kind::Float)?.f_sub(&probs)?;
+            probs = probs.f_mul(&before.f_lt(top_p)?.f_to_kind(Kind::Float)?)?;
+        }
+        Ok(Truncated { probs, ids })
     }
 }
 
@@ -79,26 +104,9 @@ pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut Rng) -> Result<Tensor> {
     if s.temperature == 0.0 {
         return Ok(logits.f_argmax(-1, false)?);
     }
-    let (b, v) = (logits.size()[0], logits.size()[1]);
-    let scaled = logits.f_to_kind(Kind::Float)?.f_div_scalar(s.temperature)?;
-    // Only truncation needs the order: plain sampling inverts the CDF over the
-    // vocabulary as it is (a sort of V per row was a sixth of a decode step),
-    // so its positions are the token ids themselves (no index to map through).
-    let (vals, idx) = if s.top_k > 0 && s.top_k < v {
-        let (vals, idx) = scaled.f_topk(s.top_k, -1, true, true)?;
-        (vals, Some(idx))
-    } else if s.top_p < 1.0 {
-        let (vals, idx) = scaled.f_sort(-1, true)?;
-        (vals, Some(idx))
-    } else {
-        (scaled, None)
-    };
-    let mut probs = vals.f_softmax(-1, Kind::Float)?; // descending when ordered
-    if s.top_p < 1.0 {
-        // Drop a token once the mass strictly before it reaches top_p (keeps the first).
-        let before = probs.f_cumsum(-1, Kind::Float)?.f_sub(&probs)?;
-        probs = probs.f_mul(&before.f_lt(s.top_p)?.f_to_kind(Kind::Float)?)?;
-    }
+    let b = logits.size()[0];
+    let Truncated { probs, ids } = s.truncate(logits)?;
+    // Inverse CDF: the first cumulative mass above u * total.
     let cum = probs.f_cumsum(-1, Kind::Float)?;
     let total = cum.f_narrow(1, cum.size()[1] - 1, 1)?;
     let u: Vec<f32> = (0..b).map(|_| rng.next_f32()).collect();
@@ -106,8 +114,8 @@ pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut Rng) -> Result<Tensor> {
         .f_to_device(logits.device())?
         .f_view([b, 1])?
         .f_mul(&total)?;
-    // Index of the first cumulative mass above the target, never past the last
-    // token with mass (rounding in u * total must not reach a dropped token).
+    // Never past the last token with mass (rounding in u * total must not
+    // reach a dropped token).
     let at = Tensor::f_arange(probs.size()[1], (Kind::Int64, probs.device()))?;
     let last_kept = probs
         .f_gt(0.0)?
@@ -118,8 +126,8 @@ pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut Rng) -> Result<Tensor> {
         .f_le_tensor(&target)?
         .f_sum_dim_intlist(-1, true, Kind::Int64)?
         .f_minimum(&last_kept)?;
-    let j = match idx {
-        Some(idx) => idx.f_gather(-1, &j, false)?,
+    let j = match ids {
+        Some(ids) => ids.f_gather(-1, &j, false)?,
         None => j,
     };
     Ok(j.f_squeeze_dim(-1)?)

@@ -1,11 +1,12 @@
 //! Checkpoints of a training run, enough to continue it exactly: the LoRA
-//! adapter (PEFT layout, loadable by Python peft), the router and its
-//! reference, the optimizer's moments and schedule position, the trainer's
-//! step and RNG state, and the data cursor. A checkpoint is written into
-//! `step-N.tmp/` and renamed to `step-N/`, so a crash never leaves half of one.
+//! adapter (PEFT layout, loadable by Python peft) or the fully trained
+//! weights, the router and its reference, the HRPO gate, the optimizer's
+//! moments and schedule position, the step and RNG state, and the data
+//! cursor. A checkpoint is written into `step-N.tmp/` and renamed to
+//! `step-N/`, so a crash never leaves half of one.
 use super::dataset::Sampler;
 use super::optim::AdamW;
-use super::train::{Policy, Trainer};
+use super::policy::Policy;
 use crate::model::lora::ADAPTER_WEIGHTS;
 use crate::policy::Router;
 use anyhow::{anyhow, bail, Context, Result};
@@ -22,6 +23,8 @@ struct State {
 }
 
 const FORMAT: u32 = 1;
+/// The fully trained base weights, by checkpoint name.
+const WEIGHTS: &str = "weights.safetensors";
 
 /// What a run's state is made of, wherever it lives (a `Trainer`, or a
 /// script's backbone and optimizer).
@@ -36,18 +39,6 @@ pub struct Parts<'a> {
 }
 
 /// Writes `run_dir/checkpoints/step-NNNNNN/` and points `run_dir/checkpoints/latest` at it.
-pub fn save(tr: &Trainer, sampler: Option<&Sampler>, run_dir: &Path) -> Result<PathBuf> {
-    let parts = Parts {
-        policy: &tr.policy,
-        opt: &tr.opt,
-        step: tr.step,
-        rng: tr.rng.state,
-        sampler,
-    };
-    save_parts(&parts, run_dir)
-}
-
-/// `save` for a run's state held in pieces.
 pub fn save_parts(tr: &Parts, run_dir: &Path) -> Result<PathBuf> {
     let root = run_dir.join("checkpoints");
     let name = format!("step-{:06}", tr.step);
@@ -60,6 +51,12 @@ pub fn save_parts(tr: &Parts, run_dir: &Path) -> Result<PathBuf> {
     let net = &tr.policy.model.net;
     if net.has_lora() {
         tr.policy.model.save_lora(&tmp.join("adapter"))?;
+    }
+    let trained = net.trainable();
+    if !trained.is_empty() {
+        let tensors: Vec<(String, Tensor)> =
+            trained.into_iter().map(|(n, t)| (n, t.detach())).collect();
+        Tensor::write_safetensors(&tensors, tmp.join(WEIGHTS))?;
     }
     if let (Some(r), Some(r0)) = (&tr.policy.router, &tr.policy.router_ref) {
         let t = |x: &Tensor| x.detach();
@@ -112,18 +109,10 @@ pub fn latest(run_dir: &Path) -> Result<Option<PathBuf>> {
     }
 }
 
-/// Restores a checkpoint into a trainer built the same way as the one that
-/// saved it. Values are copied into the existing tensors, so the optimizer's
-/// handles on them stay valid. Returns the data cursor.
-pub fn load(tr: &mut Trainer, dir: &Path) -> Result<Option<Sampler>> {
-    let (step, rng, sampler) = load_parts(&tr.policy, &mut tr.opt, dir)?;
-    tr.step = step;
-    tr.rng.state = rng;
-    Ok(sampler)
-}
-
-/// `load` into a policy and optimizer held in pieces: returns the step, the
-/// seed generator's state and the data cursor for the caller to put back.
+/// Restores a checkpoint into a policy and optimizer built the same way as
+/// the ones that saved it. Values are copied into the existing tensors, so the
+/// optimizer's handles on them stay valid. Returns the step, the seed
+/// generator's state and the data cursor for the caller to put back.
 pub fn load_parts(
     policy: &Policy,
     opt: &mut AdamW,
@@ -145,6 +134,10 @@ pub fn load_parts(
     if net.has_lora() {
         let path = dir.join("adapter").join(ADAPTER_WEIGHTS);
         copy_into(&path, &net.named_lora_parameters())?;
+    }
+    let trained = net.trainable();
+    if !trained.is_empty() {
+        copy_into(&dir.join(WEIGHTS), &trained)?;
     }
     if let (Some(r), Some(r0)) = (&policy.router, &policy.router_ref) {
         load_routers(&dir.join("router.safetensors"), r, r0)?;

@@ -10,7 +10,7 @@
 //! the 1/|y_i| and the mean over i given by the normalisation mode.
 //! lambda = 0 and no router gives GRPO; `token-mean` + clip 0.2/0.28 gives DAPO.
 use super::kl;
-use super::loss_agg::{aggregate, ppo_clip_objective, Norm};
+use super::loss_agg::{aggregate, ppo_clip_objective, ppo_clipped, Norm};
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
@@ -63,11 +63,26 @@ pub struct LossMetrics {
     pub kl_token: f64,
     pub kl_router: f64,
     /// ||dL/dh||, h the final-normed hidden states the heads read (filled by
-    /// `update::accumulate_gradients`; 0 from `policy_loss` alone).
+    /// `update::backward`; 0 from `policy_loss` alone).
     pub grad_hidden_norm: f64,
+    /// Fraction of tokens whose PPO ratio was clipped (0 without the clip).
+    pub clip_frac: f64,
 }
 
-pub fn policy_loss(x: &LossInputs, cfg: &LossConfig) -> Result<(Tensor, LossMetrics)> {
+/// The loss before its reduction, every tensor (B, T).
+pub struct TokenTerms {
+    /// The per-token loss: policy-gradient terms and beta-weighted KL.
+    pub loss: Tensor,
+    /// KL per token (0 without beta), and per router decision (masked).
+    pub kl_token: Tensor,
+    pub kl_router: Tensor,
+    /// 1 where the PPO clip was active on the token term, else 0.
+    pub clipped: Tensor,
+}
+
+/// The per-token terms of the loss in the module docs; `aggregate` with the
+/// normalisation mode reduces `loss` to L.
+pub fn token_terms(x: &LossInputs, cfg: &LossConfig) -> Result<TokenTerms> {
     let adv = x.adv.f_to_kind(Kind::Float)?.f_unsqueeze(1)?; // (B, 1)
     let objective = |lp: &Tensor, old: Option<&Tensor>| -> Result<Tensor> {
         match (cfg.clip, old) {
@@ -77,12 +92,18 @@ pub fn policy_loss(x: &LossInputs, cfg: &LossConfig) -> Result<(Tensor, LossMetr
         }
     };
     let rmask = x.router_mask.f_to_kind(Kind::Float)?;
-    let mut per_token = objective(x.logp, x.logp_old)?.f_neg()?;
+    let mut loss = objective(x.logp, x.logp_old)?.f_neg()?;
+    let clipped = match (cfg.clip, x.logp_old) {
+        (Some((lo, hi)), Some(old)) => {
+            ppo_clipped(x.logp, old, &adv, lo, hi)?.f_to_kind(Kind::Float)?
+        }
+        _ => Tensor::f_zeros_like(x.logp)?,
+    };
     let (mut kl_token, mut kl_router) =
         (Tensor::f_zeros_like(x.logp)?, Tensor::f_zeros_like(x.logp)?);
     if let Some(rlp) = x.router_logp.filter(|_| cfg.lambda != 0.0) {
         let router_obj = objective(rlp, x.router_logp_old)?.f_mul(&rmask)?;
-        per_token = per_token.f_sub(&router_obj.f_mul_scalar(cfg.lambda)?)?;
+        loss = loss.f_sub(&router_obj.f_mul_scalar(cfg.lambda)?)?;
     }
     if cfg.beta != 0.0 {
         let Some(lref) = x.logp_ref else {
@@ -92,24 +113,42 @@ pub fn policy_loss(x: &LossInputs, cfg: &LossConfig) -> Result<(Tensor, LossMetr
         if let (Some(rlp), Some(rref)) = (x.router_logp, x.router_logp_ref) {
             kl_router = kl::compute(&cfg.kl, rlp, rref)?.f_mul(&rmask)?;
         }
-        per_token = per_token.f_add(&kl_token.f_add(&kl_router)?.f_mul_scalar(cfg.beta)?)?;
+        loss = loss.f_add(&kl_token.f_add(&kl_router)?.f_mul_scalar(cfg.beta)?)?;
     }
-    let loss = aggregate(&per_token, x.mask, cfg.norm, cfg.max_len)?;
+    Ok(TokenTerms {
+        loss,
+        kl_token,
+        kl_router,
+        clipped,
+    })
+}
+
+/// Sum of `v` over `mask` (detached), and the number of entries there.
+pub fn masked_sum(v: &Tensor, mask: &Tensor) -> Result<(f64, f64)> {
+    let m = mask.f_to_kind(Kind::Float)?;
+    let n = m.f_sum(Kind::Float)?.double_value(&[]);
+    let s = v
+        .f_detach()?
+        .f_mul(&m)?
+        .f_sum(Kind::Float)?
+        .double_value(&[]);
+    Ok((s, n))
+}
+
+/// The loss L of the module docs on one batch, and its metrics.
+pub fn policy_loss(x: &LossInputs, cfg: &LossConfig) -> Result<(Tensor, LossMetrics)> {
+    let terms = token_terms(x, cfg)?;
+    let loss = aggregate(&terms.loss, x.mask, cfg.norm, cfg.max_len)?;
     let mean_over = |v: &Tensor, m: &Tensor| -> Result<f64> {
-        let m = m.f_to_kind(Kind::Float)?;
-        let n = m.f_sum(Kind::Float)?.double_value(&[]);
-        let s = v
-            .f_detach()?
-            .f_mul(&m)?
-            .f_sum(Kind::Float)?
-            .double_value(&[]);
+        let (s, n) = masked_sum(v, m)?;
         Ok(if n > 0.0 { s / n } else { 0.0 })
     };
     let metrics = LossMetrics {
         loss: loss.f_detach()?.double_value(&[]),
-        kl_token: mean_over(&kl_token, x.mask)?,
-        kl_router: mean_over(&kl_router, x.router_mask)?,
+        kl_token: mean_over(&terms.kl_token, x.mask)?,
+        kl_router: mean_over(&terms.kl_router, x.router_mask)?,
         grad_hidden_norm: 0.0,
+        clip_frac: mean_over(&terms.clipped, x.mask)?,
     };
     Ok((loss, metrics))
 }

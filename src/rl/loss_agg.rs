@@ -77,7 +77,8 @@ pub fn names() -> Vec<&'static str> {
 
 /// Reduces `per_token` `(B, T)` to a 0-dim tensor over the tokens selected by
 /// `mask` `(B, T)`, according to `norm`. Differentiable with respect to
-/// `per_token`.
+/// `per_token`. It is `weighted_sum(per_token, mask, token_weights(..)) /
+/// denominator(..)`: the form `rl::update` uses to add up chunks of a batch.
 ///
 /// * `mask` may be bool or numeric; any non-zero entry selects the token (so a
 ///   0/1 float mask works, and values are not used as weights).
@@ -93,13 +94,66 @@ pub fn names() -> Vec<&'static str> {
 /// Errors: `per_token` not 2-D or not floating point, `mask` of another
 /// shape, `max_len < 1` for `SeqMeanTokenSumNorm`, device mismatch.
 pub fn aggregate(per_token: &Tensor, mask: &Tensor, norm: Norm, max_len: i64) -> Result<Tensor> {
+    let w = token_weights(mask, norm, max_len)?;
+    let den = denominator(mask, norm)?;
+    Ok(weighted_sum(per_token, mask, &w)?.f_div_scalar(den)?)
+}
+
+/// Per-token weights `(B, T)` f32 whose weighted sum, divided by
+/// `denominator`, is the reduction of `norm`: `1 / |y_b|` per token of
+/// sequence b (`seq-mean-token-mean`), 1 (`token-mean`), `1 / max_len`
+/// (`seq-mean-token-sum-norm`); 0 off the mask. A sequence's weights depend
+/// on it alone, so a batch split into parts sums to the same numerator.
+pub fn token_weights(mask: &Tensor, norm: Norm, max_len: i64) -> Result<Tensor> {
+    ensure!(
+        mask.dim() == 2,
+        "aggregate: mask must be 2-D (B, T), got shape {:?}",
+        mask.size()
+    );
+    let keep = mask.f_ne(0)?.f_to_kind(Kind::Float)?;
+    Ok(match norm {
+        Norm::TokenMean => keep,
+        Norm::SeqMeanTokenMean => {
+            let count = keep
+                .f_sum_dim_intlist(1, true, Kind::Float)?
+                .f_clamp_min(1.0)?;
+            keep.f_div(&count)?
+        }
+        Norm::SeqMeanTokenSumNorm => {
+            ensure!(
+                max_len >= 1,
+                "aggregate: {} needs max_len >= 1 (got {max_len})",
+                norm.name()
+            );
+            keep.f_div_scalar(max_len as f64)?
+        }
+    })
+}
+
+/// What the weighted sum is divided by: the tokens of the batch
+/// (`token-mean`) or its sequences with at least one token (the other two);
+/// at least 1, so a batch without tokens gives 0.
+pub fn denominator(mask: &Tensor, norm: Norm) -> Result<f64> {
+    let keep = mask.f_ne(0)?;
+    let n = match norm {
+        Norm::TokenMean => keep.f_sum(Kind::Int64)?.int64_value(&[]),
+        _ => keep
+            .f_any_dim(1, false)?
+            .f_sum(Kind::Int64)?
+            .int64_value(&[]),
+    };
+    Ok(n.max(1) as f64)
+}
+
+/// sum over the mask of `per_token * weights` (masked entries never read).
+pub fn weighted_sum(per_token: &Tensor, mask: &Tensor, weights: &Tensor) -> Result<Tensor> {
     let size = per_token.size();
     ensure!(
         size.len() == 2,
         "aggregate: per-token tensor must be 2-D (B, T), got shape {size:?}"
     );
     ensure!(
-        mask.size() == size,
+        mask.size() == size && weights.size() == size,
         "aggregate: mask has shape {:?} but the per-token tensor has shape {size:?}",
         mask.size()
     );
@@ -112,33 +166,9 @@ pub fn aggregate(per_token: &Tensor, mask: &Tensor, norm: Norm, max_len: i64) ->
         Kind::Double => Kind::Double,
         _ => Kind::Float,
     };
-    let keep = mask.f_ne(0)?; // bool (B, T)
-    let count_kind = keep.f_to_kind(kind)?;
+    let keep = mask.f_ne(0)?;
     let masked = per_token.f_to_kind(kind)?.f_where_scalarother(&keep, 0.0)?;
-    let out = match norm {
-        Norm::TokenMean => {
-            let n = count_kind.f_sum(kind)?.f_clamp_min(1.0)?;
-            masked.f_sum(kind)?.f_div(&n)?
-        }
-        Norm::SeqMeanTokenMean | Norm::SeqMeanTokenSumNorm => {
-            let seq_sum = masked.f_sum_dim_intlist(1, false, kind)?; // (B)
-            let seq_count = count_kind.f_sum_dim_intlist(1, false, kind)?; // (B)
-            let per_seq = if norm == Norm::SeqMeanTokenMean {
-                seq_sum.f_div(&seq_count.f_clamp_min(1.0)?)?
-            } else {
-                ensure!(
-                    max_len >= 1,
-                    "aggregate: {} needs max_len >= 1 (got {max_len})",
-                    norm.name()
-                );
-                seq_sum.f_div_scalar(max_len as f64)?
-            };
-            // Empty sequences have per_seq == 0; only non-empty ones are counted.
-            let n_seq = seq_count.f_gt(0.0)?.f_sum(kind)?.f_clamp_min(1.0)?;
-            per_seq.f_sum(kind)?.f_div(&n_seq)?
-        }
-    };
-    Ok(out)
+    Ok(masked.f_mul(&weights.f_to_kind(kind)?)?.f_sum(kind)?)
 }
 
 /// PPO clipped surrogate OBJECTIVE (to be maximised; the loss is its negation),
@@ -203,6 +233,22 @@ pub fn ppo_clip_objective(
         logp.size()
     );
     Ok(out)
+}
+
+/// Where the PPO clip is active (the clipped branch strictly below the
+/// unclipped one, so its gradient is 0): the `clip_frac` metric. Same shapes as
+/// `ppo_clip_objective`.
+pub fn ppo_clipped(
+    logp: &Tensor,
+    logp_old: &Tensor,
+    adv: &Tensor,
+    eps_low: f64,
+    eps_high: f64,
+) -> Result<Tensor> {
+    let _g = tch::no_grad_guard();
+    let rho = logp.f_sub(logp_old)?.f_exp()?;
+    let clipped = rho.f_clamp(1.0 - eps_low, 1.0 + eps_high)?.f_mul(adv)?;
+    Ok(clipped.f_lt_tensor(&rho.f_mul(adv)?)?)
 }
 
 #[cfg(test)]

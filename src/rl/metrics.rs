@@ -3,8 +3,8 @@
 use super::advantage;
 use crate::model::Llama;
 use crate::policy::mix;
-use crate::policy::router::SOFT;
 use crate::policy::Rollout;
+use crate::policy::{HARD, LATENT, SOFT};
 use anyhow::Result;
 use serde::Serialize;
 use tch::{Device, Kind, Tensor};
@@ -21,7 +21,8 @@ pub struct StepMetrics {
     pub zero_adv_frac: f64,
     pub soft_ratio: f64,
     pub hard_ratio: f64,
-    /// Mean generated tokens per completion, and mean hard ones.
+    /// Mean generated tokens per completion (Coconut's thoughts not counted),
+    /// and mean hard ones.
     pub completion_length: f64,
     pub valid_completion_length: f64,
     pub kl_token: f64,
@@ -37,6 +38,8 @@ pub struct StepMetrics {
     /// ||dL/dh|| at the final-normed hidden states the token and router heads read.
     pub grad_hidden_norm: f64,
     pub grad_action_norm: f64,
+    /// Fraction of tokens whose PPO ratio was clipped.
+    pub clip_frac: f64,
     pub lr: f64,
     pub loss: f64,
     /// The optimizer skipped this step (non-finite gradient).
@@ -80,11 +83,11 @@ pub fn rollout_metrics(
         zero_adv_frac: advantage::zero_advantage_fraction(rewards, group)?,
         soft_ratio,
         hard_ratio: 1.0 - soft_ratio,
-        completion_length: mean(ro.records.iter().map(|r| r.len() as f64)),
+        completion_length: mean(ro.lengths().into_iter().map(|n| n as f64)),
         valid_completion_length: mean(
             ro.records
                 .iter()
-                .map(|r| r.iter().filter(|t| t.mode != SOFT).count() as f64),
+                .map(|r| r.iter().filter(|t| t.mode == HARD).count() as f64),
         ),
         token_entropy: mean(recs().map(|r| r.entropy as f64)),
         action_entropy: mean(recs().filter(|r| !r.forced).map(|r| bern(r.p_soft as f64))),
@@ -138,7 +141,8 @@ fn embed_dist(net: &Llama, ro: &Rollout) -> Result<f64> {
 }
 
 /// A completion's text with its soft spans marked `⟦...⟧` (the tokens shown
-/// are the sampled ones; the model was fed their mixtures), for sample logs.
+/// are the sampled ones; the model was fed their mixtures) and each run of
+/// Coconut's thoughts as `⟨N thoughts⟩`, for sample logs.
 pub fn mark_soft(
     tok: &crate::model::Tokenizer,
     records: &[crate::policy::TokenRecord],
@@ -146,18 +150,22 @@ pub fn mark_soft(
     let mut out = String::new();
     let mut i = 0;
     while i < records.len() {
-        let soft = records[i].mode == SOFT;
+        let mode = records[i].mode;
         let j = (i..records.len())
-            .find(|&j| (records[j].mode == SOFT) != soft)
+            .find(|&j| records[j].mode != mode)
             .unwrap_or(records.len());
-        let ids: Vec<i64> = records[i..j].iter().map(|r| r.token).collect();
-        let text = tok.decode(&ids, false)?;
-        if soft {
-            out.push('⟦');
-            out.push_str(&text);
-            out.push('⟧');
+        if mode == LATENT {
+            out.push_str(&format!("⟨{} thoughts⟩", j - i));
         } else {
-            out.push_str(&text);
+            let ids: Vec<i64> = records[i..j].iter().map(|r| r.token).collect();
+            let text = tok.decode(&ids, false)?;
+            if mode == SOFT {
+                out.push('⟦');
+                out.push_str(&text);
+                out.push('⟧');
+            } else {
+                out.push_str(&text);
+            }
         }
         i = j;
     }

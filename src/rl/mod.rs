@@ -1,5 +1,7 @@
 //! Reinforcement learning: rewards, advantage estimators, KL estimators and
-//! loss aggregation, and the optimizer.
+//! loss aggregation, the policy and its reference, gradients of the loss,
+//! the optimizer and checkpoints. The training loop itself is the stdlib's
+//! (`stdlib/tarpo.rhai`), over these primitives.
 pub mod advantage;
 pub mod checkpoint;
 pub mod dataset;
@@ -8,7 +10,7 @@ pub mod loss;
 pub mod loss_agg;
 pub mod metrics;
 pub mod optim;
+pub mod policy;
 pub mod registry;
 pub mod reward;
-pub mod train;
 pub mod update;

@@ -1,15 +1,32 @@
-//! Gradients of the policy loss on a scored rollout: replay in micro-batches,
-//! score against the reference, and backpropagate each chunk's share of the
-//! full-batch loss (so memory stays bounded at any group size). Used by
-//! `train::Trainer` and bound one to one in scripts (`tarpo_loss`).
-use super::loss::{policy_loss, LossConfig, LossInputs, LossMetrics};
-use super::loss_agg::Norm;
-use super::train::{Policy, RefInputs, Reference};
-use crate::policy::replay::{self, ReplayBatch};
-use crate::policy::router::HARD;
+//! Gradients of the policy loss on a scored rollout, in bounded memory: the
+//! rows replay in micro-batches, the LM head runs over the positions in
+//! chunks, and each chunk's part of the loss is backpropagated at once, so
+//! no (B, T, V) logits tensor outlives its chunk (at a 152k vocabulary and
+//! T = 1024 a micro-batch's logits alone are gigabytes).
+//!
+//! The normalisation is deferred: `backward` adds the gradient of the loss's
+//! numerator (the weighted sum of `loss_agg::token_weights`) and returns it
+//! with its denominator in `LossSums`. Any number of calls (micro-batches of a
+//! rollout, or several rollouts accumulated into one optimizer step) then
+//! give exactly the gradient of the whole batch's loss once `finish` divides
+//! by the summed denominator, in every normalisation mode.
+use super::loss::{masked_sum, token_terms, LossConfig, LossInputs, LossMetrics};
+use super::loss_agg::{denominator, token_weights, weighted_sum, Norm};
+use super::optim::scale_grads;
+use super::policy::{Policy, Reference};
+use crate::model::Llama;
+use crate::policy::replay::{self, ReplayBatch, Scores};
 use crate::policy::Rollout;
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
+
+/// Which inputs the reference sees: the policy's own (default) or all-hard ones
+/// (the paper's code, whose token KL then compares different conditionals).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RefInputs {
+    Same,
+    Hard,
+}
 
 /// How the rollout is replayed for the loss.
 #[derive(Debug, Clone)]
@@ -20,93 +37,250 @@ pub struct ReplayConfig {
     pub ref_inputs: RefInputs,
     /// Log-probs are scored at the rollout's temperature unless set.
     pub score_temperature: Option<f64>,
+    /// Positions per LM-head chunk (default: `replay::chunk_len`'s budget).
+    pub logits_chunk: Option<i64>,
+}
+
+impl ReplayConfig {
+    pub fn new(loss: LossConfig) -> Self {
+        ReplayConfig {
+            loss,
+            micro_batch: 8,
+            ref_inputs: RefInputs::Same,
+            score_temperature: None,
+            logits_chunk: None,
+        }
+    }
+}
+
+/// The loss's numerator and denominator and its metrics' sums, added up over
+/// the calls of `backward` that make one optimizer step.
+#[derive(Debug, Clone, Copy)]
+pub struct LossSums {
+    pub norm: Norm,
+    pub max_len: i64,
+    /// Weighted sum of the per-token loss (the numerator).
+    pub loss: f64,
+    /// Sequences with a token (`token-mean`: tokens): the denominator.
+    pub denominator: f64,
+    pub kl_token: f64,
+    pub tokens: f64,
+    pub kl_router: f64,
+    pub decisions: f64,
+    pub clipped: f64,
+    /// Squared norm of the numerator's gradient at the heads' input.
+    pub grad_h_sq: f64,
+}
+
+impl LossSums {
+    pub fn new(cfg: &LossConfig) -> Self {
+        LossSums {
+            norm: cfg.norm,
+            max_len: cfg.max_len,
+            loss: 0.0,
+            denominator: 0.0,
+            kl_token: 0.0,
+            tokens: 0.0,
+            kl_router: 0.0,
+            decisions: 0.0,
+            clipped: 0.0,
+            grad_h_sq: 0.0,
+        }
+    }
+
+    /// Adds another part of the same batch (same normalisation).
+    pub fn add(&mut self, o: &LossSums) -> Result<()> {
+        if o.norm != self.norm
+            || (self.norm == Norm::SeqMeanTokenSumNorm && o.max_len != self.max_len)
+        {
+            bail!(
+                "cannot accumulate a {} loss (max_len {}) with a {} one (max_len {}): one optimizer step has one normalisation",
+                o.norm, o.max_len, self.norm, self.max_len
+            );
+        }
+        self.loss += o.loss;
+        self.denominator += o.denominator;
+        self.kl_token += o.kl_token;
+        self.tokens += o.tokens;
+        self.kl_router += o.kl_router;
+        self.decisions += o.decisions;
+        self.clipped += o.clipped;
+        self.grad_h_sq += o.grad_h_sq;
+        Ok(())
+    }
+
+    /// What the gradient is divided by (at least 1: a batch without tokens gives 0).
+    pub fn scale(&self) -> f64 {
+        self.denominator.max(1.0)
+    }
+
+    /// The batch's loss and its means.
+    pub fn metrics(&self) -> LossMetrics {
+        let per = |s: f64, n: f64| if n > 0.0 { s / n } else { 0.0 };
+        LossMetrics {
+            loss: self.loss / self.scale(),
+            kl_token: per(self.kl_token, self.tokens),
+            kl_router: per(self.kl_router, self.decisions),
+            grad_hidden_norm: self.grad_h_sq.sqrt() / self.scale(),
+            clip_frac: per(self.clipped, self.tokens),
+        }
+    }
+}
+
+/// Turns the summed gradients in `params` into the whole batch's (divides by
+/// the denominator) and returns the batch's metrics.
+pub fn finish(params: &[Tensor], sums: &LossSums) -> Result<LossMetrics> {
+    scale_grads(params, 1.0 / sums.scale())?;
+    Ok(sums.metrics())
 }
 
 /// Adds the gradient of the loss on `ro` (advantages `adv`, one per row) to
-/// the parameters' `.grad`, micro-batch by micro-batch, and returns the
-/// full-batch loss metrics. The caller zeroes gradients before and steps after.
+/// the parameters' `.grad` and returns the full-batch loss metrics: `backward`
+/// then `finish`. The caller zeroes gradients before and steps after.
 pub fn accumulate_gradients(
     p: &Policy,
     ro: &Rollout,
     adv: &[f64],
     cfg: &ReplayConfig,
 ) -> Result<LossMetrics> {
+    let sums = backward(p, ro, adv, cfg)?;
+    finish(&p.parameters(), &sums)
+}
+
+/// Adds the gradient of the loss's numerator on `ro` to the parameters'
+/// `.grad`, micro-batch by micro-batch, and returns its sums.
+pub fn backward(p: &Policy, ro: &Rollout, adv: &[f64], cfg: &ReplayConfig) -> Result<LossSums> {
     let n = ro.records.len();
     if adv.len() != n {
         bail!("{} advantages for a rollout of {n} completions", adv.len());
     }
-    let lens: Vec<usize> = ro.records.iter().map(Vec::len).collect();
-    let total_tokens: usize = lens.iter().sum();
-    let seqs = lens.iter().filter(|&&l| l > 0).count().max(1);
-    let mut sum = LossMetrics::default();
-    let mut grad_h_sq = 0.0;
+    if cfg.micro_batch == 0 {
+        bail!("micro_batch must be >= 1 (completions per replay forward)");
+    }
+    if let Some(i) = adv.iter().position(|a| !a.is_finite()) {
+        bail!("advantage {i} is {} (not finite)", adv[i]);
+    }
+    let lens = ro.lengths();
     let rows: Vec<usize> = (0..n).filter(|&i| lens[i] > 0).collect();
-    let chunks: Vec<&[usize]> = rows.chunks(cfg.micro_batch.max(1)).collect();
+    let chunks: Vec<&[usize]> = rows.chunks(cfg.micro_batch).collect();
+    let mut sums = LossSums::new(&cfg.loss);
     let bar = crate::ctl::Progress::new("replay", chunks.len() as u64);
     for (c, chunk) in chunks.into_iter().enumerate() {
         crate::ctl::check()?;
         bar.set(c as u64);
-        let share = match cfg.loss.norm {
-            Norm::TokenMean => {
-                chunk.iter().map(|&i| lens[i]).sum::<usize>() as f64 / total_tokens.max(1) as f64
-            }
-            _ => chunk.len() as f64 / seqs as f64,
-        };
         let batch = replay::build_with(&p.model.net, p.gate.as_ref(), ro, chunk)?;
         let adv_t = Tensor::from_slice(&chunk.iter().map(|&i| adv[i] as f32).collect::<Vec<_>>())
             .f_to_device(batch.inputs.device())?;
-        let (loss, m, leaf, h) = chunk_loss(p, ro, &batch, &adv_t, cfg)?;
-        // Backward to the heads' input first (dL/dh), then on into the backbone.
-        loss.f_mul_scalar(share)?.f_backward()?;
-        let g = leaf.grad();
-        if g.defined() {
-            grad_h_sq += g.f_square()?.f_sum(Kind::Double)?.double_value(&[]);
-            if h.requires_grad() {
-                h.f_mul(&g)?.f_sum(Kind::Float)?.f_backward()?;
-            }
-        }
-        sum.loss += m.loss * share;
-        sum.kl_token += m.kl_token * share;
-        sum.kl_router += m.kl_router * share;
+        sums.add(&micro_batch(p, ro, &batch, &adv_t, cfg)?)?;
     }
-    sum.grad_hidden_norm = grad_h_sq.sqrt();
-    Ok(sum)
+    Ok(sums)
 }
 
-/// The chunk's loss, its metrics, and the heads' input (a leaf) with the
-/// backbone's hidden states behind it (`replay::score_split`).
-fn chunk_loss(
+/// One micro-batch: the backbone forward, the heads and the loss chunk by
+/// chunk over T with a backward each (to the heads' input h, a leaf), then
+/// one backward of dL/dh into the backbone.
+fn micro_batch(
     p: &Policy,
     ro: &Rollout,
     batch: &ReplayBatch,
     adv: &Tensor,
     cfg: &ReplayConfig,
-) -> Result<(Tensor, LossMetrics, Tensor, Tensor)> {
+) -> Result<LossSums> {
+    let net = &p.model.net;
     let temp = cfg.score_temperature.unwrap_or(ro.temperature);
-    let (cur, h) = replay::score_split(&p.model.net, p.router.as_ref(), batch, temp)?;
-    let reference = if cfg.loss.beta != 0.0 {
-        Some(reference_scores(p, ro, batch, temp, cfg.ref_inputs)?)
+    replay::check_temperature(temp)?;
+    let h = replay::hidden_states(net, batch)?;
+    let leaf = h.f_detach()?.set_requires_grad(true);
+    let reference = match (cfg.loss.beta != 0.0, &p.reference, cfg.ref_inputs) {
+        (false, ..) => None,
+        // A frozen backbone is its own reference: its scores are the policy's.
+        (true, Reference::Own, RefInputs::Same) => None,
+        _ => Some(reference_scores(p, ro, batch, temp, cfg.ref_inputs)?),
+    };
+    let old = if cfg.loss.clip.is_some() {
+        Some(old_logps(ro, batch)?)
     } else {
         None
     };
-    let (logp_old, router_old) = if cfg.loss.clip.is_some() {
-        old_logps(ro, batch)?
-    } else {
-        (None, None)
+    let norm = cfg.loss.norm;
+    let weights = token_weights(&batch.mask, norm, cfg.loss.max_len)?;
+    let mut sums = LossSums::new(&cfg.loss);
+    let (b, t) = (batch.tokens.size()[0], batch.tokens.size()[1]);
+    let step = cfg
+        .logits_chunk
+        .unwrap_or_else(|| replay::chunk_len(b, net.cfg.vocab_size))
+        .max(1);
+    for start in (0..t).step_by(step as usize) {
+        let cut = |x: &Tensor| x.f_narrow(1, start, step.min(t - start));
+        let hc = cut(&leaf)?;
+        let modes = cut(&batch.modes)?;
+        let logp = replay::token_logp(net, &hc, &cut(&batch.tokens)?, temp)?;
+        let router = match &p.router {
+            Some(r) => Some(replay::router_logp(r, &hc, &modes)?.1),
+            None => None,
+        };
+        let (logp_ref, router_ref) = match &reference {
+            Some(s) => (
+                Some(cut(&s.logp)?),
+                s.router_logp.as_ref().map(cut).transpose()?,
+            ),
+            None if cfg.loss.beta != 0.0 => own_reference(p, &hc, &modes, &logp)?,
+            None => (None, None),
+        };
+        let old_c = match &old {
+            Some((lp, rlp)) => Some((cut(lp)?, cut(rlp)?)),
+            None => None,
+        };
+        let (mask, rmask) = (cut(&batch.mask)?, cut(&batch.router_mask)?);
+        let x = LossInputs {
+            logp: &logp,
+            logp_ref: logp_ref.as_ref(),
+            logp_old: old_c.as_ref().map(|o| &o.0),
+            router_logp: router.as_ref(),
+            router_logp_ref: router_ref.as_ref(),
+            router_logp_old: old_c.as_ref().map(|o| &o.1),
+            adv,
+            mask: &mask,
+            router_mask: &rmask,
+        };
+        let terms = token_terms(&x, &cfg.loss)?;
+        let part = weighted_sum(&terms.loss, &mask, &cut(&weights)?)?;
+        part.f_backward()?;
+        sums.loss += part.double_value(&[]);
+        let (kl, n) = masked_sum(&terms.kl_token, &mask)?;
+        let (klr, nr) = masked_sum(&terms.kl_router, &rmask)?;
+        let (clipped, _) = masked_sum(&terms.clipped, &mask)?;
+        sums.kl_token += kl;
+        sums.tokens += n;
+        sums.kl_router += klr;
+        sums.decisions += nr;
+        sums.clipped += clipped;
+    }
+    sums.denominator = denominator(&batch.mask, norm)?;
+    let g = leaf.grad();
+    if g.defined() {
+        sums.grad_h_sq = g.f_square()?.f_sum(Kind::Double)?.double_value(&[]);
+        if h.requires_grad() {
+            h.f_mul(&g)?.f_sum(Kind::Float)?.f_backward()?;
+        }
+    }
+    Ok(sums)
+}
+
+/// A frozen backbone's reference on the policy's own inputs: its token
+/// log-probs are the policy's, and the router reference reads the same h.
+fn own_reference(
+    p: &Policy,
+    hc: &Tensor,
+    modes: &Tensor,
+    logp: &Tensor,
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let _g = tch::no_grad_guard();
+    let router = match &p.router_ref {
+        Some(r) => Some(replay::router_logp(r, &hc.f_detach()?, modes)?.1),
+        None => None,
     };
-    let x = LossInputs {
-        logp: &cur.logp,
-        logp_ref: reference.as_ref().map(|r| &r.logp),
-        logp_old: logp_old.as_ref(),
-        router_logp: cur.router_logp.as_ref(),
-        router_logp_ref: reference.as_ref().and_then(|r| r.router_logp.as_ref()),
-        router_logp_old: router_old.as_ref(),
-        adv,
-        mask: &batch.mask,
-        router_mask: &batch.router_mask,
-    };
-    let (loss, m) = policy_loss(&x, &cfg.loss)?;
-    Ok((loss, m, cur.hidden, h))
+    Ok((Some(logp.f_detach()?), router))
 }
 
 /// The frozen reference's scores on the same rows (no autograd).
@@ -116,63 +290,54 @@ fn reference_scores(
     batch: &ReplayBatch,
     temp: f64,
     inputs: RefInputs,
-) -> Result<replay::Scores> {
+) -> Result<Scores> {
     let _g = tch::no_grad_guard();
+    let net = &p.model.net;
     let hard;
     let rows = match inputs {
         RefInputs::Same => batch,
         RefInputs::Hard => {
-            hard = replay::build_with(&p.model.net, p.gate.as_ref(), &all_hard(ro), &batch.rows)?;
+            let mut b = replay::build_with(net, p.gate.as_ref(), &all_hard(ro), &batch.rows)?;
+            // The reference router is scored at the modes the policy chose,
+            // not at the all-hard modes its inputs were built from: those
+            // would compare log pi(soft) with log pi_ref(hard) at every soft
+            // step (about 93 nats of k3 at the paper's initial bias).
+            b.modes = batch.modes.shallow_clone();
+            hard = b;
             &hard
         }
     };
+    let score = |reference: &Llama| {
+        replay::score_shared_prompts(reference, p.router_ref.as_ref(), ro, rows, temp)
+    };
     match &p.reference {
         Reference::Base => {
-            p.model.net.set_lora_enabled(false);
-            let s =
-                replay::score_shared_prompts(&p.model.net, p.router_ref.as_ref(), ro, rows, temp);
-            p.model.net.set_lora_enabled(true);
+            net.set_lora_reference(true);
+            let s = score(net);
+            net.set_lora_reference(false);
             s
         }
-        Reference::Model(m) => {
-            replay::score_shared_prompts(&m.net, p.router_ref.as_ref(), ro, rows, temp)
-        }
-        Reference::None => {
-            bail!(
-                "beta > 0 needs a reference model (or LoRA, whose base weights are the reference)"
-            )
-        }
+        Reference::Model(m) => score(m),
+        Reference::Own => score(net),
     }
 }
 
 /// The same completions with every input hard (for `ref_inputs: hard`).
 fn all_hard(ro: &Rollout) -> Rollout {
-    let records = ro
-        .records
-        .iter()
-        .map(|recs| {
-            recs.iter()
-                .map(|r| {
-                    let mut r = r.clone();
-                    r.mode = HARD;
-                    r.mix_ids.clear();
-                    r.mix_weights.clear();
-                    r
-                })
-                .collect()
-        })
-        .collect();
-    Rollout {
-        prompts: ro.prompts.clone(),
-        records,
-        inputs: Vec::new(),
-        temperature: ro.temperature,
-        mix_k: ro.mix_k,
+    let mut out = ro.select(&(0..ro.records.len()).collect::<Vec<_>>());
+    for r in out.records.iter_mut().flatten() {
+        if r.has_token() {
+            r.mode = crate::policy::HARD;
+            r.mix_ids.clear();
+            r.mix_weights.clear();
+            r.latent = Default::default();
+        }
     }
+    out
 }
 
 /// The rollout's recorded token and router log-probs as (B, T) tensors (PPO's old policy).
-fn old_logps(ro: &Rollout, batch: &ReplayBatch) -> Result<(Option<Tensor>, Option<Tensor>)> {
+fn old_logps(ro: &Rollout, batch: &ReplayBatch) -> Result<(Tensor, Tensor)> {
     let t = batch.tokens.size()[1] as usize;
     let (mut lp, mut rlp) = (
         vec![0f32; batch.rows.len() * t],
@@ -192,5 +357,5 @@ fn old_logps(ro: &Rollout, batch: &ReplayBatch) -> Result<(Option<Tensor>, Optio
             .f_to_device(dev)?
             .f_to_kind(Kind::Float)?)
     };
-    Ok((Some(to(&lp)?), Some(to(&rlp)?)))
+    Ok((to(&lp)?, to(&rlp)?))
 }

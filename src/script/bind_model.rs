@@ -58,6 +58,7 @@ pub fn register(engine: &mut Engine) {
         rt(m.0.borrow().policy.model.export_merged(Path::new(dir)))
     });
     engine.register_get("info", |m: &mut Backbone| info(m));
+    engine.register_fn("param_norms", |m: &mut Backbone| rt(param_norms(m)));
     engine.register_get("has_router", |m: &mut Backbone| {
         m.0.borrow().policy.router.is_some()
     });
@@ -120,7 +121,45 @@ fn load_backbone(path: &str, o: Map) -> Result<Backbone> {
     if let Some(dir) = o.opt_str("adapter")? {
         model.load_lora(Path::new(&dir))?;
     }
+    let patterns = train_patterns(&o, model.net.has_lora())?;
+    model.net.set_trainable(&patterns)?;
     Ok(Backbone::new(model, o.usize("seed")? as u64))
+}
+
+/// The base weights `train` selects: all of them by default without LoRA
+/// (full fine-tuning, as TRL does without a PEFT config), none with LoRA or
+/// for "none" (router-only training), or the listed name patterns.
+fn train_patterns(o: &Opts, lora: bool) -> Result<Vec<String>> {
+    let Some(v) = o.raw("train") else {
+        return Ok(if lora { vec![] } else { vec!["*".into()] });
+    };
+    let patterns: Vec<String> = if v.is_string() {
+        match v.to_string().as_str() {
+            "all" => vec!["*".into()],
+            "none" => vec![],
+            other => bail!(
+                "load_backbone: train must be \"all\", \"none\" or an array of weight-name patterns, got {other:?}"
+            ),
+        }
+    } else if let Some(a) = v.clone().try_cast::<Array>() {
+        a.iter()
+            .enumerate()
+            .map(|(i, p)| {
+                p.clone().into_string().map_err(|t| {
+                    anyhow::anyhow!("load_backbone: train[{i}] must be a string pattern, got {t}")
+                })
+            })
+            .collect::<Result<_>>()?
+    } else {
+        bail!(
+            "load_backbone: train must be \"all\", \"none\" or an array of weight-name patterns, got {}",
+            v.type_name()
+        );
+    };
+    if lora && !patterns.is_empty() {
+        bail!("load_backbone: with lora the base weights are frozen; drop `train` or `lora`");
+    }
+    Ok(patterns)
 }
 
 fn attach_router(m: &Backbone, o: Map) -> Result<RouterHandle> {
@@ -159,7 +198,7 @@ fn attach_gate(m: &Backbone, o: Map) -> Result<()> {
     Ok(())
 }
 
-fn router_of(p: &crate::rl::train::Policy) -> Result<&Router> {
+fn router_of(p: &crate::rl::policy::Policy) -> Result<&Router> {
     p.router
         .as_ref()
         .context("this backbone has no router: attach_router(m) first")
@@ -229,9 +268,33 @@ fn info(m: &Backbone) -> Map {
     map.insert("hidden".into(), c.hidden_size.into());
     map.insert("vocab".into(), c.vocab_size.into());
     map.insert("lora".into(), p.model.net.has_lora().into());
+    let trained = p.model.net.trainable();
+    map.insert("trainable".into(), (trained.len() as i64).into());
     map.insert("router".into(), p.router.is_some().into());
     map.insert("hrpo_gate".into(), p.gate.is_some().into());
     map
+}
+
+/// The L2 norm of each group of trainable parameters (the optimizer's
+/// groups: lora, backbone, backbone_no_decay, router_weight, router_bias,
+/// hrpo_gate), to watch what training moves.
+fn param_norms(m: &Backbone) -> Result<Map> {
+    let st = m.0.borrow();
+    let mut out = Map::new();
+    for g in crate::rl::policy::param_groups(&st.policy, 0.0, 0.0, 0.0) {
+        let sq: f64 = g
+            .params
+            .iter()
+            .map(|t| {
+                Ok(t.f_detach()?
+                    .f_square()?
+                    .f_sum(tch::Kind::Double)?
+                    .double_value(&[]))
+            })
+            .sum::<Result<f64>>()?;
+        out.insert(g.name.into(), sq.sqrt().into());
+    }
+    Ok(out)
 }
 
 fn describe(m: &Backbone) -> String {

@@ -4,8 +4,8 @@ use super::bind_model::encode_prompt;
 use super::help;
 use super::opts::Opts;
 use super::types::*;
-use crate::policy::router::SOFT;
 use crate::policy::{rollout_with, Latent, RolloutOptions, Sampling};
+use crate::policy::{HARD, SOFT};
 use crate::rl::{advantage, metrics, reward as rewards};
 use anyhow::{anyhow, bail, Result};
 use rhai::{Array, Dynamic, Engine, EvalAltResult, FnPtr, Map, NativeCallContext};
@@ -91,8 +91,8 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn(
         "overlong_penalty",
         |ro: RolloutHandle, max_len: i64, cache: i64| -> Array {
-            float_array(ro.0.ro.records.iter().map(|r| {
-                advantage::overlong_penalty(r.len(), max_len.max(0) as usize, cache.max(0) as usize)
+            float_array(ro.0.ro.lengths().into_iter().map(|n| {
+                advantage::overlong_penalty(n, max_len.max(0) as usize, cache.max(0) as usize)
             }))
         },
     );
@@ -120,6 +120,7 @@ pub fn register(engine: &mut Engine) {
                 "grad_norm",
                 "grad_hidden_norm",
                 "grad_action_norm",
+                "clip_frac",
                 "lr",
                 "loss",
                 "skipped",
@@ -157,16 +158,23 @@ fn register_methods(engine: &mut Engine) {
             .collect()
     });
     engine.register_get("lengths", |r: &mut RolloutHandle| {
-        int_array(r.0.ro.records.iter().map(|x| x.len() as i64))
+        int_array(r.0.ro.lengths().into_iter().map(|n| n as i64))
     });
     engine.register_fn("text", |r: &mut RolloutHandle, i: i64| -> Res<String> {
         Ok(r.0.texts[rt(index(r, i))?].clone())
     });
     engine.register_fn("tokens", |r: &mut RolloutHandle, i: i64| -> Res<Array> {
         let i = rt(index(r, i))?;
-        Ok(int_array(r.0.ro.records[i].iter().map(|t| t.token)))
+        Ok(int_array(r.0.ro.tokens().swap_remove(i)))
     });
     engine.register_fn("records", |r: &mut RolloutHandle, i: i64| rt(records(r, i)));
+    engine.register_fn(
+        "prompt_tokens",
+        |r: &mut RolloutHandle, i: i64| -> Res<Array> {
+            let i = rt(index(r, i))?;
+            Ok(int_array(r.0.ro.prompts[i].iter().copied()))
+        },
+    );
     engine.register_fn("soft_ratio", |r: &mut RolloutHandle| r.0.ro.soft_ratio());
     engine.register_fn("marked", |r: &mut RolloutHandle, i: i64| -> Res<String> {
         let i = rt(index(r, i))?;
@@ -208,9 +216,18 @@ fn records(r: &RolloutHandle, i: i64) -> Result<Array> {
         .map(|(pos, t)| {
             let mut m = Map::new();
             m.insert("position".into(), (pos as i64).into());
-            m.insert("token".into(), t.token.into());
-            m.insert("text".into(), tok.decode(&[t.token], false)?.into());
-            let mode = if t.mode == SOFT { "soft" } else { "hard" };
+            let (token, text) = if t.has_token() {
+                (t.token.into(), tok.decode(&[t.token], false)?.into())
+            } else {
+                (Dynamic::UNIT, Dynamic::from(String::new()))
+            };
+            m.insert("token".into(), token);
+            m.insert("text".into(), text);
+            let mode = match t.mode {
+                HARD => "hard",
+                SOFT => "soft",
+                _ => "latent",
+            };
             m.insert("mode".into(), mode.into());
             m.insert("forced".into(), t.forced.into());
             m.insert("p_soft".into(), (t.p_soft as f64).into());
@@ -325,9 +342,11 @@ fn latent_mode(o: &Opts, has_router: bool, has_gate: bool) -> Result<(Latent, bo
                 .transpose()?,
         },
         "hidden" => Latent::Coconut {
-            latent_steps: o.opt_int("latent_steps")?.ok_or_else(|| {
-                anyhow!("rollout_group: soft \"hidden\" (Coconut) needs `latent_steps`")
-            })? as usize,
+            latent_steps: match o.opt_int("latent_steps")? {
+                Some(n) if n >= 0 => n as usize,
+                Some(n) => bail!("rollout_group: option `latent_steps` must be >= 0, got {n}"),
+                None => bail!("rollout_group: soft \"hidden\" (Coconut) needs `latent_steps`"),
+            },
         },
         _ => Latent::Hrpo,
     };
@@ -344,10 +363,7 @@ fn latent_mode(o: &Opts, has_router: bool, has_gate: bool) -> Result<(Latent, bo
 fn rollout_group(m: &Backbone, prompts: Array, o: Map) -> Result<RolloutHandle> {
     let o = Opts::check("rollout_group", help::ROLLOUT_GROUP, o)?;
     let items = prompt_items(prompts)?;
-    let group = o.usize("group")?;
-    if group == 0 {
-        bail!("rollout_group: group must be >= 1");
-    }
+    let group = o.positive("group")?;
     let mut st = m.0.borrow_mut();
     let seed = match o.opt_int("seed")? {
         Some(s) => s as u64,
@@ -367,9 +383,22 @@ fn rollout_group(m: &Backbone, prompts: Array, o: Map) -> Result<RolloutHandle> 
         top_k: o.int("top_k")?,
         top_p: o.float("top_p")?,
     };
-    let max_new = o.usize("max_new")?;
+    let max_new = o.positive("max_new")?;
     let mut opts = RolloutOptions::new(max_new, sampling, seed, p.model.eos.clone());
     opts.mix_k = o.int("topk")?;
+    let max_prompt = o.positive("max_prompt")?;
+    opts.max_prompt = Some(max_prompt);
+    let long = ids
+        .iter()
+        .step_by(group)
+        .filter(|p| p.len() > max_prompt)
+        .count();
+    if long > 0 {
+        eprintln!(
+            "rollout_group: {long} of {} prompts are longer than max_prompt = {max_prompt} tokens: they keep their last {max_prompt} (left-truncated)",
+            items.len()
+        );
+    }
     opts.latent = latent;
     let marker = o.str("answer_marker")?;
     opts.answer_marker = (!marker.is_empty()).then_some(marker);

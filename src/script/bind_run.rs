@@ -441,11 +441,12 @@ fn save_checkpoint(
     o: &OptimizerHandle,
     d: Option<&DatasetHandle>,
 ) -> Result<String> {
-    let opt = o.0.borrow();
+    let mut opt = o.0.borrow_mut();
     if !opt.backbone.same(m) {
         bail!("save_checkpoint: the optimizer belongs to another backbone");
     }
     let st = m.0.borrow();
+    super::bind_train::sync_params(&mut opt, &st.policy)?;
     let sampler = d.map(|d| *d.sampler.borrow());
     let parts = checkpoint::Parts {
         policy: &st.policy,
@@ -476,6 +477,7 @@ fn resume(
         bail!("resume: the optimizer belongs to another backbone");
     }
     let mut st = m.0.borrow_mut();
+    super::bind_train::sync_params(&mut opt, &st.policy)?;
     let (step, rng, sampler) = checkpoint::load_parts(&st.policy, &mut opt.adamw, &dir)?;
     st.rng.state = rng;
     match (d, sampler) {

@@ -1,15 +1,20 @@
 //! Training in scripts: `optimizer`, `tarpo_loss` and `opt.step(loss)`.
-//! `tarpo_loss` replays the rollout and accumulates the loss's gradient
-//! micro-batch by micro-batch (so memory stays bounded); the returned Loss
-//! stands for that gradient, which `opt.step` consumes exactly once.
+//! `tarpo_loss` replays the rollout and adds the gradient of its loss to the
+//! parameters micro-batch by micro-batch (so memory stays bounded); the
+//! returned Loss stands for that gradient. Losses accumulate as in PyTorch
+//! until `opt.step(loss)` or `opt.step([l1, l2, ...])` steps on them, which
+//! must name exactly the pending ones: their gradient is then that of one
+//! batch of all their completions, in every normalisation mode
+//! (`rl::update`). The optimizer takes in parameters that appeared after it
+//! was made (a router attached later) at each step.
 use super::help;
 use super::opts::Opts;
 use super::types::*;
-use crate::rl::loss::LossConfig;
+use crate::rl::loss::{LossConfig, LossMetrics};
 use crate::rl::loss_agg::Norm;
 use crate::rl::optim::{grad_norm, zero_grads, AdamW, AdamWConfig, Schedule};
-use crate::rl::train::{param_groups, RefInputs};
-use crate::rl::update::{accumulate_gradients, ReplayConfig};
+use crate::rl::policy::param_groups;
+use crate::rl::update::{backward, finish, LossSums, RefInputs, ReplayConfig};
 use anyhow::{bail, Result};
 use rhai::{Array, Engine, Map};
 use std::cell::RefCell;
@@ -30,8 +35,24 @@ pub fn register(engine: &mut Engine) {
         |m: Backbone, ro: RolloutHandle, adv: Array, o: Map| rt(tarpo_loss(&m, &ro, &adv, o)),
     );
     engine.register_fn("step", |o: &mut OptimizerHandle, l: LossHandle| {
-        rt(step(o, &l))
+        rt(step(o, &[l]))
     });
+    engine.register_fn("step", |o: &mut OptimizerHandle, ls: Array| {
+        let losses = rt(ls
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| {
+                let t = v.type_name();
+                v.try_cast::<LossHandle>()
+                    .ok_or_else(|| anyhow::anyhow!("opt.step: losses[{i}] must be a Loss, got {t}"))
+            })
+            .collect::<Result<Vec<_>>>())?;
+        if losses.is_empty() {
+            return rt(Err(anyhow::anyhow!("opt.step: no losses given")));
+        }
+        rt(step(o, &losses))
+    });
+    engine.register_fn("zero_grad", |o: &mut OptimizerHandle| rt(zero_grad(o)));
     engine.register_get("lr", |o: &mut OptimizerHandle| {
         o.0.borrow().adamw.lrs().first().copied().unwrap_or(0.0)
     });
@@ -49,7 +70,7 @@ pub fn register(engine: &mut Engine) {
     engine.register_get("value", |l: &mut LossHandle| l.metrics.loss);
     engine.register_get("kl_token", |l: &mut LossHandle| l.metrics.kl_token);
     engine.register_get("kl_router", |l: &mut LossHandle| l.metrics.kl_router);
-    engine.register_fn("metrics", |l: &mut LossHandle| loss_map(l));
+    engine.register_fn("metrics", |l: &mut LossHandle| loss_map(&l.metrics));
     engine.register_fn("to_string", |l: &mut LossHandle| {
         format!(
             "Loss({:.6}, kl_token {:.3e}, kl_router {:.3e})",
@@ -79,16 +100,18 @@ fn optimizer(m: &Backbone, o: Map) -> Result<OptimizerHandle> {
         schedule,
         ..AdamWConfig::default()
     };
-    let st = m.0.borrow();
-    let groups = param_groups(
-        &st.policy,
+    let (lr, router_lr, weight_decay) = (
         o.float("lr")?,
         o.float("router_lr")?,
         o.float("weight_decay")?,
     );
+    let mut st = m.0.borrow_mut();
+    // Full fine-tuning: the KL reference is the weights as they are now.
+    st.policy.freeze_reference()?;
+    let groups = param_groups(&st.policy, lr, router_lr, weight_decay);
     if groups.is_empty() {
         bail!(
-            "optimizer: nothing to train: load the backbone with lora: #{{...}} or attach a router"
+            "optimizer: nothing to train: the backbone is frozen (train: \"none\") and has no router or HRPO gate; attach_router(m) first, or load it with lora: #{{...}} or train: \"all\""
         );
     }
     let adamw = AdamW::new(groups, config)?;
@@ -96,6 +119,9 @@ fn optimizer(m: &Backbone, o: Map) -> Result<OptimizerHandle> {
     Ok(OptimizerHandle(Rc::new(RefCell::new(OptimizerState {
         adamw,
         backbone: m.clone(),
+        lr,
+        router_lr,
+        weight_decay,
     }))))
 }
 
@@ -113,16 +139,17 @@ fn tarpo_loss(m: &Backbone, ro: &RolloutHandle, adv: &Array, o: Map) -> Result<L
     };
     let cfg = ReplayConfig {
         loss: LossConfig {
-            lambda: o.float("lambda")?,
-            beta: o.float("beta")?,
+            lambda: o.finite("lambda")?,
+            beta: o.finite("beta")?,
             kl: o.str("kl")?,
             norm: Norm::parse(&o.str("norm")?)?,
             max_len: o.opt_int("max_len")?.unwrap_or(ro.0.max_new as i64),
             clip,
         },
-        micro_batch: o.usize("micro_batch")?.max(1),
+        micro_batch: o.positive("micro_batch")?,
         ref_inputs,
         score_temperature: o.opt_float("score_temperature")?,
+        logits_chunk: None,
     };
     crate::rl::kl::lookup(&cfg.loss.kl)?;
     let mut st = m.0.borrow_mut();
@@ -132,37 +159,87 @@ fn tarpo_loss(m: &Backbone, ro: &RolloutHandle, adv: &Array, o: Map) -> Result<L
             cfg.loss.lambda
         );
     }
-    // A new loss owns the gradient: clear what an unstepped or interrupted one left.
-    zero_grads(&st.policy.parameters())?;
-    st.pending_loss = 0;
-    let metrics = accumulate_gradients(&st.policy, &ro.0.ro, &adv, &cfg)?;
+    if !ro.0.backbone.same(m) {
+        bail!("tarpo_loss: the rollout was made by another backbone");
+    }
+    let sums = match backward(&st.policy, &ro.0.ro, &adv, &cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            // Part of this loss's gradient is in the parameters: drop it all.
+            zero_grads(&st.policy.parameters())?;
+            let lost = std::mem::take(&mut st.pending).serials.len();
+            return Err(if lost > 0 {
+                e.context(format!("tarpo_loss failed; the gradient of the {lost} loss(es) computed before it was dropped too"))
+            } else {
+                e
+            });
+        }
+    };
+    let mut total = match st.pending.sums.take() {
+        Some(t) => t,
+        None => LossSums::new(&cfg.loss),
+    };
+    if let Err(e) = total.add(&sums) {
+        st.pending.sums = Some(total);
+        bail!("tarpo_loss: {e}");
+    }
     st.losses += 1;
-    st.pending_loss = st.losses;
+    let serial = st.losses;
+    st.pending.serials.push(serial);
+    st.pending.sums = Some(total);
     Ok(LossHandle {
-        metrics,
-        serial: st.losses,
+        metrics: sums.metrics(),
+        serial,
         backbone: m.clone(),
     })
 }
 
-fn step(o: &OptimizerHandle, l: &LossHandle) -> Result<rhai::Map> {
+/// `opt.step(loss)` or `opt.step([losses])`: one AdamW step on the gradient
+/// the losses accumulated, which must be exactly the ones pending.
+fn step(o: &OptimizerHandle, losses: &[LossHandle]) -> Result<rhai::Map> {
     let mut st = o.0.borrow_mut();
-    if !st.backbone.same(&l.backbone) {
-        bail!("opt.step: this loss belongs to another backbone than the optimizer's");
+    if let Some(l) = losses.iter().find(|l| !st.backbone.same(&l.backbone)) {
+        bail!(
+            "opt.step: loss #{} belongs to another backbone than the optimizer's",
+            l.serial
+        );
     }
-    let mut bb = st.backbone.0.borrow_mut();
-    if bb.pending_loss != l.serial {
-        bail!("opt.step: this loss's gradient is gone (already stepped, or a newer tarpo_loss replaced it)");
+    let backbone = st.backbone.clone();
+    let mut bb = backbone.0.borrow_mut();
+    let pending = &bb.pending.serials;
+    let mut given: Vec<u64> = losses.iter().map(|l| l.serial).collect();
+    given.sort_unstable();
+    if given.windows(2).any(|w| w[0] == w[1]) {
+        bail!("opt.step: a loss is given twice");
     }
+    if let Some(g) = given.iter().find(|s| !pending.contains(s)) {
+        bail!("opt.step: the gradient of loss #{g} is gone (already stepped, or dropped by opt.zero_grad() or a failed tarpo_loss)");
+    }
+    if given.len() != pending.len() {
+        let others: Vec<String> = pending
+            .iter()
+            .filter(|s| !given.contains(s))
+            .map(|s| format!("#{s}"))
+            .collect();
+        bail!(
+            "opt.step: the gradient also holds loss {} (computed and not stepped); pass every loss to accumulate, opt.step([a, b, ...]), or drop the others with opt.zero_grad() first",
+            others.join(", ")
+        );
+    }
+    let Some(sums) = bb.pending.sums.take() else {
+        bail!("internal: pending losses without their sums");
+    };
+    bb.pending.serials.clear();
+    sync_params(&mut st, &bb.policy)?;
+    let metrics = finish(&bb.policy.parameters(), &sums)?;
     let router_grad = match &bb.policy.router {
         Some(r) => grad_norm(&r.parameters())?,
         None => 0.0,
     };
-    bb.pending_loss = 0;
     drop(bb);
     let report = st.adamw.step()?;
     st.adamw.zero_grad()?;
-    let mut m = loss_map(l);
+    let mut m = loss_map(&metrics);
     m.insert("grad_norm".into(), report.grad_norm.into());
     m.insert("grad_action_norm".into(), router_grad.into());
     m.insert("lr".into(), report.lr.into());
@@ -171,11 +248,32 @@ fn step(o: &OptimizerHandle, l: &LossHandle) -> Result<rhai::Map> {
     Ok(m)
 }
 
-fn loss_map(l: &LossHandle) -> Map {
+/// Gives the optimizer the parameters the policy has now (a router or gate
+/// attached after it was made is trained from here on).
+pub(super) fn sync_params(
+    opt: &mut OptimizerState,
+    policy: &crate::rl::policy::Policy,
+) -> Result<()> {
+    let groups = param_groups(policy, opt.lr, opt.router_lr, opt.weight_decay);
+    opt.adamw.sync_groups(groups)?;
+    Ok(())
+}
+
+/// `opt.zero_grad()`: drops every pending loss's gradient.
+fn zero_grad(o: &OptimizerHandle) -> Result<()> {
+    let st = o.0.borrow();
+    let mut bb = st.backbone.0.borrow_mut();
+    zero_grads(&bb.policy.parameters())?;
+    bb.pending = Default::default();
+    Ok(())
+}
+
+fn loss_map(l: &LossMetrics) -> Map {
     let mut m = Map::new();
-    m.insert("loss".into(), l.metrics.loss.into());
-    m.insert("kl_token".into(), l.metrics.kl_token.into());
-    m.insert("kl_router".into(), l.metrics.kl_router.into());
-    m.insert("grad_hidden_norm".into(), l.metrics.grad_hidden_norm.into());
+    m.insert("loss".into(), l.loss.into());
+    m.insert("kl_token".into(), l.kl_token.into());
+    m.insert("kl_router".into(), l.kl_router.into());
+    m.insert("grad_hidden_norm".into(), l.grad_hidden_norm.into());
+    m.insert("clip_frac".into(), l.clip_frac.into());
     m
 }

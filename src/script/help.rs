@@ -22,7 +22,12 @@ pub const LOAD_BACKBONE: &[Opt] = &[
     opt(
         "adapter",
         Def::Unset(Ty::Str),
-        "load a saved PEFT adapter directory",
+        "warm start from a saved PEFT adapter (also the KL reference)",
+    ),
+    opt(
+        "train",
+        Def::Unset(Ty::Any),
+        "base weights that train: \"all\" (default without lora), \"none\", or name patterns [\"layers.*\", \"norm\"]",
     ),
     opt(
         "seed",
@@ -71,7 +76,8 @@ pub const ROLLOUT_GROUP: &[Opt] = &[
     opt("answer_marker", Def::Str("####"), "steps after this text are hard (\"\": none)"),
     opt("cold_stop", Def::Unset(Ty::Float), "Soft Thinking: entropy threshold of the cold stop"),
     opt("patience", Def::Int(2), "Soft Thinking: low-entropy steps before the cold stop"),
-    opt("latent_steps", Def::Unset(Ty::Int), "Coconut: latent steps before text"),
+    opt("latent_steps", Def::Unset(Ty::Int), "Coconut: continuous thoughts before the text (no tokens)"),
+    opt("max_prompt", Def::Int(1024), "prompts keep their last max_prompt tokens (left-truncation)"),
     opt("chat", Def::Unset(Ty::Bool), "chat template around prompts (default: when the tokenizer has one)"),
     opt("system", Def::Unset(Ty::Str), "system message (with chat)"),
     opt("seed", Def::Unset(Ty::Int), "rollout seed (default: drawn from the backbone's seed)"),
@@ -83,7 +89,11 @@ pub const COMPUTE_ADVANTAGES: &[Opt] = &[
 ];
 
 pub const OPTIMIZER: &[Opt] = &[
-    opt("lr", Def::Float(5e-6), "backbone (LoRA) learning rate"),
+    opt(
+        "lr",
+        Def::Float(5e-6),
+        "backbone (LoRA or full) learning rate",
+    ),
     opt(
         "router_lr",
         Def::Float(1e-4),
@@ -92,7 +102,7 @@ pub const OPTIMIZER: &[Opt] = &[
     opt(
         "weight_decay",
         Def::Float(0.1),
-        "decoupled weight decay (not on the router bias)",
+        "decoupled weight decay (not on norms, biases, the router bias or the HRPO gate)",
     ),
     opt(
         "clip",
@@ -205,8 +215,8 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "compute_advantages", sig: "compute_advantages(rewards, opts) -> [float]", doc: "Group-relative advantages of an array of rewards (grpo, drgrpo, rloo).", opts: COMPUTE_ADVANTAGES },
     Prim { name: "zero_adv_frac", sig: "zero_adv_frac(rewards, group) -> float", doc: "Fraction of groups whose rewards are all equal (no learning signal).", opts: NONE },
     Prim { name: "overlong_penalty", sig: "overlong_penalty(ro, max_len, cache) -> [float]", doc: "DAPO's soft overlong punishment per completion (add it to the rewards).", opts: NONE },
-    Prim { name: "optimizer", sig: "optimizer(m, opts?) -> Optimizer", doc: "AdamW over the LoRA weights, the router and the HRPO gate, with warm-up and decay; opt.step(loss).", opts: OPTIMIZER },
-    Prim { name: "tarpo_loss", sig: "tarpo_loss(m, ro, adv, opts?) -> Loss", doc: "Replay the rollout and accumulate the gradient of TARPO's joint token+router loss (lambda 0: GRPO).", opts: TARPO_LOSS },
+    Prim { name: "optimizer", sig: "optimizer(m, opts?) -> Optimizer", doc: "AdamW over the trainable weights (LoRA or the backbone), the router and the HRPO gate, with warm-up and decay; opt.step(loss).", opts: OPTIMIZER },
+    Prim { name: "tarpo_loss", sig: "tarpo_loss(m, ro, adv, opts?) -> Loss", doc: "Replay the rollout and add the gradient of TARPO's joint token+router loss (lambda 0: GRPO); several accumulate into one opt.step([l1, l2]).", opts: TARPO_LOSS },
     Prim { name: "step_metrics", sig: "step_metrics(m, ro, rewards, adv) -> map", doc: "The per-step metrics of ALGORITHMS.md (reward, soft_ratio, entropies, ...).", opts: NONE },
     Prim { name: "new_run", sig: "new_run(dir, config?) -> Run", doc: "A run directory: config.json, run.log(metrics) rows (metrics.parquet), run.log_tokens(ro, rw, adv).", opts: NONE },
     Prim { name: "load_run", sig: "load_run(dir) -> Run", doc: "Open an existing run directory for analysis.", opts: NONE },
@@ -228,11 +238,11 @@ pub const PRIMITIVES: &[Prim] = &[
 
 /// Methods and properties of the workbench's types (for completion and help).
 pub const METHODS: &[(&str, &str)] = &[
-    ("Backbone", "generate(prompt, opts?) tokenize(text) decode(ids) save_adapter(dir) export_merged(dir) info has_router router"),
+    ("Backbone", "generate(prompt, opts?) tokenize(text) decode(ids) save_adapter(dir) export_merged(dir) param_norms() info has_router router"),
     ("Router", "p_soft bias save(path)"),
     ("Dataset", "sample(n) len() get(i) rows(start, n)"),
-    ("Rollout", "len() group texts text(i) tokens(i) records(i) prompts answers lengths soft_ratio marked(i) select(rows)"),
-    ("Optimizer", "step(loss) lr steps"),
+    ("Rollout", "len() group texts text(i) tokens(i) records(i) prompt_tokens(i) prompts answers lengths soft_ratio marked(i) select(rows)"),
+    ("Optimizer", "step(loss | [losses]) zero_grad() lr steps"),
     ("Loss", "value kl_token kl_router metrics()"),
     ("Run", "log(metrics) log_tokens(ro, rewards, adv) metrics() tokens() dir step"),
     ("Frame", "sql(query) head(n) column(name) columns height width write_parquet(path) write_csv(path)"),

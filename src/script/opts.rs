@@ -186,6 +186,27 @@ impl Opts {
         Ok(v as usize)
     }
 
+    /// A positive integer (sizes that cannot be 0: group, micro_batch, max_new).
+    pub fn positive(&self, name: &str) -> Result<usize> {
+        let v = self.int(name)?;
+        if v < 1 {
+            bail!("{}: option `{name}` must be >= 1, got {v}", self.func);
+        }
+        Ok(v as usize)
+    }
+
+    /// A finite float (weights of loss terms).
+    pub fn finite(&self, name: &str) -> Result<f64> {
+        let v = self.float(name)?;
+        if !v.is_finite() {
+            bail!(
+                "{}: option `{name}` must be a finite number, got {v}",
+                self.func
+            );
+        }
+        Ok(v)
+    }
+
     pub fn float(&self, name: &str) -> Result<f64> {
         self.get(name, as_f64, |d| match d {
             Def::Float(f) => Some(f),

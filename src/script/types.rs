@@ -6,7 +6,8 @@ use crate::policy::{Rng, Rollout};
 use crate::rl::dataset::{Dataset, Sampler};
 use crate::rl::loss::LossMetrics;
 use crate::rl::optim::AdamW;
-use crate::rl::train::Policy;
+use crate::rl::policy::Policy;
+use crate::rl::update::LossSums;
 use anyhow::{anyhow, bail, Result};
 use rhai::{Array, Dynamic, EvalAltResult, Map, Position};
 use std::cell::RefCell;
@@ -21,28 +22,25 @@ pub struct BackboneState {
     pub policy: Policy,
     /// Draws each rollout's seed.
     pub rng: Rng,
-    /// Serial of the loss whose gradient the parameters hold (0: none).
-    pub pending_loss: u64,
+    /// The losses whose gradients the parameters hold, not yet stepped.
+    pub pending: Pending,
+    /// Losses computed so far (each gets the next serial).
     pub losses: u64,
+}
+
+/// Gradients accumulated by `tarpo_loss` calls since the last optimizer step.
+#[derive(Default)]
+pub struct Pending {
+    pub serials: Vec<u64>,
+    pub sums: Option<LossSums>,
 }
 
 impl Backbone {
     pub fn new(model: Model, seed: u64) -> Backbone {
-        let reference = if model.net.has_lora() {
-            crate::rl::train::Reference::Base
-        } else {
-            crate::rl::train::Reference::None
-        };
         Backbone(Rc::new(RefCell::new(BackboneState {
-            policy: Policy {
-                model,
-                router: None,
-                router_ref: None,
-                gate: None,
-                reference,
-            },
+            policy: Policy::new(model),
             rng: Rng::new(seed),
-            pending_loss: 0,
+            pending: Pending::default(),
             losses: 0,
         })))
     }
@@ -90,9 +88,10 @@ pub struct RolloutData {
 }
 
 /// The loss of one `tarpo_loss` call; its gradient is in the parameters until
-/// an optimizer step consumes it.
+/// an optimizer step consumes it (with the other losses accumulated with it).
 #[derive(Clone)]
 pub struct LossHandle {
+    /// This loss alone, as a batch of its own.
     pub metrics: LossMetrics,
     pub serial: u64,
     pub backbone: Backbone,
@@ -104,6 +103,11 @@ pub struct OptimizerHandle(pub Rc<RefCell<OptimizerState>>);
 pub struct OptimizerState {
     pub adamw: AdamW,
     pub backbone: Backbone,
+    /// Learning rates and decay for parameters that appear later (a router
+    /// attached after the optimizer was made).
+    pub lr: f64,
+    pub router_lr: f64,
+    pub weight_decay: f64,
 }
 
 /// A native error as a script error (the engine adds the script position).

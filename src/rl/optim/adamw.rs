@@ -114,53 +114,7 @@ impl AdamW {
         if groups.iter().all(|g| g.params.is_empty()) {
             bail!("AdamW got no parameters");
         }
-        let mut seen: HashMap<usize, (usize, usize)> = HashMap::new();
-        for (gi, g) in groups.iter().enumerate() {
-            if !(g.lr.is_finite() && g.lr >= 0.0) {
-                bail!(
-                    "group {gi} ({}): lr must be finite and >= 0, got {}",
-                    g.name,
-                    g.lr
-                );
-            }
-            if !(g.weight_decay.is_finite() && g.weight_decay >= 0.0) {
-                bail!(
-                    "group {gi} ({}): weight_decay must be finite and >= 0, got {}",
-                    g.name,
-                    g.weight_decay
-                );
-            }
-            for (pi, p) in g.params.iter().enumerate() {
-                if !p.defined() {
-                    bail!(
-                        "group {gi} ({}): parameter {pi} is an undefined tensor",
-                        g.name
-                    );
-                }
-                let kind = p.f_kind()?;
-                if !is_float(kind) {
-                    bail!(
-                        "group {gi} ({}): parameter {pi} has dtype {kind:?}; only floating-point parameters can be optimized",
-                        g.name
-                    );
-                }
-                if !p.requires_grad() {
-                    bail!(
-                        "group {gi} ({}): parameter {pi} does not require grad",
-                        g.name
-                    );
-                }
-                if p.numel() > 0 {
-                    let ptr = p.data_ptr() as usize;
-                    if let Some((gj, pj)) = seen.insert(ptr, (gi, pi)) {
-                        bail!(
-                            "parameter {pi} of group {gi} ({}) is the same tensor as parameter {pj} of group {gj}; a parameter may appear only once",
-                            g.name
-                        );
-                    }
-                }
-            }
-        }
+        validate_groups(&groups)?;
         let state = groups
             .iter()
             .map(|g| g.params.iter().map(|_| ParamState::default()).collect())
@@ -196,6 +150,41 @@ impl AdamW {
     /// All skipped steps so far.
     pub fn skipped_steps(&self) -> u64 {
         self.skipped_steps
+    }
+
+    /// Brings the groups in line with `want`, matched by name: a group with
+    /// the same tensors keeps its state (and learning rate), a new group or
+    /// one whose tensors were replaced (a router attached again) starts fresh,
+    /// and a group not in `want` is dropped. Returns the names of the groups
+    /// that were added or replaced.
+    pub fn sync_groups(&mut self, want: Vec<ParamGroup>) -> Result<Vec<String>> {
+        let same = |a: &ParamGroup, b: &ParamGroup| {
+            a.params.len() == b.params.len()
+                && a.params
+                    .iter()
+                    .zip(&b.params)
+                    .all(|(x, y)| x.data_ptr() == y.data_ptr() && x.size() == y.size())
+        };
+        validate_groups(&want)?;
+        let mut old: Vec<(ParamGroup, Vec<ParamState>)> =
+            self.groups.drain(..).zip(self.state.drain(..)).collect();
+        let mut changed = Vec::new();
+        for g in want {
+            let kept = old
+                .iter()
+                .position(|(o, _)| o.name == g.name && same(o, &g));
+            let (group, state) = match kept {
+                Some(i) => old.swap_remove(i),
+                None => {
+                    changed.push(g.name.clone());
+                    let state = g.params.iter().map(|_| ParamState::default()).collect();
+                    (g, state)
+                }
+            };
+            self.groups.push(group);
+            self.state.push(state);
+        }
+        Ok(changed)
     }
 
     /// Schedule factor of the next step.
@@ -282,6 +271,58 @@ impl AdamW {
             skipped: false,
         })
     }
+}
+
+/// Learning rates, decay, dtypes and uniqueness of the parameters.
+fn validate_groups(groups: &[ParamGroup]) -> Result<()> {
+    let mut seen: HashMap<usize, (usize, usize)> = HashMap::new();
+    for (gi, g) in groups.iter().enumerate() {
+        if !(g.lr.is_finite() && g.lr >= 0.0) {
+            bail!(
+                "group {gi} ({}): lr must be finite and >= 0, got {}",
+                g.name,
+                g.lr
+            );
+        }
+        if !(g.weight_decay.is_finite() && g.weight_decay >= 0.0) {
+            bail!(
+                "group {gi} ({}): weight_decay must be finite and >= 0, got {}",
+                g.name,
+                g.weight_decay
+            );
+        }
+        for (pi, p) in g.params.iter().enumerate() {
+            if !p.defined() {
+                bail!(
+                    "group {gi} ({}): parameter {pi} is an undefined tensor",
+                    g.name
+                );
+            }
+            let kind = p.f_kind()?;
+            if !is_float(kind) {
+                bail!(
+                    "group {gi} ({}): parameter {pi} has dtype {kind:?}; only floating-point parameters can be optimized",
+                    g.name
+                );
+            }
+            if !p.requires_grad() {
+                bail!(
+                    "group {gi} ({}): parameter {pi} does not require grad",
+                    g.name
+                );
+            }
+            if p.numel() > 0 {
+                let ptr = p.data_ptr() as usize;
+                if let Some((gj, pj)) = seen.insert(ptr, (gi, pi)) {
+                    bail!(
+                        "parameter {pi} of group {gi} ({}) is the same tensor as parameter {pj} of group {gj}; a parameter may appear only once",
+                        g.name
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// torch's `_single_tensor_adam` with `decoupled_weight_decay=True`,

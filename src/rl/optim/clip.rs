@@ -81,6 +81,21 @@ pub fn zero_grads<'a, I: IntoIterator<Item = &'a Tensor>>(params: I) -> Result<(
     Ok(())
 }
 
+/// Multiplies every defined gradient of `params` by `factor` in place (turns
+/// accumulated sums into means).
+pub fn scale_grads<'a, I: IntoIterator<Item = &'a Tensor>>(params: I, factor: f64) -> Result<()> {
+    if factor == 1.0 {
+        return Ok(());
+    }
+    tch::no_grad(|| {
+        for g in grads_of(params)? {
+            let mut g = g;
+            let _ = g.f_mul_scalar_(factor)?;
+        }
+        Ok(())
+    })
+}
+
 /// Total 2-norm of the gradients of `params` (parameters without a gradient
 /// are left out; 0 when none has one).
 pub fn grad_norm<'a, I: IntoIterator<Item = &'a Tensor>>(params: I) -> Result<f64> {

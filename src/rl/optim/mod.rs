@@ -21,7 +21,7 @@ mod schedule;
 mod state;
 
 pub use adamw::{AdamW, AdamWConfig, ParamGroup, StepReport};
-pub use clip::{clip_grad_norm, grad_norm, zero_grads};
+pub use clip::{clip_grad_norm, grad_norm, scale_grads, zero_grads};
 pub use schedule::{Schedule, ScheduleKind};
 
 /// Helpers shared by the unit tests of the submodules.
