@@ -49,6 +49,28 @@ struct Case {
     adv: Tensor,
 }
 
+/// Four prompts of different lengths, 12 tokens each at T 0.5, top-5 mixtures.
+fn case_rollout(m: &Model, router: &Router) -> Rollout {
+    let prompts = vec![
+        vec![5, 9, 33, 2],
+        vec![7, 100, 3],
+        vec![40, 41, 42, 43, 44, 45],
+        vec![12, 13],
+    ];
+    let mut opts = RolloutOptions::new(
+        12,
+        Sampling {
+            temperature: 0.5,
+            top_k: 0,
+            top_p: 1.0,
+        },
+        17,
+        vec![1],
+    );
+    opts.mix_k = 5;
+    rollout(&m.net, Some(router), None, &prompts, &opts).unwrap()
+}
+
 fn case() -> (Case, PathBuf) {
     let policy_dir = perturbed_policy();
     let policy = Model::load(&policy_dir, Device::Cpu, Kind::Float).unwrap();
@@ -67,24 +89,7 @@ fn case() -> (Case, PathBuf) {
             .shallow_clone()
             .g_add_(&Tensor::from_slice(&[-0.3f32, 0.2]));
     });
-    let prompts = vec![
-        vec![5, 9, 33, 2],
-        vec![7, 100, 3],
-        vec![40, 41, 42, 43, 44, 45],
-        vec![12, 13],
-    ];
-    let mut opts = RolloutOptions::new(
-        12,
-        Sampling {
-            temperature: 0.5,
-            top_k: 0,
-            top_p: 1.0,
-        },
-        17,
-        vec![1],
-    );
-    opts.mix_k = 5;
-    let ro = rollout(&policy.net, Some(&router), None, &prompts, &opts).unwrap();
+    let ro = case_rollout(&policy, &router);
     let batch = replay::build(&policy.net, &ro, &[0, 1, 2, 3]).unwrap();
     let adv = Tensor::from_slice(&[1.0f32, -0.5, 0.25, -1.0]);
     (
@@ -359,24 +364,7 @@ fn router_kl_is_zero_at_initialisation() {
     let model = Model::load(&common::tiny_models().join(BASE), Device::Cpu, Kind::Float).unwrap();
     let h = model.net.cfg.hidden_size;
     let router = Router::new(h, 0.3, 1.0, 5, Device::Cpu).unwrap();
-    let prompts = vec![
-        vec![5, 9, 33, 2],
-        vec![7, 100, 3],
-        vec![40, 41, 42],
-        vec![12, 13],
-    ];
-    let mut opts = RolloutOptions::new(
-        12,
-        Sampling {
-            temperature: 0.5,
-            top_k: 0,
-            top_p: 1.0,
-        },
-        17,
-        vec![1],
-    );
-    opts.mix_k = 5;
-    let ro = rollout(&model.net, Some(&router), None, &prompts, &opts).unwrap();
+    let ro = case_rollout(&model, &router);
     let soft = ro.records.iter().flatten().filter(|r| r.mode == 1).count();
     assert!(soft >= 5, "the rollout has soft steps: {soft}");
     let mut policy = Policy::new(model);

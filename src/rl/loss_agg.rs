@@ -221,10 +221,7 @@ pub fn ppo_clip_objective(
         adv.size(),
         logp.size()
     );
-    let adv = adv.f_detach()?;
-    let rho = logp.f_sub(&logp_old.f_detach()?)?.f_exp()?;
-    let unclipped = rho.f_mul(&adv)?;
-    let clipped = rho.f_clamp(1.0 - eps_low, 1.0 + eps_high)?.f_mul(&adv)?;
+    let (unclipped, clipped) = ppo_branches(logp, logp_old, adv, eps_low, eps_high)?;
     let out = unclipped.f_minimum(&clipped)?;
     ensure!(
         out.size() == logp.size(),
@@ -233,6 +230,20 @@ pub fn ppo_clip_objective(
         logp.size()
     );
     Ok(out)
+}
+
+/// rho * A and clip(rho, 1 - eps_low, 1 + eps_high) * A, with logp_old and A constants.
+fn ppo_branches(
+    logp: &Tensor,
+    logp_old: &Tensor,
+    adv: &Tensor,
+    eps_low: f64,
+    eps_high: f64,
+) -> Result<(Tensor, Tensor)> {
+    let adv = adv.f_detach()?;
+    let rho = logp.f_sub(&logp_old.f_detach()?)?.f_exp()?;
+    let clipped = rho.f_clamp(1.0 - eps_low, 1.0 + eps_high)?.f_mul(&adv)?;
+    Ok((rho.f_mul(&adv)?, clipped))
 }
 
 /// Where the PPO clip is active (the clipped branch strictly below the
@@ -246,9 +257,8 @@ pub fn ppo_clipped(
     eps_high: f64,
 ) -> Result<Tensor> {
     let _g = tch::no_grad_guard();
-    let rho = logp.f_sub(logp_old)?.f_exp()?;
-    let clipped = rho.f_clamp(1.0 - eps_low, 1.0 + eps_high)?.f_mul(adv)?;
-    Ok(clipped.f_lt_tensor(&rho.f_mul(adv)?)?)
+    let (unclipped, clipped) = ppo_branches(logp, logp_old, adv, eps_low, eps_high)?;
+    Ok(clipped.f_lt_tensor(&unclipped)?)
 }
 
 #[cfg(test)]
