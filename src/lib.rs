@@ -8,6 +8,7 @@
 //! -> `script` (Rhai bindings, stdlib) -> `repl` and the CLI in `main.rs`.
 pub mod analysis;
 pub mod ctl;
+pub mod data;
 pub mod model;
 pub mod policy;
 pub mod repl;

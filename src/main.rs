@@ -23,9 +23,10 @@ struct Cli {
 
 #[derive(Args)]
 struct ModelArgs {
-    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json);
+    /// default: the embedded default model.
     #[arg(long)]
-    model: PathBuf,
+    model: Option<PathBuf>,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -38,7 +39,7 @@ impl ModelArgs {
     fn load(&self) -> Result<Model> {
         let dev = device::parse_device(&self.device)?;
         let dtype = device::parse_dtype(&self.dtype)?;
-        Model::load(&self.model, dev, dtype)
+        Model::load(&model_dir(&self.model), dev, dtype)
     }
 }
 
@@ -75,8 +76,9 @@ enum Cmd {
     },
     /// Print the token ids of a text as a JSON array.
     Tokenize {
+        /// Model directory (default: the embedded default model).
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         #[arg(long)]
         text: String,
         /// Do not add the tokenizer's special tokens (e.g. BOS).
@@ -93,8 +95,9 @@ enum Cmd {
     },
     /// Describe a model directory without loading its weights.
     Info {
+        /// Model directory (default: the embedded default model).
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
     },
     /// Run a Rhai script (values of --set reach it as the map `args`).
     Run {
@@ -108,9 +111,14 @@ enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Write a data set as {"prompt", "answer", ...} JSONL.
+    Data {
+        #[command(subcommand)]
+        set: DataSet,
+    },
     /// Interactive Rhai session over the workbench.
     Repl {
-        /// Load this model as `m` at start.
+        /// Load this model as `m` at start (default: the embedded default model).
         #[arg(long)]
         model: Option<PathBuf>,
         /// Device for --model: cpu, cuda or cuda:N.
@@ -119,6 +127,67 @@ enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum DataSet {
+    /// Multi-step arithmetic word problems with worked solutions (seeded).
+    /// OUT a .jsonl file: N problems; OUT a directory: the shipped split,
+    /// arith_train.jsonl (2000, seed 1) and arith_test.jsonl (200, seed 2,
+    /// none of them in train).
+    Arith {
+        out: PathBuf,
+        #[arg(long, default_value_t = 2000)]
+        n: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        #[arg(long, default_value_t = 1)]
+        min_steps: usize,
+        #[arg(long, default_value_t = 3)]
+        max_steps: usize,
+        /// Largest starting count and added or removed amount.
+        #[arg(long, default_value_t = 20)]
+        max_operand: i64,
+        /// Largest value any step may reach.
+        #[arg(long, default_value_t = 99)]
+        max_value: i64,
+        /// Distractor sentences per problem, at most.
+        #[arg(long, default_value_t = 1)]
+        distractors: usize,
+    },
+}
+
+/// `tarpo data arith`: one file, or the shipped train/test pair.
+fn write_arith(out: &Path, n: usize, cfg: tarpo::data::arith::ArithConfig) -> Result<()> {
+    use tarpo::data::{arith, write_jsonl};
+    if out.extension().is_some_and(|e| e == "jsonl") {
+        let rows = arith::generate(n, &cfg)?;
+        write_jsonl(out, &rows)?;
+        println!("wrote {} problems to {}", rows.len(), out.display());
+        return Ok(());
+    }
+    let train = arith::generate(
+        2000,
+        &arith::ArithConfig {
+            seed: 1,
+            ..cfg.clone()
+        },
+    )?;
+    let seen: std::collections::HashSet<&str> = train.iter().map(|p| p.prompt.as_str()).collect();
+    let test: Vec<_> = arith::generate(400, &arith::ArithConfig { seed: 2, ..cfg })?
+        .into_iter()
+        .filter(|p| !seen.contains(p.prompt.as_str()))
+        .take(200)
+        .collect();
+    write_jsonl(&out.join("arith_train.jsonl"), &train)?;
+    write_jsonl(&out.join("arith_test.jsonl"), &test)?;
+    println!(
+        "wrote {} training and {} held-out problems to {}",
+        train.len(),
+        test.len(),
+        out.display()
+    );
+    Ok(())
 }
 
 /// A session for `run`/`repl`: --set values as `args`, progress bars on.
@@ -132,6 +201,11 @@ fn session(set: &[String]) -> Result<tarpo::script::Session> {
     // Panics inside scripts come back as the session's error message.
     std::panic::set_hook(Box::new(|_| {}));
     Ok(tarpo::script::Session::new(args))
+}
+
+/// `--model DIR`, or the embedded default model.
+fn model_dir(model: &Option<PathBuf>) -> PathBuf {
+    model.clone().unwrap_or_else(tarpo::model::default_dir)
 }
 
 fn parse_ids(s: &str) -> Result<Vec<i64>> {
@@ -203,7 +277,7 @@ fn run(cli: Cli) -> Result<()> {
             text,
             no_special,
         } => {
-            let tok = Tokenizer::load(&model)?;
+            let tok = Tokenizer::load(&model_dir(&model))?;
             println!(
                 "{}",
                 serde_json::to_string(&tok.encode(&text, !no_special)?)?
@@ -215,7 +289,7 @@ fn run(cli: Cli) -> Result<()> {
             let logits = last_logits(&m, &ids)?;
             println!("{}", serde_json::to_string(&logits)?);
         }
-        Cmd::Info { model } => info(&model)?,
+        Cmd::Info { model } => info(&model_dir(&model))?,
         Cmd::Run { script, code, set } => {
             let mut s = session(&set)?;
             tarpo::ctl::install_interrupt_handler()?;
@@ -234,9 +308,35 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Cmd::Data {
+            set:
+                DataSet::Arith {
+                    out,
+                    n,
+                    seed,
+                    min_steps,
+                    max_steps,
+                    max_operand,
+                    max_value,
+                    distractors,
+                },
+        } => {
+            let cfg = tarpo::data::arith::ArithConfig {
+                min_steps,
+                max_steps,
+                max_operand,
+                max_value,
+                distractors,
+                seed,
+            };
+            write_arith(&out, n, cfg)?
+        }
         Cmd::Repl { model, device, set } => {
             let s = session(&set)?;
-            let preload = model.map(|m| {
+            let m = model_dir(&model);
+            // The default model loads only when it exists (a fresh clone
+            // before make_default_model, say); a named one must.
+            let preload = (model.is_some() || m.join("config.json").exists()).then(|| {
                 format!(
                     "let m = load_backbone({:?}, #{{device: {:?}}});",
                     m.display().to_string(),

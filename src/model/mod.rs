@@ -7,6 +7,7 @@ pub mod llama;
 pub mod lora;
 pub mod peft;
 pub mod rope;
+pub mod scratch;
 pub mod small_matmul;
 pub mod tokenizer;
 pub mod trainable;
@@ -23,6 +24,16 @@ pub use llama::Llama;
 pub use lora::{LoraAdapter, LoraConfig, LoraUse};
 pub use tokenizer::{Message, Tokenizer};
 pub use weights::Weights;
+
+/// The embedded default model (a tiny Qwen2 trained on the synthetic task by
+/// scripts/make_default_model.rhai, committed under assets/default-model):
+/// `TARPO_DEFAULT_MODEL` when set, else the repository's copy.
+pub fn default_dir() -> PathBuf {
+    match std::env::var_os("TARPO_DEFAULT_MODEL") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/default-model")),
+    }
+}
 
 /// A loaded checkpoint directory: decoder, tokenizer and stop tokens.
 pub struct Model {

@@ -128,13 +128,13 @@ impl Llama {
         Ok(())
     }
 
-    /// Writes an HF model directory with the adapters merged in: `config.json`
+    /// Writes an HF model directory of the model as trained: `config.json`
     /// (its dtype entry set to the written dtype), tokenizer files and
     /// `generation_config.json` when present, and `model.safetensors` holding
     /// every tensor of the checkpoint in `src_dir` under its own name, with
-    /// `W + scaling * B A` for adapted layers. Written in the model's dtype
-    /// (non-float tensors as they are); a tied checkpoint gets no `lm_head`
-    /// unless it had one.
+    /// `W + scaling * B A` for adapted layers and the current values of fully
+    /// trained weights. Written in the model's dtype (non-float tensors as
+    /// they are); a tied checkpoint gets no `lm_head` unless it had one.
     pub fn export_merged(&self, src_dir: &Path, out_dir: &Path) -> Result<()> {
         let kind = self.embed_tokens.kind();
         let dtype_name = kind_name(kind)?;
@@ -144,9 +144,12 @@ impl Llama {
             (Ok(a), Ok(b)) => a == b,
             _ => false,
         };
-        if same {
+        // A fully trained model may replace its own directory (every file is
+        // read before any is replaced, each atomically); merged adapters
+        // would destroy the base they were trained on.
+        if same && self.has_lora() {
             bail!(
-                "{}: the merged model must go to another directory than its source",
+                "{}: the merged model must go to another directory than its base (the adapter's base_model)",
                 out_dir.display()
             );
         }
@@ -156,11 +159,24 @@ impl Llama {
                 adapted.insert(format!("{module}.weight"), lin);
             }
         }
+        let mut trained: HashMap<String, Tensor> = self.trainable().into_iter().collect();
+        if self.cfg.tie_word_embeddings {
+            if let Some(e) = trained
+                .get("model.embed_tokens.weight")
+                .map(Tensor::shallow_clone)
+            {
+                trained.insert("lm_head.weight".into(), e);
+            }
+        }
         let mut tensors = Vec::new();
         for file in checkpoint_files(src_dir)? {
             let loaded = Tensor::read_safetensors(&file)
                 .map_err(|e| anyhow!("{}: cannot read ({e})", file.display()))?;
             for (name, t) in loaded {
+                if let Some(w) = trained.get(&name) {
+                    tensors.push((name, TensorBytes::of(&w.f_detach()?.f_to_kind(kind)?)?));
+                    continue;
+                }
                 let t = match adapted.remove(&name) {
                     Some(lin) => {
                         let want = lin.weight.size();

@@ -1,5 +1,5 @@
-//! Prompt/answer data sets (`{"prompt": ..., "answer": ...}` JSON lines) and a
-//! resumable sampler over them.
+//! Prompt/answer data sets (`{"prompt": ..., "answer": ..., ...}` JSON lines;
+//! other fields are kept) and a resumable sampler over them.
 use crate::policy::Rng;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -9,6 +9,9 @@ use std::path::Path;
 pub struct Row {
     pub prompt: String,
     pub answer: String,
+    /// The row's other fields (a worked `solution`, a `test`, ...), as they are.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
 #[derive(Debug, Clone)]
@@ -40,9 +43,16 @@ impl Dataset {
                     ),
                 }
             };
+            let mut extra = match v.as_object() {
+                Some(o) => o.clone(),
+                None => bail!("{}:{}: a row must be a JSON object", path.display(), i + 1),
+            };
+            extra.remove("prompt");
+            extra.remove("answer");
             rows.push(Row {
                 prompt: field("prompt")?,
                 answer: field("answer")?,
+                extra,
             });
         }
         if rows.is_empty() {

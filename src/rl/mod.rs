@@ -13,4 +13,5 @@ pub mod optim;
 pub mod policy;
 pub mod registry;
 pub mod reward;
+pub mod sft;
 pub mod update;

@@ -36,6 +36,20 @@ pub fn lookup(name: &str) -> Result<RewardFn> {
     super::registry::lookup(REWARDS, name, "reward")
 }
 
+/// The final answer a reward would read in `text`, normalised so that equal
+/// answers compare equal (for majority voting): the number after `####`
+/// (`gsm8k`, `format_gsm8k`), or the last `\boxed{}` normalised (`math`,
+/// `format_math`). None when the text has none.
+pub fn extract_answer(text: &str, reward: &str) -> Result<Option<String>> {
+    Ok(match reward {
+        "gsm8k" | "format_gsm8k" => parse_gsm8k_answer(text).map(|v| format!("{v}")),
+        "math" | "format_math" => last_boxed(text).map(|b| normalize_math(&b)),
+        other => anyhow::bail!(
+            "extract_answer: no answer format for reward {other:?} (valid: gsm8k, math)"
+        ),
+    })
+}
+
 fn score(ok: bool) -> f64 {
     if ok {
         1.0

@@ -20,6 +20,13 @@ pub fn register(engine: &mut Engine) {
         .register_type_with_name::<Backbone>("Backbone")
         .register_type_with_name::<RouterHandle>("Router")
         .register_type_with_name::<DatasetHandle>("Dataset");
+    engine.register_fn("load_backbone", || {
+        rt(load_backbone(&default_path(), Map::new()))
+    });
+    engine.register_fn("load_backbone", |o: Map| {
+        rt(load_backbone(&default_path(), o))
+    });
+    engine.register_fn("default_model", default_path);
     engine.register_fn("load_backbone", |p: &str| rt(load_backbone(p, Map::new())));
     engine.register_fn("load_backbone", |p: &str, o: Map| rt(load_backbone(p, o)));
     engine.register_fn("attach_router", |m: Backbone| {
@@ -55,6 +62,10 @@ pub fn register(engine: &mut Engine) {
         rt(m.0.borrow().policy.model.save_lora(Path::new(dir)))
     });
     engine.register_fn("export_merged", |m: &mut Backbone, dir: &str| {
+        rt(m.0.borrow().policy.model.export_merged(Path::new(dir)))
+    });
+    // The model as trained, as a normal HF directory (adapters merged).
+    engine.register_fn("save", |m: &mut Backbone, dir: &str| {
         rt(m.0.borrow().policy.model.export_merged(Path::new(dir)))
     });
     engine.register_get("info", |m: &mut Backbone| info(m));
@@ -101,6 +112,11 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("to_string", |d: &mut DatasetHandle| {
         format!("Dataset({} rows from {})", d.data.len(), d.path.display())
     });
+}
+
+/// The embedded default model's directory.
+fn default_path() -> String {
+    crate::model::default_dir().display().to_string()
 }
 
 fn load_backbone(path: &str, o: Map) -> Result<Backbone> {
@@ -326,6 +342,9 @@ fn row(d: &DatasetHandle, i: i64) -> Result<Dynamic> {
     }
     let r = &d.data.rows[i as usize];
     let mut m = Map::new();
+    for (k, v) in &r.extra {
+        m.insert(k.into(), from_json(v));
+    }
     m.insert("id".into(), i.into());
     m.insert("prompt".into(), r.prompt.clone().into());
     m.insert("answer".into(), r.answer.clone().into());

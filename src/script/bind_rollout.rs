@@ -59,6 +59,9 @@ pub fn register(engine: &mut Engine) {
             Ok(rt(rewards::lookup(name))?(text, answer))
         },
     );
+    engine.register_fn("extract_answer", |text: &str, kind: &str| -> Res<Dynamic> {
+        Ok(rt(rewards::extract_answer(text, kind))?.map_or(Dynamic::UNIT, Into::into))
+    });
     engine.register_fn("compute_advantages", |rw: Array, o: Map| -> Res<Array> {
         let o = rt(Opts::check(
             "compute_advantages",

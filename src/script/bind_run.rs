@@ -89,6 +89,10 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("plot_soft_ratio", |runs: Array, p: &str| -> Res<()> {
         rt(runs_of(runs, "plot_soft_ratio").and_then(|v| plot_soft_ratio(v, p)))
     });
+    engine.register_fn("to_frame", |rows: Array| rt(to_frame(&rows)));
+    engine.register_fn("plot_pass_at_k", |results: Map, p: &str| {
+        rt(plot_pass_at_k(&results, p))
+    });
     engine.register_fn("plot_metric", |r: RunHandle, col: &str, p: &str| {
         rt(plot_metric(vec![r], col, p))
     });
@@ -505,6 +509,66 @@ fn resume(
     }
     eprintln!("resumed from {} (step {step})", dir.display());
     Ok(step as i64)
+}
+
+/// An array of maps as a Frame (one row per map; columns by key).
+fn to_frame(rows: &Array) -> Result<FrameHandle> {
+    let rows: Vec<serde_json::Map<String, Value>> = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| match to_json(r, &format!("rows[{i}]"))? {
+            Value::Object(m) => Ok(m),
+            _ => bail!("to_frame: rows[{i}] must be a map, got {}", r.type_name()),
+        })
+        .collect::<Result<_>>()?;
+    Ok(FrameHandle(Rc::new(frame::frame_from_rows(&rows)?)))
+}
+
+/// Pass@k against k for one evaluation result (a map with `pass_at`) or for
+/// several (a map from name to result), one line each.
+fn plot_pass_at_k(results: &Map, path: &str) -> Result<()> {
+    let one = results.contains_key("pass_at");
+    let named: Vec<(String, Map)> = if one {
+        vec![("pass@k".into(), results.clone())]
+    } else {
+        results
+            .iter()
+            .map(|(k, v)| match v.clone().try_cast::<Map>() {
+                Some(m) if m.contains_key("pass_at") => Ok((k.to_string(), m)),
+                _ => bail!("plot_pass_at_k: results.{k} is not an evaluation result (a map with `pass_at`)"),
+            })
+            .collect::<Result<_>>()?
+    };
+    let mut series = Vec::new();
+    for (name, m) in named {
+        let at = m
+            .get("pass_at")
+            .and_then(|v| v.clone().try_cast::<Map>())
+            .ok_or_else(|| {
+                anyhow::anyhow!("plot_pass_at_k: {name}: `pass_at` must be a map from k to Pass@k")
+            })?;
+        let mut pts: Vec<(f64, f64)> = at
+            .iter()
+            .map(|(k, v)| {
+                let k: f64 = k.parse().map_err(|_| {
+                    anyhow::anyhow!("plot_pass_at_k: {name}: k {k:?} is not a number")
+                })?;
+                let v = super::opts::as_f64(v).ok_or_else(|| {
+                    anyhow::anyhow!("plot_pass_at_k: {name}: Pass@{k} is not a number")
+                })?;
+                Ok((k, v))
+            })
+            .collect::<Result<_>>()?;
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        series.push((name, pts));
+    }
+    plot::lines(
+        Path::new(path),
+        "Pass@k",
+        "k (samples per problem)",
+        "Pass@k",
+        &series,
+    )
 }
 
 /// Unbiased Pass@k (Chen et al. 2021): 1 - C(n - c, k) / C(n, k).

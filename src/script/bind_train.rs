@@ -34,6 +34,12 @@ pub fn register(engine: &mut Engine) {
         "tarpo_loss",
         |m: Backbone, ro: RolloutHandle, adv: Array, o: Map| rt(tarpo_loss(&m, &ro, &adv, o)),
     );
+    engine.register_fn("sft_loss", |m: Backbone, rows: Array| {
+        rt(sft_loss(&m, &rows, Map::new()))
+    });
+    engine.register_fn("sft_loss", |m: Backbone, rows: Array, o: Map| {
+        rt(sft_loss(&m, &rows, o))
+    });
     engine.register_fn("step", |o: &mut OptimizerHandle, l: LossHandle| {
         rt(step(o, &[l]))
     });
@@ -162,26 +168,40 @@ fn tarpo_loss(m: &Backbone, ro: &RolloutHandle, adv: &Array, o: Map) -> Result<L
     if !ro.0.backbone.same(m) {
         bail!("tarpo_loss: the rollout was made by another backbone");
     }
-    let sums = match backward(&st.policy, &ro.0.ro, &adv, &cfg) {
+    let sums = backward(&st.policy, &ro.0.ro, &adv, &cfg);
+    pend(m, &mut st, sums, &cfg.loss)
+}
+
+/// Registers a computed loss's sums as pending (or, when it failed, drops
+/// every pending gradient, since part of this one is in the parameters).
+fn pend(
+    m: &Backbone,
+    st: &mut BackboneState,
+    sums: Result<LossSums>,
+    loss: &LossConfig,
+) -> Result<LossHandle> {
+    let sums = match sums {
         Ok(s) => s,
         Err(e) => {
-            // Part of this loss's gradient is in the parameters: drop it all.
             zero_grads(&st.policy.parameters())?;
             let lost = std::mem::take(&mut st.pending).serials.len();
             return Err(if lost > 0 {
-                e.context(format!("tarpo_loss failed; the gradient of the {lost} loss(es) computed before it was dropped too"))
+                e.context(format!(
+                    "the loss failed; the gradient of the {lost} loss(es) computed before it was dropped too"
+                ))
             } else {
                 e
             });
         }
     };
-    let mut total = match st.pending.sums.take() {
-        Some(t) => t,
-        None => LossSums::new(&cfg.loss),
-    };
+    let mut total = st
+        .pending
+        .sums
+        .take()
+        .unwrap_or_else(|| LossSums::new(loss));
     if let Err(e) = total.add(&sums) {
         st.pending.sums = Some(total);
-        bail!("tarpo_loss: {e}");
+        return Err(e);
     }
     st.losses += 1;
     let serial = st.losses;
@@ -192,6 +212,59 @@ fn tarpo_loss(m: &Backbone, ro: &RolloutHandle, adv: &Array, o: Map) -> Result<L
         serial,
         backbone: m.clone(),
     })
+}
+
+/// `sft_loss(m, rows, opts)`: the NLL of each row's completion (`field`,
+/// after `prefix`, then the end token) after its prompt, as a pending loss.
+fn sft_loss(m: &Backbone, rows: &Array, o: Map) -> Result<LossHandle> {
+    let o = Opts::check("sft_loss", help::SFT_LOSS, o)?;
+    let field = o.str("field")?;
+    let (chat, system) = (o.opt_bool("chat")?, o.opt_str("system")?);
+    let max_prompt = o.positive("max_prompt")?;
+    let cfg = crate::rl::sft::config(Norm::parse(&o.str("norm")?)?, o.positive("micro_batch")?);
+    let mut st = m.0.borrow_mut();
+    let model = &st.policy.model;
+    let tok = &model.tok;
+    let chat_on = chat.unwrap_or_else(|| tok.has_chat_template());
+    let prefix =
+        o.opt_str("prefix")?
+            .unwrap_or_else(|| if chat_on { String::new() } else { "\n".into() });
+    let eos = if o.bool("eos")? {
+        model.eos.first().copied()
+    } else {
+        None
+    };
+    if rows.is_empty() {
+        bail!("sft_loss: no rows");
+    }
+    let (mut prompts, mut completions) = (Vec::new(), Vec::new());
+    for (i, r) in rows.iter().enumerate() {
+        let Some(map) = r.clone().try_cast::<Map>() else {
+            bail!(
+                "sft_loss: rows[{i}] must be a #{{prompt, {field}}} map, got {}",
+                r.type_name()
+            );
+        };
+        let text = |k: &str| -> Result<String> {
+            map.get(k)
+                .filter(|v| v.is_string())
+                .map(|v| v.to_string())
+                .ok_or_else(|| anyhow::anyhow!("sft_loss: rows[{i}] has no string `{k}`"))
+        };
+        let p = super::bind_model::encode_prompt(
+            tok,
+            &text("prompt")?,
+            Some(chat_on),
+            system.as_deref(),
+        )?;
+        prompts.push(p[p.len().saturating_sub(max_prompt)..].to_vec());
+        let mut c = tok.encode(&format!("{prefix}{}", text(&field)?), false)?;
+        c.extend(eos);
+        completions.push(c);
+    }
+    let loss = cfg.loss.clone();
+    let sums = crate::rl::sft::nll_backward(&st.policy, prompts, completions, &cfg);
+    pend(m, &mut st, sums, &loss)
 }
 
 /// `opt.step(loss)` or `opt.step([losses])`: one AdamW step on the gradient

@@ -183,6 +183,91 @@ pub const TARPO_LOSS: &[Opt] = &[
     ),
 ];
 
+pub const SFT_LOSS: &[Opt] = &[
+    opt(
+        "field",
+        Def::Str("solution"),
+        "the row's completion text (after its prompt)",
+    ),
+    opt(
+        "prefix",
+        Def::Unset(Ty::Str),
+        "text between prompt and completion (default: \"\\n\", \"\" with chat)",
+    ),
+    opt(
+        "eos",
+        Def::Bool(true),
+        "end the completion with the end token (the model learns to stop)",
+    ),
+    opt(
+        "norm",
+        Def::Str("token-mean"),
+        "token-mean (mean NLL per token) or seq-mean-token-mean",
+    ),
+    opt(
+        "micro_batch",
+        Def::Int(8),
+        "rows per replay forward (bounds memory)",
+    ),
+    opt(
+        "max_prompt",
+        Def::Int(1024),
+        "prompts keep their last max_prompt tokens",
+    ),
+    opt(
+        "chat",
+        Def::Unset(Ty::Bool),
+        "chat template around prompts (default: when the tokenizer has one)",
+    ),
+    opt("system", Def::Unset(Ty::Str), "system message (with chat)"),
+];
+
+pub const ARITH: &[Opt] = &[
+    opt("min_steps", Def::Int(1), "operations per problem, at least"),
+    opt("max_steps", Def::Int(3), "operations per problem, at most"),
+    opt(
+        "max_operand",
+        Def::Int(20),
+        "largest starting count and added or removed amount",
+    ),
+    opt(
+        "max_value",
+        Def::Int(99),
+        "largest value any step may reach",
+    ),
+    opt(
+        "distractors",
+        Def::Int(1),
+        "irrelevant sentences per problem, at most",
+    ),
+    opt("seed", Def::Int(0), "the same seed gives the same problems"),
+];
+
+pub const TRAIN_TOKENIZER: &[Opt] = &[opt(
+    "vocab",
+    Def::Int(512),
+    "tokens, the 256 bytes and <|endoftext|> included",
+)];
+
+pub const NEW_MODEL: &[Opt] = &[
+    opt(
+        "tokenizer",
+        Def::Required(Ty::Str),
+        "the tokenizer.json to build the model around",
+    ),
+    opt("hidden", Def::Int(192), "hidden size"),
+    opt("layers", Def::Int(4), "decoder blocks"),
+    opt("heads", Def::Int(6), "attention heads"),
+    opt(
+        "kv_heads",
+        Def::Int(2),
+        "key/value heads (grouped-query attention)",
+    ),
+    opt("intermediate", Def::Int(512), "MLP width"),
+    opt("max_positions", Def::Int(1024), "max_position_embeddings"),
+    opt("seed", Def::Int(0), "seed of the initial weights"),
+];
+
 pub const GENERATE: &[Opt] = &[
     opt("max_new", Def::Int(256), "new tokens at most"),
     opt("temperature", Def::Float(0.0), "0: greedy"),
@@ -206,7 +291,8 @@ pub const PLOT: &[Opt] = &[
 const NONE: &[Opt] = &[];
 
 pub const PRIMITIVES: &[Prim] = &[
-    Prim { name: "load_backbone", sig: "load_backbone(path, opts?) -> Backbone", doc: "Load a Hugging Face model directory (Llama, Qwen2, SmolLM2), optionally with LoRA.", opts: LOAD_BACKBONE },
+    Prim { name: "load_backbone", sig: "load_backbone(path?, opts?) -> Backbone", doc: "Load a Hugging Face model directory (Llama, Qwen2, SmolLM2; default: the embedded default model), optionally with LoRA.", opts: LOAD_BACKBONE },
+    Prim { name: "default_model", sig: "default_model() -> path", doc: "The embedded default model's directory (TARPO_DEFAULT_MODEL overrides).", opts: NONE },
     Prim { name: "attach_router", sig: "attach_router(m, opts?) -> Router", doc: "Give the backbone TARPO's router head (hard/soft per token).", opts: ATTACH_ROUTER },
     Prim { name: "attach_hrpo_gate", sig: "attach_hrpo_gate(m, opts?)", doc: "Give the backbone HRPO's trainable gate (rollouts with soft: \"hrpo\").", opts: ATTACH_HRPO_GATE },
     Prim { name: "load_dataset", sig: "load_dataset(path, opts?) -> Dataset", doc: "A JSONL file of {\"prompt\", \"answer\"} rows; ds.sample(n), ds.len(), ds[i].", opts: LOAD_DATASET },
@@ -217,6 +303,14 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "overlong_penalty", sig: "overlong_penalty(ro, max_len, cache) -> [float]", doc: "DAPO's soft overlong punishment per completion (add it to the rewards).", opts: NONE },
     Prim { name: "optimizer", sig: "optimizer(m, opts?) -> Optimizer", doc: "AdamW over the trainable weights (LoRA or the backbone), the router and the HRPO gate, with warm-up and decay; opt.step(loss).", opts: OPTIMIZER },
     Prim { name: "tarpo_loss", sig: "tarpo_loss(m, ro, adv, opts?) -> Loss", doc: "Replay the rollout and add the gradient of TARPO's joint token+router loss (lambda 0: GRPO); several accumulate into one opt.step([l1, l2]).", opts: TARPO_LOSS },
+    Prim { name: "sft_loss", sig: "sft_loss(m, rows, opts?) -> Loss", doc: "Supervised fine-tuning: the NLL of each row's completion after its prompt, a Loss for opt.step like tarpo_loss's.", opts: SFT_LOSS },
+    Prim { name: "arith_problems", sig: "arith_problems(n, opts?) -> [map]", doc: "Seeded multi-step arithmetic word problems with worked solutions (#{prompt, answer, solution, steps}).", opts: ARITH },
+    Prim { name: "write_jsonl", sig: "write_jsonl(rows, path)", doc: "Write an array of maps as JSONL (a data set load_dataset reads).", opts: NONE },
+    Prim { name: "train_tokenizer", sig: "train_tokenizer(texts, path, opts?)", doc: "Train a byte-level BPE tokenizer (digits split, <|endoftext|> = 0) and write tokenizer.json.", opts: TRAIN_TOKENIZER },
+    Prim { name: "new_model", sig: "new_model(dir, opts) -> params", doc: "Write a Qwen2 model directory with fresh weights (transformers' init) around a tokenizer.", opts: NEW_MODEL },
+    Prim { name: "extract_answer", sig: "extract_answer(text, \"gsm8k\" | \"math\") -> string | ()", doc: "The final answer a reward reads (the number after ####, the last \\boxed{} normalised).", opts: NONE },
+    Prim { name: "to_frame", sig: "to_frame(rows) -> Frame", doc: "An array of maps as a Frame (columns by key).", opts: NONE },
+    Prim { name: "plot_pass_at_k", sig: "plot_pass_at_k(result | #{name: result}, path)", doc: "Pass@k against k from evaluate::evaluate results, one line per method.", opts: NONE },
     Prim { name: "step_metrics", sig: "step_metrics(m, ro, rewards, adv) -> map", doc: "The per-step metrics of ALGORITHMS.md (reward, soft_ratio, entropies, ...).", opts: NONE },
     Prim { name: "new_run", sig: "new_run(dir, config?) -> Run", doc: "A run directory: config.json, run.log(metrics) rows (metrics.parquet), run.log_tokens(ro, rw, adv).", opts: NONE },
     Prim { name: "load_run", sig: "load_run(dir) -> Run", doc: "Open an existing run directory for analysis.", opts: NONE },

@@ -3,6 +3,7 @@
 //! (`import "tarpo" as tarpo;`), errors with file, line and column, and a
 //! session whose variables, functions and imports persist between inputs
 //! (what `tarpo run` and `tarpo repl` share).
+pub mod bind_data;
 pub mod bind_model;
 pub mod bind_rollout;
 pub mod bind_run;
@@ -29,6 +30,7 @@ pub const STDLIB: &[(&str, &str)] = &[
     ("coconut", include_str!("../../stdlib/coconut.rhai")),
     ("hrpo", include_str!("../../stdlib/hrpo.rhai")),
     ("eval", include_str!("../../stdlib/eval.rhai")),
+    ("sft", include_str!("../../stdlib/sft.rhai")),
 ];
 
 /// `import "NAME"` finds the stdlib first, then files (relative to the importer).
@@ -65,6 +67,7 @@ pub fn engine() -> Engine {
     // Ctrl-C: long native work polls ctl itself; script loops stop here.
     e.on_progress(|_| crate::ctl::is_interrupted().then(|| Dynamic::from("interrupted")));
     e.set_max_expr_depths(256, 256);
+    bind_data::register(&mut e);
     bind_model::register(&mut e);
     bind_rollout::register(&mut e);
     bind_train::register(&mut e);
