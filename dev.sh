@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One entry point for a fresh machine. Every step is idempotent.
-#   ./dev.sh demo    set up, build, run the quickstart
+#   ./dev.sh demo    set up, build, run the quickstart (extra args reach it: --set seed=3)
 #   ./dev.sh test    set up, build, run the whole test suite
 #   ./dev.sh setup   only set up and build
 #   ./dev.sh bench   set up, build, run the side-by-side benchmarks
@@ -56,6 +56,7 @@ build() {
 }
 
 cmd=${1:-demo}
+shift || true
 setup_python
 setup_models
 case "$cmd" in
@@ -64,12 +65,11 @@ case "$cmd" in
     build ;;
   demo)
     build
-    step "quickstart: greedy chat generation on SmolLM2-135M-Instruct"
-    "${CARGO_TARGET_DIR:-target}/release/tarpo" generate --model "$MODELS/SmolLM2-135M-Instruct" \
-      --chat --greedy --max-new 64 --prompt "What is 12 times 7? Answer briefly."
-    step "quickstart: a TARPO rollout, where the router went soft, one training step (scripts/quickstart.rhai)"
-    "${CARGO_TARGET_DIR:-target}/release/tarpo" run scripts/quickstart.rhai \
-      --set model="$MODELS/SmolLM2-135M-Instruct" ;;
+    T="${CARGO_TARGET_DIR:-target}/release/tarpo"
+    step "the embedded default model (assets/default-model) solves a held-out problem, greedily"
+    "$T" generate --greedy --max-new 96 --prompt "$(head -1 datasets/arith_test.jsonl | "$VENV/bin/python" -c 'import json,sys; print(json.load(sys.stdin)["prompt"])')"
+    step "quickstart: TARPO on the default model, held-out pass@1 before and after (scripts/quickstart.rhai)"
+    "$T" --threads 2 run scripts/quickstart.rhai "$@" ;;
   test)
     setup_tokenizers
     build
@@ -86,7 +86,9 @@ case "$cmd" in
     build
     cargo bench --bench rollout
     cargo bench --bench hybrid
-    cargo bench --bench train_step ;;
+    cargo bench --bench train_step
+    TARPO_BENCH_MODEL=default cargo bench --bench train_step
+    cargo bench --bench replay_memory ;;
   *)
     echo "usage: ./dev.sh [demo|test|setup|bench]" >&2; exit 2 ;;
 esac

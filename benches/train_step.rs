@@ -18,6 +18,11 @@
 //! process hands its freed heap back to the OS (malloc_trim) so that the
 //! other side's step has the memory.
 //!
+//! TARPO_BENCH_MODEL=default runs the same step on the embedded default model
+//! instead: full fine-tuning on both sides, TARPO (router, lambda 0.1) on
+//! ours against TRL's GRPO, the first four held-out arithmetic problems as
+//! the prompts (a tiny model shows the per-step overhead).
+//!
 //! Run: ./dev.sh bench   (or `cargo bench --bench train_step` with the env of ./dev.sh)
 //! Env: TARPO_BENCH_THREADS (default 2), TARPO_BENCH_RUNS (default 3),
 //!      TARPO_BENCH_MICRO (our replay micro-batch, default 8 as in `tarpo_loss`).
@@ -31,7 +36,7 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Instant;
 use tarpo::model::lora::LoraConfig;
 use tarpo::model::{Message, Model};
-use tarpo::policy::{rollout, Rng, Rollout, RolloutOptions, Sampling};
+use tarpo::policy::{rollout, Rng, Rollout, RolloutOptions, Router, Sampling};
 use tarpo::rl::advantage;
 use tarpo::rl::loss::{LossConfig, LossMetrics};
 use tarpo::rl::optim::{AdamW, AdamWConfig, StepReport};
@@ -185,13 +190,26 @@ struct Ours {
 }
 
 impl Ours {
-    fn new(dir: &Path, micro_batch: usize) -> Result<Ours> {
+    /// LoRA r RANK on the real backbone; on the tiny default model full
+    /// fine-tuning and TARPO's router (`tiny`).
+    fn new(dir: &Path, micro_batch: usize, tiny: bool) -> Result<Ours> {
         let mut model = Model::load(dir, Device::Cpu, Kind::Float)?;
-        model.net.attach_lora(&LoraConfig {
-            seed: SEED,
-            ..LoraConfig::new(RANK, ALPHA)
-        })?;
-        let policy = Policy::new(model);
+        if tiny {
+            model.net.set_trainable(&["*".into()])?;
+        } else {
+            model.net.attach_lora(&LoraConfig {
+                seed: SEED,
+                ..LoraConfig::new(RANK, ALPHA)
+            })?;
+        }
+        let mut policy = Policy::new(model);
+        policy.freeze_reference()?;
+        if tiny {
+            let h = policy.model.net.cfg.hidden_size;
+            let router = Router::new(h, 0.1, 1.0, SEED, Device::Cpu)?;
+            policy.router_ref = Some(router.frozen_copy()?);
+            policy.router = Some(router);
+        }
         // torch's AdamW defaults, as the transformers Trainer runs them.
         let opt = AdamW::new(
             param_groups(&policy, LR, LR, 0.0),
@@ -208,7 +226,7 @@ impl Ours {
             top_p: 1.0,
         };
         let mut replay = ReplayConfig::new(LossConfig {
-            lambda: 0.0,
+            lambda: if tiny { 0.1 } else { 0.0 },
             beta: BETA,
             ..LossConfig::default()
         });
@@ -238,7 +256,7 @@ impl Ours {
         let mut opts = self.rollout.clone();
         opts.seed = self.rng.next_u64();
         let net = &self.policy.model.net;
-        let ro = rollout(net, None, None, &expanded, &opts)?;
+        let ro = rollout(net, self.policy.router.as_ref(), None, &expanded, &opts)?;
         let tok = &self.policy.model.tok;
         let rewards = ro
             .tokens()
@@ -258,27 +276,44 @@ fn main() -> Result<()> {
     let runs = env_or("TARPO_BENCH_RUNS", 3).max(1);
     let batch = QUESTIONS.len() * GROUP;
     let micro = env_or("TARPO_BENCH_MICRO", 8).clamp(1, batch);
-    let models = std::env::var("TARPO_MODELS").unwrap_or_else(|_| "models".into());
-    let dir = PathBuf::from(models).join("SmolLM2-135M-Instruct");
+    // TARPO_BENCH_MODEL=default: the embedded default model (full fine-tuning,
+    // TARPO on our side) on the first held-out problems of the shipped task.
+    let tiny = std::env::var("TARPO_BENCH_MODEL").is_ok_and(|v| v == "default");
+    let (dir, questions) = if tiny {
+        let rows = tarpo::rl::dataset::Dataset::load(Path::new(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/datasets/arith_test.jsonl"
+        )))?;
+        let qs: Vec<String> = rows.rows.iter().take(4).map(|r| r.prompt.clone()).collect();
+        (tarpo::model::default_dir(), qs)
+    } else {
+        let models = std::env::var("TARPO_MODELS").unwrap_or_else(|_| "models".into());
+        let qs = QUESTIONS.iter().map(|q| q.to_string()).collect();
+        (PathBuf::from(models).join("SmolLM2-135M-Instruct"), qs)
+    };
     if !dir.join("model.safetensors").exists() {
         bail!("{} missing: run ./dev.sh setup", dir.display());
     }
     tch::set_num_threads(threads as i32);
-    let mut ours = Ours::new(&dir, micro)?;
+    let mut ours = Ours::new(&dir, micro, tiny)?;
     let tok = &ours.policy.model.tok;
-    let prompts: Vec<Vec<i64>> = QUESTIONS
+    let prompts: Vec<Vec<i64>> = questions
         .iter()
         .map(|q| {
-            tok.encode(
-                &tok.apply_chat_template(&[Message::new("user", q)], true)?,
-                false,
-            )
+            if tok.has_chat_template() {
+                tok.encode(
+                    &tok.apply_chat_template(&[Message::new("user", q)], true)?,
+                    false,
+                )
+            } else {
+                tok.encode(q, true)
+            }
         })
         .collect::<Result<_>>()?;
 
     let tmp = std::env::temp_dir();
     let questions_json = tmp.join("tarpo-bench-train-questions.json");
-    std::fs::write(&questions_json, serde_json::to_string(&QUESTIONS)?)?;
+    std::fs::write(&questions_json, serde_json::to_string(&questions)?)?;
     let mut args = vec![
         dir.display().to_string(),
         questions_json.display().to_string(),
@@ -288,7 +323,8 @@ fn main() -> Result<()> {
             .iter()
             .map(|v| v.to_string()),
     );
-    args.extend([BETA, LR, RANK as f64, ALPHA].iter().map(|v| v.to_string()));
+    let rank = if tiny { 0.0 } else { RANK as f64 };
+    args.extend([BETA, LR, rank, ALPHA].iter().map(|v| v.to_string()));
     let mut trl = Peer::spawn(&args, &tmp.join("tarpo-bench-trl.log"))?;
     let ready = trl.recv()?;
     let trl_ids: Vec<Vec<i64>> = serde_json::from_value(ready["prompt_ids"].clone())?;
@@ -363,9 +399,15 @@ fn main() -> Result<()> {
             .map(|s| (s.wall * 10.0).round() / 10.0)
             .collect::<Vec<_>>()
     };
+    let setup = if tiny {
+        "the default model (full fine-tuning; TARPO with its router on our side, GRPO on TRL's)"
+            .to_string()
+    } else {
+        format!("SmolLM2-135M, LoRA r{RANK} all linear, GRPO")
+    };
     println!(
-        "train step: SmolLM2-135M f32 CPU, LoRA r{RANK} all linear, GRPO beta {BETA}, {} prompts x {GROUP} x {NEW} tokens, {threads} threads, median of {runs} (after 1 warm-up)",
-        QUESTIONS.len()
+        "train step: {setup}, f32 CPU, beta {BETA}, {} prompts x {GROUP} x {NEW} tokens, {threads} threads, median of {runs} (after 1 warm-up)",
+        questions.len()
     );
     println!("            s/step  generate  cpu s/step  peak RSS MB  runs (s)");
     for (name, v, peak) in [("tarpo", &a, our_peak), ("TRL 1.16", &b, trl_peak)] {

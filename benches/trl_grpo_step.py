@@ -11,6 +11,7 @@ Protocol (one JSON object per line on stdout; library output goes to stderr):
   -> {"done": true, "peak_rss_mb": .., "hwm_mb": ..}
 
 Usage: python trl_grpo_step.py MODEL_DIR QUESTIONS_JSON THREADS STEPS SEED NEW GROUP BETA LR RANK ALPHA
+RANK 0 is full fine-tuning; a tokenizer without a chat template gets the questions as they are.
 """
 import ctypes
 import json
@@ -76,11 +77,15 @@ def main():
     questions = json.load(open(questions_json))
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    prompts = [[{"role": "user", "content": q}] for q in questions]
-    # The ids TRL generates from (the same call as GRPOTrainer._tokenize_prompts).
-    prompt_ids = tok.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True)[
-        "input_ids"
-    ]
+    if tok.chat_template:
+        prompts = [[{"role": "user", "content": q}] for q in questions]
+        # The ids TRL generates from (the same call as GRPOTrainer._tokenize_prompts).
+        prompt_ids = tok.apply_chat_template(prompts, add_generation_prompt=True, tokenize=True, return_dict=True)[
+            "input_ids"
+        ]
+    else:  # a base model (the default model): the question as it is
+        prompts = list(questions)
+        prompt_ids = [tok(q)["input_ids"] for q in questions]
     dataset = Dataset.from_list([{"prompt": p} for p in prompts])
 
     args = GRPOConfig(
@@ -123,7 +128,8 @@ def main():
         dataloader_num_workers=0,
         seed=seed,
     )
-    peft_config = LoraConfig(
+    # rank 0: full fine-tuning (TRL then keeps a frozen reference copy for the KL)
+    peft_config = None if rank == 0 else LoraConfig(
         r=rank,
         lora_alpha=alpha,
         lora_dropout=0.0,

@@ -154,6 +154,9 @@ enum DataSet {
         /// Distractor sentences per problem, at most.
         #[arg(long, default_value_t = 1)]
         distractors: usize,
+        /// Probability that a worked step slips (1-2 off; the answer stays right).
+        #[arg(long, default_value_t = 0.0)]
+        slips: f64,
     },
 }
 
@@ -319,6 +322,7 @@ fn run(cli: Cli) -> Result<()> {
                     max_operand,
                     max_value,
                     distractors,
+                    slips,
                 },
         } => {
             let cfg = tarpo::data::arith::ArithConfig {
@@ -327,6 +331,7 @@ fn run(cli: Cli) -> Result<()> {
                 max_operand,
                 max_value,
                 distractors,
+                slips,
                 seed,
             };
             write_arith(&out, n, cfg)?

@@ -277,7 +277,10 @@ fn the_training_loop_pieces_from_a_script() {
     std::fs::write(&data, rows).unwrap();
     let o = run_script(
         "training_loop.rhai",
-        &[("data", data.display().to_string())],
+        &[
+            ("data", data.display().to_string()),
+            ("out", out.display().to_string()),
+        ],
     );
     let (so, se) = (text(&o.stdout), text(&o.stderr));
     assert!(

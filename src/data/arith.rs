@@ -24,6 +24,12 @@ pub struct ArithConfig {
     pub max_value: i64,
     /// Distractor sentences per problem, drawn uniformly in 0..=this.
     pub distractors: usize,
+    /// Probability that a step of the worked solution slips: its result is
+    /// written 1 or 2 off and the solution goes on from the wrong value, to
+    /// a wrong `####` (`answer` stays right). Noisy demonstrations, for a
+    /// model that knows the method but is not yet reliable. Drawn from their
+    /// own stream, so the problems are the same as without slips.
+    pub slips: f64,
     pub seed: u64,
 }
 
@@ -35,6 +41,7 @@ impl Default for ArithConfig {
             max_operand: 20,
             max_value: 99,
             distractors: 1,
+            slips: 0.0,
             seed: 0,
         }
     }
@@ -51,6 +58,12 @@ impl ArithConfig {
         }
         if self.max_operand < 2 {
             bail!("arith: max_operand must be >= 2, got {}", self.max_operand);
+        }
+        if !(0.0..=1.0).contains(&self.slips) {
+            bail!(
+                "arith: slips must be a probability in [0, 1], got {}",
+                self.slips
+            );
         }
         if self.max_value < 2 * self.max_operand {
             bail!(
@@ -71,6 +84,9 @@ pub struct Problem {
     /// The worked solution, one equation per line, ending in `#### answer`.
     pub solution: String,
     pub steps: usize,
+    /// Whether the worked solution slipped (its `####` is then wrong).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub slipped: bool,
 }
 
 /// The instruction every prompt ends with (general models need it; the
@@ -89,7 +105,66 @@ const THINGS: [&str; 10] = [
 pub fn generate(n: usize, cfg: &ArithConfig) -> Result<Vec<Problem>> {
     cfg.validate()?;
     let mut rng = Rng::new(cfg.seed);
-    Ok((0..n).map(|_| problem(&mut rng, cfg)).collect())
+    let mut slip_rng = Rng::new(cfg.seed ^ 0x5117_5117_5117_5117);
+    Ok((0..n)
+        .map(|_| {
+            let (mut p, ops) = problem(&mut rng, cfg);
+            if cfg.slips > 0.0 {
+                slip(&mut p, &ops, cfg.slips, &mut slip_rng);
+            }
+            p
+        })
+        .collect())
+}
+
+/// One step of a solution: `a op b = c`.
+type Op = (i64, char, i64);
+
+fn apply((_, op, b): Op, a: i64) -> i64 {
+    match op {
+        '+' => a + b,
+        '-' => a - b,
+        '*' => a * b,
+        _ => a / b,
+    }
+}
+
+/// Rewrites the solution of `p` with each addition, subtraction or
+/// multiplication slipping with probability `rate` (its result 1 or 2 off,
+/// never below 0); later steps go on, exactly, from the written values. A
+/// problem whose slipped value a later division would not divide keeps its
+/// clean solution.
+fn slip(p: &mut Problem, ops: &[Op], rate: f64, rng: &mut Rng) {
+    let lines: Vec<String> = p.solution.lines().map(str::to_string).collect();
+    let (first, who_what) = (&lines[0], &lines[lines.len() - 2]);
+    let mut a = ops.first().map_or(0, |o| o.0);
+    let mut out = vec![first.clone()];
+    let mut slipped = false;
+    for &(_, op, b) in ops {
+        if op == '/' && a % b != 0 {
+            return;
+        }
+        let mut c = apply((a, op, b), a);
+        if op != '/' && rng.next_f64() < rate {
+            let d = 1 + (rng.next_u64() % 2) as i64;
+            c = if c >= d && rng.next_u64() % 2 == 0 {
+                c - d
+            } else {
+                c + d
+            };
+            slipped = true;
+        }
+        out.push(format!("{a} {op} {b} = {c}."));
+        a = c;
+    }
+    if !slipped {
+        return;
+    }
+    // "{who} has {n} {what} now." with the slipped count.
+    let w: Vec<&str> = who_what.split_whitespace().collect();
+    out.push(format!("{} has {a} {} now.", w[0], w[3]));
+    p.solution = format!("{}\n#### {a}", out.join("\n"));
+    p.slipped = true;
 }
 
 fn pick<'a>(rng: &mut Rng, xs: &[&'a str]) -> &'a str {
@@ -101,7 +176,7 @@ fn uniform(rng: &mut Rng, lo: i64, hi: i64) -> i64 {
     lo + (rng.next_u64() % (hi - lo + 1) as u64) as i64
 }
 
-/// One operation on the count `a`: the sentence, the equation and the new count.
+/// One operation on the count `a`: the sentence, the step and the new count.
 fn operation(
     rng: &mut Rng,
     cfg: &ArithConfig,
@@ -109,23 +184,19 @@ fn operation(
     what: &str,
     other: &str,
     a: i64,
-) -> (String, String, i64) {
+) -> (String, Op, i64) {
     loop {
         match rng.next_u64() % 4 {
             0 if a + 1 <= cfg.max_value => {
                 let b = uniform(rng, 1, cfg.max_operand.min(cfg.max_value - a));
                 let verb = pick(rng, &["buys", "finds", "gets"]);
-                return (
-                    format!("{who} {verb} {b} more {what}."),
-                    format!("{a} + {b} = {}", a + b),
-                    a + b,
-                );
+                return (format!("{who} {verb} {b} more {what}."), (a, '+', b), a + b);
             }
             1 if a >= 2 => {
                 let b = uniform(rng, 1, cfg.max_operand.min(a - 1));
                 return (
                     format!("{who} gives {b} {what} to {other}."),
-                    format!("{a} - {b} = {}", a - b),
+                    (a, '-', b),
                     a - b,
                 );
             }
@@ -134,7 +205,7 @@ fn operation(
                 let word = ["", "", "doubles", "triples", "quadruples"][k as usize];
                 return (
                     format!("{who}'s number of {what} {word}."),
-                    format!("{a} * {k} = {}", a * k),
+                    (a, '*', k),
                     a * k,
                 );
             }
@@ -146,7 +217,7 @@ fn operation(
                 let k = ks[(rng.next_u64() % ks.len() as u64) as usize];
                 return (
                     format!("{who} splits the {what} into {k} equal piles and keeps one pile."),
-                    format!("{a} / {k} = {}", a / k),
+                    (a, '/', k),
                     a / k,
                 );
             }
@@ -155,7 +226,7 @@ fn operation(
     }
 }
 
-fn problem(rng: &mut Rng, cfg: &ArithConfig) -> Problem {
+fn problem(rng: &mut Rng, cfg: &ArithConfig) -> (Problem, Vec<Op>) {
     let who = pick(rng, &NAMES);
     let other = loop {
         let o = pick(rng, &NAMES);
@@ -168,10 +239,12 @@ fn problem(rng: &mut Rng, cfg: &ArithConfig) -> Problem {
     let mut a = uniform(rng, 2, cfg.max_operand);
     let mut sentences = vec![format!("{who} has {a} {what}.")];
     let mut lines = vec![format!("{who} starts with {a} {what}.")];
+    let mut ops = Vec::with_capacity(steps);
     for _ in 0..steps {
-        let (s, eq, next) = operation(rng, cfg, who, what, other, a);
+        let (s, op, next) = operation(rng, cfg, who, what, other, a);
         sentences.push(s);
-        lines.push(format!("{eq}."));
+        lines.push(format!("{a} {} {} = {next}.", op.1, op.2));
+        ops.push((a, op.1, op.2));
         a = next;
     }
     // Distractors go anywhere after the first sentence.
@@ -187,12 +260,14 @@ fn problem(rng: &mut Rng, cfg: &ArithConfig) -> Problem {
         "{} How many {what} does {who} have now? {INSTRUCTION}",
         sentences.join(" ")
     );
-    Problem {
+    let p = Problem {
         prompt,
         answer: a.to_string(),
         solution: format!("{}\n#### {a}", lines.join("\n")),
         steps,
-    }
+        slipped: false,
+    };
+    (p, ops)
 }
 
 #[cfg(test)]

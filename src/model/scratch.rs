@@ -1,7 +1,8 @@
 //! Models from scratch: a byte-level BPE tokenizer trained on a corpus with
 //! the `tokenizers` crate, and a Qwen2-architecture checkpoint with freshly
 //! initialised weights, both written as a normal Hugging Face directory
-//! (config.json, generation_config.json, tokenizer.json, model.safetensors)
+//! (config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
+//! model.safetensors)
 //! that transformers loads as it is.
 use crate::rng::Rng;
 use anyhow::{anyhow, bail, Context, Result};

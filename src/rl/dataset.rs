@@ -14,6 +14,31 @@ pub struct Row {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+impl Row {
+    /// A row from a JSON object with string (or number) `prompt` and `answer`.
+    pub fn from_json(v: &serde_json::Value) -> Result<Row> {
+        let Some(obj) = v.as_object() else {
+            bail!("a row must be a JSON object");
+        };
+        let field = |k: &str| -> Result<String> {
+            match obj.get(k) {
+                Some(serde_json::Value::String(s)) => Ok(s.clone()),
+                Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
+                Some(_) => bail!("field {k:?} must be a string"),
+                None => bail!("missing field {k:?} (rows need \"prompt\" and \"answer\")"),
+            }
+        };
+        let mut extra = obj.clone();
+        extra.remove("prompt");
+        extra.remove("answer");
+        Ok(Row {
+            prompt: field("prompt")?,
+            answer: field("answer")?,
+            extra,
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Dataset {
     pub rows: Vec<Row>,
@@ -31,29 +56,9 @@ impl Dataset {
             }
             let v: serde_json::Value = serde_json::from_str(line)
                 .map_err(|e| anyhow!("{}:{}: malformed JSON: {e}", path.display(), i + 1))?;
-            let field = |k: &str| -> Result<String> {
-                match v.get(k) {
-                    Some(serde_json::Value::String(s)) => Ok(s.clone()),
-                    Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
-                    Some(_) => bail!("{}:{}: field {k:?} must be a string", path.display(), i + 1),
-                    None => bail!(
-                        "{}:{}: missing field {k:?} (rows need \"prompt\" and \"answer\")",
-                        path.display(),
-                        i + 1
-                    ),
-                }
-            };
-            let mut extra = match v.as_object() {
-                Some(o) => o.clone(),
-                None => bail!("{}:{}: a row must be a JSON object", path.display(), i + 1),
-            };
-            extra.remove("prompt");
-            extra.remove("answer");
-            rows.push(Row {
-                prompt: field("prompt")?,
-                answer: field("answer")?,
-                extra,
-            });
+            let row =
+                Row::from_json(&v).map_err(|e| anyhow!("{}:{}: {e}", path.display(), i + 1))?;
+            rows.push(row);
         }
         if rows.is_empty() {
             bail!("{}: no rows", path.display());

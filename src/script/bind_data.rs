@@ -36,6 +36,7 @@ fn arith_problems(n: i64, o: Map) -> Result<Array> {
         max_operand: o.int("max_operand")?,
         max_value: o.int("max_value")?,
         distractors: o.usize("distractors")?,
+        slips: o.float("slips")?,
         seed: o.usize("seed")? as u64,
     };
     let rows = arith::generate(n as usize, &cfg)?;

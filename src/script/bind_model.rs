@@ -41,6 +41,10 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("attach_hrpo_gate", |m: Backbone, o: Map| {
         rt(attach_gate(&m, o))
     });
+    engine.register_fn("to_dataset", |rows: Array| {
+        rt(to_dataset(&rows, Map::new()))
+    });
+    engine.register_fn("to_dataset", |rows: Array, o: Map| rt(to_dataset(&rows, o)));
     engine.register_fn("load_dataset", |p: &str| rt(load_dataset(p, Map::new())));
     engine.register_fn("load_dataset", |p: &str, o: Map| rt(load_dataset(p, o)));
 
@@ -332,6 +336,28 @@ fn load_dataset(path: &str, o: Map) -> Result<DatasetHandle> {
         data: Rc::new(Dataset::load(Path::new(path))?),
         sampler: Rc::new(RefCell::new(Sampler::new(o.usize("seed")? as u64))),
         path: path.into(),
+    })
+}
+
+/// A data set of in-memory rows (#{prompt, answer, ...} maps), sampled like a file's.
+fn to_dataset(rows: &Array, o: Map) -> Result<DatasetHandle> {
+    let o = Opts::check("to_dataset", help::LOAD_DATASET, o)?;
+    let rows = rows
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let v = to_json(r, &format!("rows[{i}]"))?;
+            crate::rl::dataset::Row::from_json(&v)
+                .map_err(|e| anyhow::anyhow!("to_dataset: rows[{i}]: {e}"))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if rows.is_empty() {
+        bail!("to_dataset: no rows");
+    }
+    Ok(DatasetHandle {
+        data: Rc::new(Dataset { rows }),
+        sampler: Rc::new(RefCell::new(Sampler::new(o.usize("seed")? as u64))),
+        path: "<memory>".into(),
     })
 }
 

@@ -636,6 +636,11 @@ mod tests {
         assert_eq!(pass_at_k(5, 0, 3).unwrap(), 0.0);
         assert_eq!(pass_at_k(5, 4, 2).unwrap(), 1.0);
         assert!((pass_at_k(10, 3, 1).unwrap() - 0.3).abs() < 1e-12);
+        // 1 - C(5,4)/C(8,4) = 1 - 5/70; 1 - C(2,2)/C(4,2) = 5/6; 1 - C(15,8)/C(16,8) = 1/2.
+        assert!((pass_at_k(8, 3, 4).unwrap() - 13.0 / 14.0).abs() < 1e-12);
+        assert!((pass_at_k(4, 2, 2).unwrap() - 5.0 / 6.0).abs() < 1e-12);
+        assert!((pass_at_k(16, 1, 8).unwrap() - 0.5).abs() < 1e-12);
+        assert_eq!(pass_at_k(4, 4, 4).unwrap(), 1.0);
         assert!(pass_at_k(3, 4, 1).is_err());
     }
 }

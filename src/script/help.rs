@@ -240,6 +240,11 @@ pub const ARITH: &[Opt] = &[
         Def::Int(1),
         "irrelevant sentences per problem, at most",
     ),
+    opt(
+        "slips",
+        Def::Float(0.0),
+        "probability that a worked step is 1-2 off (noisy demonstrations; the answer stays right)",
+    ),
     opt("seed", Def::Int(0), "the same seed gives the same problems"),
 ];
 
@@ -296,6 +301,7 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "attach_router", sig: "attach_router(m, opts?) -> Router", doc: "Give the backbone TARPO's router head (hard/soft per token).", opts: ATTACH_ROUTER },
     Prim { name: "attach_hrpo_gate", sig: "attach_hrpo_gate(m, opts?)", doc: "Give the backbone HRPO's trainable gate (rollouts with soft: \"hrpo\").", opts: ATTACH_HRPO_GATE },
     Prim { name: "load_dataset", sig: "load_dataset(path, opts?) -> Dataset", doc: "A JSONL file of {\"prompt\", \"answer\"} rows; ds.sample(n), ds.len(), ds[i].", opts: LOAD_DATASET },
+    Prim { name: "to_dataset", sig: "to_dataset(rows, opts?) -> Dataset", doc: "A Dataset of in-memory #{prompt, answer, ...} rows (e.g. from arith_problems).", opts: LOAD_DATASET },
     Prim { name: "rollout_group", sig: "rollout_group(m, prompts, opts?) -> Rollout", doc: "Sample `group` completions per prompt (strings or #{prompt, answer} maps), recording every token.", opts: ROLLOUT_GROUP },
     Prim { name: "reward", sig: "reward(ro, name | fn(text, answer)) -> [float]", doc: "Score each completion with a built-in reward (gsm8k, math, format_gsm8k, format_math) or a Rhai function.", opts: NONE },
     Prim { name: "compute_advantages", sig: "compute_advantages(rewards, opts) -> [float]", doc: "Group-relative advantages of an array of rewards (grpo, drgrpo, rloo).", opts: COMPUTE_ADVANTAGES },
