@@ -3,6 +3,7 @@ use anyhow::{anyhow, bail, Result};
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use tarpo::data::arith::ArithConfig;
 use tarpo::model::{device, Message, Model, ModelConfig, Tokenizer, Weights};
 use tarpo::policy::{generate, GenerateOptions, Sampling};
 use tch::{Device, Kind, Tensor};
@@ -141,18 +142,18 @@ enum DataSet {
         n: usize,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = ArithConfig::default().min_steps)]
         min_steps: usize,
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = ArithConfig::default().max_steps)]
         max_steps: usize,
         /// Largest starting count and added or removed amount.
-        #[arg(long, default_value_t = 20)]
+        #[arg(long, default_value_t = ArithConfig::default().max_operand)]
         max_operand: i64,
         /// Largest value any step may reach.
-        #[arg(long, default_value_t = 99)]
+        #[arg(long, default_value_t = ArithConfig::default().max_value)]
         max_value: i64,
         /// Distractor sentences per problem, at most.
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = ArithConfig::default().distractors)]
         distractors: usize,
         /// Probability that a worked step slips (1-2 off; the answer stays right).
         #[arg(long, default_value_t = 0.0)]

@@ -36,10 +36,10 @@ pub struct ArithConfig {
 impl Default for ArithConfig {
     fn default() -> Self {
         ArithConfig {
-            min_steps: 1,
-            max_steps: 3,
-            max_operand: 20,
-            max_value: 99,
+            min_steps: 2,
+            max_steps: 4,
+            max_operand: 10,
+            max_value: 50,
             distractors: 1,
             slips: 0.0,
             seed: 0,

@@ -142,6 +142,14 @@ pub fn new_model(dir: &Path, tokenizer: &Path, cfg: &ScratchConfig) -> Result<i6
         "generation_config.json",
         &json!({"eos_token_id": eos, "bos_token_id": eos}),
     )?;
+    // What AutoTokenizer needs to load tokenizer.json as it is.
+    write(
+        "tokenizer_config.json",
+        &json!({
+            "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": EOS,
+            "model_max_length": cfg.max_positions, "clean_up_tokenization_spaces": false,
+        }),
+    )?;
     let to = dir.join("tokenizer.json");
     if tokenizer.canonicalize().ok() != to.canonicalize().ok() {
         std::fs::copy(tokenizer, &to).with_context(|| format!("{}: cannot write", to.display()))?;

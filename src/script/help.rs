@@ -223,16 +223,16 @@ pub const SFT_LOSS: &[Opt] = &[
 ];
 
 pub const ARITH: &[Opt] = &[
-    opt("min_steps", Def::Int(1), "operations per problem, at least"),
-    opt("max_steps", Def::Int(3), "operations per problem, at most"),
+    opt("min_steps", Def::Int(2), "operations per problem, at least"),
+    opt("max_steps", Def::Int(4), "operations per problem, at most"),
     opt(
         "max_operand",
-        Def::Int(20),
+        Def::Int(10),
         "largest starting count and added or removed amount",
     ),
     opt(
         "max_value",
-        Def::Int(99),
+        Def::Int(50),
         "largest value any step may reach",
     ),
     opt(
