@@ -1,0 +1,132 @@
+//! The README's first command, end to end with fewer steps: TARPO on the
+//! embedded default model raises held-out Pass@1, and the run directory holds
+//! what the quickstart says it writes (metrics with eval rows, routing
+//! records, checkpoint, charts).
+mod common;
+
+fn figure(out: &str, label: &str) -> f64 {
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(label))
+        .unwrap_or_else(|| panic!("no `{label}` line in:\n{out}"));
+    line[label.len()..]
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("`{line}`: {e}"))
+}
+
+#[test]
+fn quickstart_raises_held_out_pass_at_1() {
+    let dir = common::scratch("quickstart");
+    let run_dir = dir.join("run");
+    let out = common::tarpo()
+        .current_dir(common::root())
+        .args(["--threads", "2", "run", "scripts/quickstart.rhai"])
+        .args(["--set", "steps=60", "--set", "eval_every=30"])
+        .args(["--set", &format!("out={}", run_dir.display())])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before = figure(&stdout, "pass@1 before:");
+    let after = figure(&stdout, "pass@1 after:");
+    assert!(
+        (0.1..=0.6).contains(&before),
+        "the default model leaves room for RL: pass@1 {before}"
+    );
+    assert!(
+        after >= before + 0.04,
+        "60 TARPO steps raise held-out pass@1 by several points: {before} -> {after}\n{stdout}"
+    );
+    assert!(stdout.contains("soft ratio:"), "{stdout}");
+
+    let metrics = std::fs::read_to_string(run_dir.join("metrics.jsonl")).unwrap();
+    let rows: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 60, "one metrics row per step");
+    let evals: Vec<f64> = rows
+        .iter()
+        .filter_map(|r| r.get("eval_pass1").and_then(|v| v.as_f64()))
+        .collect();
+    assert_eq!(evals.len(), 2, "eval_every=30 logs at steps 30 and 60");
+    for f in [
+        "metrics.parquet",
+        "routing.parquet",
+        "eval-before/problems.parquet",
+        "eval-after/problems.parquet",
+        "plots/soft_ratio.png",
+        "plots/eval_pass1.png",
+        "plots/pass_at_k.png",
+        "plots/soft_tokens.html",
+    ] {
+        assert!(
+            run_dir.join(f).is_file(),
+            "{f} missing in the run directory"
+        );
+    }
+    assert!(
+        run_dir.join("checkpoints/step-000060").is_dir(),
+        "the checkpoint at the last step"
+    );
+}
+
+/// The other shipped scripts, on the default model with tiny counts.
+#[test]
+fn the_shipped_scripts_run_on_the_default_model() {
+    let dir = common::scratch("shipped-scripts");
+    let run = |script: &str, sets: &[String]| {
+        let mut cmd = common::tarpo();
+        cmd.current_dir(common::root())
+            .args(["run", &format!("scripts/{script}")]);
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            out.status.success(),
+            "{script}: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    };
+    let d = |name: &str| dir.join(name).display().to_string();
+    let out = run(
+        "compare_methods.rhai",
+        &[
+            "steps=2".into(),
+            "seeds=2".into(),
+            "held=4".into(),
+            "prompts=2".into(),
+            format!("out={}", d("compare")),
+        ],
+    );
+    for method in ["tarpo", "grpo", "hrpo"] {
+        let row = out
+            .lines()
+            .find(|l| l.starts_with(&format!("{method}   ")))
+            .unwrap_or_else(|| panic!("no summary row for {method}:\n{out}"));
+        let per_seed = row.split('[').nth(1).unwrap();
+        assert_eq!(per_seed.matches(',').count(), 1, "two seeds: {row}");
+        assert!(
+            std::path::Path::new(&d(&format!("compare/{method}-seed1/metrics.jsonl"))).is_file()
+        );
+    }
+    assert!(dir.join("compare/soft_ratio.png").is_file());
+
+    let out = run("explore_routing.rhai", &[format!("out={}", d("explore"))]);
+    assert!(out.contains("soft_rate"), "{out}");
+    assert!(dir.join("explore/p_soft.png").is_file());
+
+    let out = run(
+        "custom_method.rhai",
+        &["steps=2".into(), format!("out={}", d("custom"))],
+    );
+    assert!(dir.join("custom/metrics.jsonl").is_file(), "{out}");
+}
