@@ -332,7 +332,7 @@ fn main() -> Result<()> {
         bail!("the two chat templates give different prompt ids:\n tarpo {prompts:?}\n TRL   {trl_ids:?}");
     }
     eprintln!(
-        "TRL ready ({} trainable LoRA parameters, {} threads; its default beta is {}, set to {BETA})",
+        "TRL ready ({} trainable parameters, {} threads; its default beta is {}, set to {BETA})",
         ready["trainable"], ready["threads"], ready["beta_default"]
     );
 
