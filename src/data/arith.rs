@@ -147,7 +147,7 @@ fn slip(p: &mut Problem, ops: &[Op], rate: f64, rng: &mut Rng) {
         let mut c = apply((a, op, b), a);
         if op != '/' && rng.next_f64() < rate {
             let d = 1 + (rng.next_u64() % 2) as i64;
-            c = if c >= d && rng.next_u64() % 2 == 0 {
+            c = if c >= d && rng.next_u64().is_multiple_of(2) {
                 c - d
             } else {
                 c + d
@@ -187,7 +187,7 @@ fn operation(
 ) -> (String, Op, i64) {
     loop {
         match rng.next_u64() % 4 {
-            0 if a + 1 <= cfg.max_value => {
+            0 if a < cfg.max_value => {
                 let b = uniform(rng, 1, cfg.max_operand.min(cfg.max_value - a));
                 let verb = pick(rng, &["buys", "finds", "gets"]);
                 return (format!("{who} {verb} {b} more {what}."), (a, '+', b), a + b);
