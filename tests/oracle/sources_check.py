@@ -1,7 +1,7 @@
 """Independent reading of the benchmarks' package files, compared field by
 field with what `tarpo data humaneval|champ` wrote.
 
-Usage: python sources_check.py humaneval|champ SOURCE OUT_JSONL
+Usage: python sources_check.py humaneval|champ|gsm-symbolic SOURCE OUT_JSONL
 Prints "N problems ok", or the first difference.
 """
 import gzip
@@ -15,6 +15,17 @@ def expected(kind, source):
             rows = [json.loads(l) for l in f if l.strip()]
         return [{"id": r["task_id"], "prompt": r["prompt"], "answer": r["canonical_solution"],
                  "test": r["test"], "entry_point": r["entry_point"]} for r in rows]
+    if kind == "gsm-symbolic":
+        import os
+        import tomllib
+        rows = []
+        for name in sorted(n for n in os.listdir(source) if n.endswith(".toml")):
+            t = tomllib.load(open(os.path.join(source, name), "rb"))
+            sol = t["answer"].strip()
+            rows.append({"id": "gsm-symbolic/" + name[:-5], "prompt": t["question"].strip(),
+                         "answer": sol.split("####")[-1].strip().replace(",", ""),
+                         "solution": sol, "id_orig": t.get("id_orig")})
+        return rows
     problems = json.load(open(source))["problems"]  # dicts keep file order
     return [{"id": p["identifier"], "prompt": p["_text"], "answer": p["_answer"],
              "category": p["category"],
