@@ -103,3 +103,48 @@ fn logits_and_tokenize_commands_match_transformers() {
         serde_json::from_str(&run(&["tokenize", "--model", m, "--text", "Hello, world!"])).unwrap();
     assert_eq!(tokens, vec![19556, 28, 905, 17]);
 }
+
+/// scripts/smollm2_gsm_symbolic.rhai with tiny counts: GSM-Symbolic rows from
+/// `tarpo data gsm-symbolic`, a warm-up phase on the format reward and a
+/// phase on correctness, each a run directory, and the time per step.
+#[test]
+fn gsm_symbolic_script_runs_both_phases_on_smollm2() {
+    let dir = common::scratch("smollm2-gsm");
+    let data = dir.join("gsm.jsonl");
+    run(&["data", "gsm-symbolic", data.to_str().unwrap()]);
+    let out = common::tarpo()
+        .current_dir(common::root())
+        .args(["run", "scripts/smollm2_gsm_symbolic.rhai"])
+        .args(["--set", &format!("data={}", data.display())])
+        .args(["--set", &format!("out={}", dir.join("run").display())])
+        .args([
+            "--set",
+            "warmup=1",
+            "--set",
+            "steps=1",
+            "--set",
+            "prompts=1",
+        ])
+        .args(["--set", "group=2", "--set", "max_new=8"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("time per step: median") && stdout.contains("over 2 steps"),
+        "{stdout}"
+    );
+    for phase in ["warmup", "train"] {
+        let m = std::fs::read_to_string(dir.join("run").join(phase).join("metrics.jsonl")).unwrap();
+        assert_eq!(m.lines().count(), 1, "{phase}: one step");
+    }
+    let cfg = std::fs::read_to_string(dir.join("run/warmup/config.json")).unwrap();
+    assert!(
+        cfg.contains("format_gsm8k"),
+        "the warm-up trains on the format reward: {cfg}"
+    );
+}
