@@ -26,11 +26,17 @@ pub fn register(engine: &mut Engine) {
 
 /// `n` arithmetic word problems as #{prompt, answer, solution, steps} maps.
 fn arith_problems(n: i64, o: Map) -> Result<Array> {
-    let o = Opts::check("arith_problems", help::ARITH, o)?;
     if n < 0 {
         bail!("arith_problems: n must be >= 0, got {n}");
     }
-    let cfg = ArithConfig {
+    let rows = arith::generate(n as usize, &arith_config(o)?)?;
+    let json = serde_json::to_value(&rows)?;
+    Ok(from_json(&json).cast::<Array>())
+}
+
+fn arith_config(o: Map) -> Result<ArithConfig> {
+    let o = Opts::check("arith_problems", help::ARITH, o)?;
+    Ok(ArithConfig {
         min_steps: o.positive("min_steps")?,
         max_steps: o.positive("max_steps")?,
         max_operand: o.int("max_operand")?,
@@ -38,10 +44,7 @@ fn arith_problems(n: i64, o: Map) -> Result<Array> {
         distractors: o.usize("distractors")?,
         slips: o.float("slips")?,
         seed: o.usize("seed")? as u64,
-    };
-    let rows = arith::generate(n as usize, &cfg)?;
-    let json = serde_json::to_value(&rows)?;
-    Ok(from_json(&json).cast::<Array>())
+    })
 }
 
 /// Writes an array of maps as JSONL (a data set `load_dataset` reads).
@@ -82,4 +85,23 @@ fn new_model(dir: &str, o: Map) -> Result<Dynamic> {
     };
     let tok = o.str("tokenizer")?;
     Ok(scratch::new_model(Path::new(dir), Path::new(&tok), &cfg)?.into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The option table's defaults (what scripts get) are the task's own
+    /// (what `tarpo data arith` gets).
+    #[test]
+    fn arith_option_defaults_are_the_task_defaults() {
+        let cfg = arith_config(Map::new()).unwrap();
+        assert_eq!(
+            cfg,
+            ArithConfig {
+                seed: cfg.seed,
+                ..ArithConfig::default()
+            }
+        );
+    }
 }
