@@ -336,3 +336,13 @@ fn a_stdlib_run_resumes_exactly_from_its_checkpoint() {
         .join("stopped/checkpoints/step-000006/optimizer.safetensors")
         .exists());
 }
+
+#[test]
+fn code_rewards_run_in_the_sandbox() {
+    let o = run_script("code_reward.rhai", &[]);
+    let (so, se) = (text(&o.stdout), text(&o.stderr));
+    assert!(
+        o.status.success() && so.contains("code_reward: ok"),
+        "stdout:\n{so}\nstderr:\n{se}"
+    );
+}

@@ -13,5 +13,6 @@ pub mod optim;
 pub mod policy;
 pub mod registry;
 pub mod reward;
+pub mod sandbox;
 pub mod sft;
 pub mod update;

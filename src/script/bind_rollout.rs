@@ -22,6 +22,9 @@ pub fn register(engine: &mut Engine) {
         rt(rollout_group(&m, p, o))
     });
     engine.register_fn("reward", |ro: RolloutHandle, name: &str| -> Res<Array> {
+        if name == "humaneval" {
+            return rt(super::bind_code::humaneval_rewards(&ro.0, Map::new()).map(float_array));
+        }
         let f = rt(rewards::lookup(name))?;
         let d = &ro.0;
         Ok(float_array(
@@ -315,6 +318,7 @@ fn prompt_items(prompts: Array) -> Result<Vec<PromptItem>> {
                     prompt: p.to_string(),
                     answer: String::new(),
                     id: -1,
+                    fields: Default::default(),
                 });
             }
             let Some(m) = p.clone().try_cast::<Map>() else {
@@ -327,6 +331,11 @@ fn prompt_items(prompts: Array) -> Result<Vec<PromptItem>> {
                 })?,
                 answer: text("answer").unwrap_or_default(),
                 id: m.get("id").and_then(|v| v.as_int().ok()).unwrap_or(-1),
+                fields: m
+                    .iter()
+                    .filter(|(_, v)| v.is_string())
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
             })
         })
         .collect()

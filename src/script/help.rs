@@ -222,6 +222,17 @@ pub const SFT_LOSS: &[Opt] = &[
     opt("system", Def::Unset(Ty::Str), "system message (with chat)"),
 ];
 
+pub const SCORE_CODE: &[Opt] = &[
+    opt("cpu_seconds", Def::Int(5), "CPU-time limit of the program"),
+    opt("wall", Def::Float(10.0), "wall-clock limit, seconds"),
+    opt("memory_mb", Def::Int(1024), "address-space limit"),
+    opt(
+        "output_kb",
+        Def::Int(64),
+        "captured output per stream; more fails the run",
+    ),
+];
+
 pub const ARITH: &[Opt] = &[
     opt("min_steps", Def::Int(2), "operations per problem, at least"),
     opt("max_steps", Def::Int(4), "operations per problem, at most"),
@@ -310,6 +321,7 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "optimizer", sig: "optimizer(m, opts?) -> Optimizer", doc: "AdamW over the trainable weights (LoRA or the backbone), the router and the HRPO gate, with warm-up and decay; opt.step(loss).", opts: OPTIMIZER },
     Prim { name: "tarpo_loss", sig: "tarpo_loss(m, ro, adv, opts?) -> Loss", doc: "Replay the rollout and add the gradient of TARPO's joint token+router loss (lambda 0: GRPO); several accumulate into one opt.step([l1, l2]).", opts: TARPO_LOSS },
     Prim { name: "sft_loss", sig: "sft_loss(m, rows, opts?) -> Loss", doc: "Supervised fine-tuning: the NLL of each row's completion after its prompt, a Loss for opt.step like tarpo_loss's.", opts: SFT_LOSS },
+    Prim { name: "score_code", sig: "score_code(completion, #{prompt, test, entry_point}, opts?) -> float", doc: "1.0 when prompt + completion passes the row's HumanEval check in the sandbox (own process and directory, CPU/memory/time/output limits, no network, no writes outside, no processes or signals), else 0.0. reward(ro, \"humaneval\") scores a rollout's completions this way, in parallel.", opts: SCORE_CODE },
     Prim { name: "arith_problems", sig: "arith_problems(n, opts?) -> [map]", doc: "Seeded multi-step arithmetic word problems with worked solutions (#{prompt, answer, solution, steps}).", opts: ARITH },
     Prim { name: "write_jsonl", sig: "write_jsonl(rows, path)", doc: "Write an array of maps as JSONL (a data set load_dataset reads).", opts: NONE },
     Prim { name: "train_tokenizer", sig: "train_tokenizer(texts, path, opts?)", doc: "Train a byte-level BPE tokenizer (digits split, <|endoftext|> = 0) and write tokenizer.json.", opts: TRAIN_TOKENIZER },

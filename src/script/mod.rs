@@ -3,6 +3,7 @@
 //! (`import "tarpo" as tarpo;`), errors with file, line and column, and a
 //! session whose variables, functions and imports persist between inputs
 //! (what `tarpo run` and `tarpo repl` share).
+pub mod bind_code;
 pub mod bind_data;
 pub mod bind_model;
 pub mod bind_rollout;
@@ -70,6 +71,7 @@ pub fn engine() -> Engine {
     bind_data::register(&mut e);
     bind_model::register(&mut e);
     bind_rollout::register(&mut e);
+    bind_code::register(&mut e);
     bind_train::register(&mut e);
     bind_run::register(&mut e);
     e.register_fn("help", || print!("{}", help::overview()));

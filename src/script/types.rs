@@ -69,6 +69,8 @@ pub struct PromptItem {
     pub prompt: String,
     pub answer: String,
     pub id: i64,
+    /// The row's other string fields (a HumanEval `test`, `entry_point`).
+    pub fields: std::collections::BTreeMap<String, String>,
 }
 
 /// A rollout with what scripts need beside the records.

@@ -1,0 +1,110 @@
+//! Model-written code in the sandbox: a correct HumanEval-style completion
+//! scores 1, a wrong one 0, and code that loops, sleeps, forks, allocates
+//! without bound, opens sockets, writes outside its directory, floods its
+//! output, exits early with status 0 or kills its parent scores 0 within the
+//! limits and leaves this process running.
+use std::time::{Duration, Instant};
+use tarpo::rl::sandbox::{run_python, score_code, Limits};
+
+const PROMPT: &str = "def add(a, b):\n    \"\"\"Return a + b.\"\"\"\n";
+const TEST: &str =
+    "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n";
+
+fn limits() -> Limits {
+    Limits {
+        cpu_seconds: 2,
+        wall: Duration::from_secs(3),
+        memory_bytes: 512 << 20,
+        ..Limits::default()
+    }
+}
+
+fn score(body: &str) -> (f64, Duration) {
+    let t = Instant::now();
+    let s = score_code(PROMPT, body, TEST, "add", &limits()).unwrap();
+    (s, t.elapsed())
+}
+
+#[test]
+fn correct_code_passes_and_wrong_code_fails() {
+    assert_eq!(score("    return a + b\n").0, 1.0);
+    assert_eq!(score("    return a - b\n").0, 0.0);
+    assert_eq!(score("    return a +\n").0, 0.0, "a syntax error");
+    // Helpers in its own directory are fine.
+    let ok = "    open('scratch.txt', 'w').write('x')\n    return a + b\n";
+    assert_eq!(score(ok).0, 1.0);
+}
+
+#[test]
+fn hostile_code_scores_zero_within_the_limits() {
+    let marker = std::env::temp_dir().join(format!("tarpo-escape-{}", std::process::id()));
+    let cases = [
+        ("loops forever", "    while True:\n        pass\n".to_string()),
+        ("sleeps", "    import time\n    time.sleep(60)\n    return a + b\n".into()),
+        (
+            "forks repeatedly",
+            "    import os\n    while True:\n        try:\n            os.fork()\n        except Exception:\n            pass\n".into(),
+        ),
+        (
+            "allocates without bound",
+            "    x = []\n    while True:\n        x.append(bytearray(1 << 24))\n".into(),
+        ),
+        (
+            "opens a socket",
+            "    import socket\n    socket.create_connection(('127.0.0.1', 9), timeout=1)\n    return a + b\n".into(),
+        ),
+        (
+            "writes outside its directory",
+            format!("    open({:?}, 'w').write('x')\n    return a + b\n", marker.display().to_string()),
+        ),
+        (
+            "floods its output",
+            "    while True:\n        print('x' * 10000)\n".into(),
+        ),
+        (
+            "exits early with status 0",
+            "    import sys\n    sys.exit(0)\n".into(),
+        ),
+        (
+            "exits early through os._exit",
+            "    import os\n    os._exit(0)\n".into(),
+        ),
+        (
+            "kills its parent",
+            "    import os, signal\n    os.kill(os.getppid(), signal.SIGKILL)\n    return a + b\n".into(),
+        ),
+        (
+            "runs a shell",
+            "    import subprocess\n    subprocess.run(['true'])\n    return a + b\n".into(),
+        ),
+    ];
+    for (what, body) in &cases {
+        let (s, took) = score(body);
+        assert_eq!(s, 0.0, "code that {what} scored {s}");
+        assert!(
+            took < Duration::from_secs(6),
+            "code that {what} took {took:?}"
+        );
+    }
+    assert!(!marker.exists(), "the sandbox wrote {}", marker.display());
+}
+
+#[test]
+fn runs_are_bounded_and_report_why_they_ended() {
+    let t = Instant::now();
+    let o = run_python("import time\ntime.sleep(30)\n", &limits()).unwrap();
+    assert!(o.timed_out && o.status.is_none(), "{o:?}");
+    assert!(t.elapsed() < Duration::from_secs(5));
+    let o = run_python("print('y' * 1000000)\n", &limits()).unwrap();
+    assert!(o.output_overflow, "{:?}", o.status);
+    assert_eq!(o.stdout.len(), Limits::default().output_bytes);
+    let o = run_python(
+        "import sys\nprint('out')\nprint('err', file=sys.stderr)\nsys.exit(3)\n",
+        &limits(),
+    )
+    .unwrap();
+    assert_eq!(
+        (o.status, o.stdout.as_str(), o.stderr.as_str()),
+        (Some(3), "out\n", "err\n")
+    );
+}
