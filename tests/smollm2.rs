@@ -148,3 +148,36 @@ fn gsm_symbolic_script_runs_both_phases_on_smollm2() {
         "the warm-up trains on the format reward: {cfg}"
     );
 }
+
+/// scripts/eval_humaneval.rhai with tiny counts: HumanEval rows through the
+/// sandbox, Pass@1 and Pass@k printed, the per-problem frame and chart written.
+#[test]
+fn humaneval_evaluation_script_reports_pass_at_k() {
+    let dir = common::scratch("smollm2-humaneval");
+    let data = dir.join("humaneval.jsonl");
+    run(&["data", "humaneval", data.to_str().unwrap()]);
+    let out = common::tarpo()
+        .current_dir(common::root())
+        .args(["run", "scripts/eval_humaneval.rhai"])
+        .args(["--set", &format!("data={}", data.display())])
+        .args(["--set", &format!("out={}", dir.join("eval").display())])
+        .args(["--set", "problems=2", "--set", "k=2", "--set", "max_new=8"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("HumanEval: 2 problems x 2 samples"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("pass@1 ") && stdout.contains("pass@2 "),
+        "{stdout}"
+    );
+    assert!(dir.join("eval/problems.parquet").is_file());
+    assert!(dir.join("eval/pass_at_k.png").is_file());
+}
