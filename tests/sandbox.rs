@@ -30,6 +30,11 @@ fn correct_code_passes_and_wrong_code_fails() {
     assert_eq!(score("    return a + b\n").0, 1.0);
     assert_eq!(score("    return a - b\n").0, 0.0);
     assert_eq!(score("    return a +\n").0, 0.0, "a syntax error");
+    // The body ends where a top-level line begins: what follows is ignored.
+    let more = "    return a + b\n\ndef unfinished(x:\n";
+    assert_eq!(score(more).0, 1.0);
+    assert_eq!(tarpo::rl::sandbox::code_body(more), "    return a + b\n\n");
+    assert_eq!(score("    return a - b\nprint(add(2, 3))\n").0, 0.0);
     // Helpers in its own directory are fine.
     let ok = "    open('scratch.txt', 'w').write('x')\n    return a + b\n";
     assert_eq!(score(ok).0, 1.0);

@@ -225,8 +225,23 @@ fn reader(
     (h, flag)
 }
 
-/// 1.0 when `prompt + completion`, then `test`, then `check(entry_point)`
-/// run to the end within `limits`, else 0.0.
+/// The function body a completion continues the prompt with: everything up
+/// to the first line that starts at column 0 (a model that goes on to write
+/// the next function or a usage example has finished the body, as the
+/// stop sequences of the Codex evaluation assume).
+pub fn code_body(completion: &str) -> &str {
+    let mut at = 0;
+    for line in completion.split_inclusive('\n') {
+        if at > 0 && line.starts_with(|c: char| !c.is_whitespace()) {
+            break;
+        }
+        at += line.len();
+    }
+    &completion[..at]
+}
+
+/// 1.0 when `prompt + code_body(completion)`, then `test`, then
+/// `check(entry_point)` run to the end within `limits`, else 0.0.
 pub fn score_code(
     prompt: &str,
     completion: &str,
@@ -235,6 +250,7 @@ pub fn score_code(
     limits: &Limits,
 ) -> Result<f64> {
     let nonce = format!("{:016x}", crate::rng::Rng::new(nonce_seed()).next_u64());
+    let completion = code_body(completion);
     let program = format!(
         "{GUARD}\n{prompt}{completion}\n\n{test}\n\ncheck({entry_point})\nprint('tarpo-pass-{nonce}')\n"
     );
