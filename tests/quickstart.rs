@@ -19,18 +19,13 @@ fn figure(out: &str, label: &str) -> f64 {
 fn quickstart_raises_held_out_pass_at_1() {
     let dir = common::scratch("quickstart");
     let run_dir = dir.join("run");
-    let out = common::tarpo()
-        .current_dir(common::root())
-        .args(["--threads", "2", "run", "scripts/quickstart.rhai"])
-        .args(["--set", "steps=60", "--set", "eval_every=30"])
-        .args(["--set", &format!("out={}", run_dir.display())])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = common::shipped_script(
+        "quickstart.rhai",
+        &[
+            "steps=60".into(),
+            "eval_every=30".into(),
+            format!("out={}", run_dir.display()),
+        ],
     );
     let before = figure(&stdout, "pass@1 before:");
     let after = figure(&stdout, "pass@1 after:");
@@ -80,22 +75,7 @@ fn quickstart_raises_held_out_pass_at_1() {
 #[test]
 fn the_shipped_scripts_run_on_the_default_model() {
     let dir = common::scratch("shipped-scripts");
-    let run = |script: &str, sets: &[String]| {
-        let mut cmd = common::tarpo();
-        cmd.current_dir(common::root())
-            .args(["run", &format!("scripts/{script}")]);
-        for s in sets {
-            cmd.args(["--set", s]);
-        }
-        let out = cmd.output().unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-        assert!(
-            out.status.success(),
-            "{script}: {stdout}\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        stdout
-    };
+    let run = common::shipped_script;
     let d = |name: &str| dir.join(name).display().to_string();
     let out = run(
         "compare_methods.rhai",

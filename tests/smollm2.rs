@@ -112,27 +112,17 @@ fn gsm_symbolic_script_runs_both_phases_on_smollm2() {
     let dir = common::scratch("smollm2-gsm");
     let data = dir.join("gsm.jsonl");
     run(&["data", "gsm-symbolic", data.to_str().unwrap()]);
-    let out = common::tarpo()
-        .current_dir(common::root())
-        .args(["run", "scripts/smollm2_gsm_symbolic.rhai"])
-        .args(["--set", &format!("data={}", data.display())])
-        .args(["--set", &format!("out={}", dir.join("run").display())])
-        .args([
-            "--set",
-            "warmup=1",
-            "--set",
-            "steps=1",
-            "--set",
-            "prompts=1",
-        ])
-        .args(["--set", "group=2", "--set", "max_new=8"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = common::shipped_script(
+        "smollm2_gsm_symbolic.rhai",
+        &[
+            format!("data={}", data.display()),
+            format!("out={}", dir.join("run").display()),
+            "warmup=1".into(),
+            "steps=1".into(),
+            "prompts=1".into(),
+            "group=2".into(),
+            "max_new=8".into(),
+        ],
     );
     assert!(
         stdout.contains("time per step: median") && stdout.contains("over 2 steps"),
@@ -156,19 +146,15 @@ fn humaneval_evaluation_script_reports_pass_at_k() {
     let dir = common::scratch("smollm2-humaneval");
     let data = dir.join("humaneval.jsonl");
     run(&["data", "humaneval", data.to_str().unwrap()]);
-    let out = common::tarpo()
-        .current_dir(common::root())
-        .args(["run", "scripts/eval_humaneval.rhai"])
-        .args(["--set", &format!("data={}", data.display())])
-        .args(["--set", &format!("out={}", dir.join("eval").display())])
-        .args(["--set", "problems=2", "--set", "k=2", "--set", "max_new=8"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+    let stdout = common::shipped_script(
+        "eval_humaneval.rhai",
+        &[
+            format!("data={}", data.display()),
+            format!("out={}", dir.join("eval").display()),
+            "problems=2".into(),
+            "k=2".into(),
+            "max_new=8".into(),
+        ],
     );
     assert!(
         stdout.contains("HumanEval: 2 problems x 2 samples"),

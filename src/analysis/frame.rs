@@ -1,17 +1,16 @@
 //! Records as Polars frames: the routing frame (one row per generated token,
 //! DESIGN.md "Records"), frames from loosely typed metric rows, SQL over a
 //! frame, parquet/CSV files, and column access for charts.
+pub use super::files::{read_csv, read_parquet, write_csv, write_parquet};
+pub(crate) use super::files::{temp_sibling, write_atomic};
+pub use super::rows::frame_from_rows;
 use crate::model::Tokenizer;
 use crate::policy::{Rollout, TokenRecord};
 use crate::policy::{HARD, LATENT, SOFT};
 use anyhow::{anyhow, bail, Context, Result};
 use polars::prelude::*;
 use polars::sql::SQLContext;
-use serde_json::{Map, Value};
 use std::collections::HashMap;
-use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 
 /// What a rollout does not know about itself: where it comes from and how it
 /// was scored. `rewards` and `advantages` hold one value per sequence.
@@ -186,113 +185,6 @@ impl RoutingColumns {
     }
 }
 
-/// The value types a loosely typed row may hold in a column.
-#[derive(Clone, Copy, PartialEq, Debug)]
-enum Kind {
-    Bool,
-    Int,
-    Float,
-    Str,
-}
-
-impl Kind {
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Bool => "a bool",
-            Kind::Int | Kind::Float => "a number",
-            Kind::Str => "a string",
-        }
-    }
-
-    /// Null -> None; arrays and objects have no column type.
-    fn of(v: &Value) -> Result<Option<Kind>, &'static str> {
-        Ok(Some(match v {
-            Value::Null => return Ok(None),
-            Value::Bool(_) => Kind::Bool,
-            Value::Number(n) if n.is_i64() => Kind::Int,
-            Value::Number(_) => Kind::Float,
-            Value::String(_) => Kind::Str,
-            Value::Array(_) => return Err("an array"),
-            Value::Object(_) => return Err("an object"),
-        }))
-    }
-}
-
-/// A frame from loosely typed rows (e.g. per-step metric maps). Columns come
-/// in order of first appearance; within one row, in the map's order, which is
-/// alphabetical unless serde_json's `preserve_order` feature is on. A column
-/// of JSON integers only (fitting i64) is i64; numbers that mix integers and
-/// floats are f64; strings are str, bools are bool. A key missing from a row,
-/// or null, is a null; a column of nulls only is f64. A column mixing kinds
-/// (say a number and a string) is an error naming it and both rows.
-pub fn frame_from_rows(rows: &[Map<String, Value>]) -> Result<DataFrame> {
-    let mut names: Vec<&str> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for row in rows {
-        for key in row.keys() {
-            if seen.insert(key.as_str()) {
-                names.push(key);
-            }
-        }
-    }
-    let columns = names
-        .iter()
-        .map(|name| Ok(build_column(rows, name, column_kind(rows, name)?)))
-        .collect::<Result<Vec<_>>>()?;
-    DataFrame::new(rows.len(), columns).map_err(|e| anyhow!("frame from rows: {e}"))
-}
-
-/// The kind of column `name` over all rows; integers and floats merge to Float.
-fn column_kind(rows: &[Map<String, Value>], name: &str) -> Result<Kind> {
-    let mut first: Option<(Kind, usize)> = None;
-    for (i, row) in rows.iter().enumerate() {
-        let Some(v) = row.get(name) else { continue };
-        let kind = match Kind::of(v) {
-            Ok(Some(k)) => k,
-            Ok(None) => continue,
-            Err(what) => bail!(
-                "column {name:?}, row {i}: {what} (a column holds numbers, strings, bools or nulls)"
-            ),
-        };
-        first = Some(match first {
-            None => (kind, i),
-            Some((k, at)) if k == kind => (k, at),
-            Some((Kind::Int | Kind::Float, at)) if matches!(kind, Kind::Int | Kind::Float) => {
-                (Kind::Float, at)
-            }
-            Some((k, at)) => bail!(
-                "column {name:?} mixes types: {} at row {at}, {} at row {i}",
-                k.name(),
-                kind.name()
-            ),
-        });
-    }
-    Ok(first.map_or(Kind::Float, |(k, _)| k))
-}
-
-fn build_column(rows: &[Map<String, Value>], name: &str, kind: Kind) -> Column {
-    let key = name;
-    let name = name.into();
-    match kind {
-        Kind::Bool => {
-            let v: Vec<Option<bool>> = rows.iter().map(|r| r.get(key)?.as_bool()).collect();
-            Column::new(name, v)
-        }
-        Kind::Int => {
-            let v: Vec<Option<i64>> = rows.iter().map(|r| r.get(key)?.as_i64()).collect();
-            Column::new(name, v)
-        }
-        Kind::Float => {
-            let v: Vec<Option<f64>> = rows.iter().map(|r| r.get(key)?.as_f64()).collect();
-            Column::new(name, v)
-        }
-        Kind::Str => {
-            let v: Vec<Option<&str>> = rows.iter().map(|r| r.get(key)?.as_str()).collect();
-            Column::new(name, v)
-        }
-    }
-}
-
 /// Runs a SQL query over `df`, registered as the table `frame`.
 pub fn sql(df: &DataFrame, query: &str) -> Result<DataFrame> {
     let mut ctx = SQLContext::new();
@@ -301,80 +193,6 @@ pub fn sql(df: &DataFrame, query: &str) -> Result<DataFrame> {
     ctx.execute(query)
         .and_then(LazyFrame::collect)
         .map_err(|e| anyhow!("sql: {e}"))
-}
-
-/// Writes `path` through a temporary file in the same directory, renamed into
-/// place once complete, so a reader never sees a half-written file.
-pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
-    let tmp = temp_sibling(path)?;
-    let mut file =
-        File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let written = write(&mut file).and_then(|()| Ok(file.sync_all()?));
-    drop(file);
-    let done = written.and_then(|()| Ok(std::fs::rename(&tmp, path)?));
-    if done.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    done.with_context(|| format!("{}: cannot write", path.display()))
-}
-
-/// `dir/.name.tmp-PID-N.ext` beside `path` (its parent directories created),
-/// unique per process and call; the extension is kept because some writers
-/// pick the format from it.
-pub(crate) fn temp_sibling(path: &Path) -> Result<PathBuf> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("{}: cannot create the directory", dir.display()))?;
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map_or(String::new(), |e| format!(".{e}"));
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    Ok(dir.join(format!(".{name}.tmp-{}-{n}{ext}", std::process::id())))
-}
-
-pub fn write_parquet(df: &mut DataFrame, path: &Path) -> Result<()> {
-    write_atomic(path, |f| {
-        ParquetWriter::new(f).finish(df)?;
-        Ok(())
-    })
-}
-
-pub fn read_parquet(path: &Path) -> Result<DataFrame> {
-    let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    ParquetReader::new(file)
-        .finish()
-        .map_err(|e| anyhow!("{}: cannot read as parquet: {e}", path.display()))
-}
-
-/// CSV with a header row; nulls are empty fields.
-pub fn write_csv(df: &mut DataFrame, path: &Path) -> Result<()> {
-    write_atomic(path, |f| {
-        CsvWriter::new(f).include_header(true).finish(df)?;
-        Ok(())
-    })
-}
-
-/// CSV with a header row. Column types are inferred from every row (not the
-/// first 100, Polars' default), so a float late in an integer column is kept.
-pub fn read_csv(path: &Path) -> Result<DataFrame> {
-    if !path.is_file() {
-        bail!("{}: no such file", path.display());
-    }
-    CsvReadOptions::default()
-        .with_has_header(true)
-        .with_infer_schema_length(None)
-        .try_into_reader_with_file_path(Some(path.into()))
-        .and_then(|r| r.finish())
-        .map_err(|e| anyhow!("{}: cannot read as CSV: {e}", path.display()))
 }
 
 /// The column `name`, or an error listing the frame's columns.
@@ -447,6 +265,8 @@ fn describe_schema(df: &DataFrame) -> String {
 pub(crate) mod tests {
     use super::*;
     use crate::policy::LatentRecord;
+    use serde_json::{Map, Value};
+    use std::path::{Path, PathBuf};
 
     fn rec(token: i64, mode: i64, p_soft: f32, forced: bool) -> TokenRecord {
         TokenRecord {

@@ -8,6 +8,7 @@ pub mod dataset;
 pub mod kl;
 pub mod loss;
 pub mod loss_agg;
+pub mod math_answer;
 pub mod metrics;
 pub mod optim;
 pub mod policy;

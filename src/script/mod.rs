@@ -3,6 +3,7 @@
 //! (`import "tarpo" as tarpo;`), errors with file, line and column, and a
 //! session whose variables, functions and imports persist between inputs
 //! (what `tarpo run` and `tarpo repl` share).
+pub mod bind_chart;
 pub mod bind_code;
 pub mod bind_data;
 pub mod bind_model;
@@ -74,6 +75,7 @@ pub fn engine() -> Engine {
     bind_code::register(&mut e);
     bind_train::register(&mut e);
     bind_run::register(&mut e);
+    bind_chart::register(&mut e);
     e.register_fn("help", || print!("{}", help::overview()));
     e.register_fn("help", |name: &str| match help::one(name) {
         Some(s) => print!("{s}"),

@@ -128,3 +128,23 @@ pub fn tarpo() -> Command {
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a - b).abs().max().double_value(&[])
 }
+
+/// `tarpo --threads 2 run scripts/SCRIPT --set KEY=VALUE...` from the
+/// repository root; panics with both streams unless it succeeds, and
+/// returns its standard output.
+pub fn shipped_script(script: &str, sets: &[String]) -> String {
+    let mut cmd = tarpo();
+    cmd.current_dir(root())
+        .args(["--threads", "2", "run", &format!("scripts/{script}")]);
+    for s in sets {
+        cmd.args(["--set", s]);
+    }
+    let out = cmd.output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{script}: {stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
