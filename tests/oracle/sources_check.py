@@ -24,7 +24,8 @@ def expected(kind, source):
             sol = t["answer"].strip()
             rows.append({"id": "gsm-symbolic/" + name[:-5], "prompt": t["question"].strip(),
                          "answer": sol.split("####")[-1].strip().replace(",", ""),
-                         "solution": sol, "id_orig": t.get("id_orig")})
+                         "solution": sol, "id_orig": t.get("id_orig"),
+                         "template": name[:-5], "instance": 0})
         return rows
     problems = json.load(open(source))["problems"]  # dicts keep file order
     return [{"id": p["identifier"], "prompt": p["_text"], "answer": p["_answer"],
