@@ -259,6 +259,19 @@ fn every_stdlib_method_runs_from_a_script() {
 }
 
 #[test]
+fn aapo_samples_the_reference_and_trains_from_a_script() {
+    let out = common::scratch("script-aapo");
+    let data = out.join("data.jsonl");
+    write_prompts(&data, 16, 9);
+    let o = run_script("aapo.rhai", &[("data", data.display().to_string())]);
+    let (so, se) = (text(&o.stdout), text(&o.stderr));
+    assert!(
+        o.status.success() && so.contains("aapo: ok"),
+        "stdout:\n{so}\nstderr:\n{se}"
+    );
+}
+
+#[test]
 fn the_training_loop_pieces_from_a_script() {
     let out = common::scratch("script-training-loop");
     let data = out.join("data.jsonl");

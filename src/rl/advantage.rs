@@ -11,6 +11,7 @@
 //! | `grpo`   | `(r_i - mean(r)) / (std(r) + 1e-4)`, std unbiased (`G - 1`)   |
 //! | `drgrpo` | `r_i - mean(r)` (Dr. GRPO: no std normalisation)              |
 //! | `rloo`   | `r_i - mean_{j != i} r_j` (leave-one-out baseline, `G >= 2`)  |
+//! | `aapo`   | `grpo` (or `drgrpo` without `scale_rewards`) + `clip(r_i - r_i^ref, -0.2, 0.28)` |
 //!
 //! Means are computed relative to the group's first reward
 //! (`r_0 + sum(r_j - r_0) / G`), so a group whose rewards are all equal gets
@@ -20,15 +21,36 @@
 //! [`zero_advantage_fraction`] and [`informative_groups`], which compare
 //! rewards with exact `==`.
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{anyhow, bail, ensure, Result};
+
+/// What an estimator may read besides its group's rewards.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Extra<'a> {
+    /// AAPO: the frozen reference's rewards on the same prompts, paired by
+    /// index (the group's slice when an estimator sees it).
+    pub ref_rewards: Option<&'a [f64]>,
+    /// AAPO: divide by the group's std (`scale_rewards`, default on).
+    pub scale: Option<bool>,
+}
 
 /// One advantage estimator: maps the rewards of ONE group to its advantages
 /// (same length). Errors when the group is unsuitable (e.g. `rloo` with a
 /// single completion).
-pub type Estimator = fn(&[f64]) -> Result<Vec<f64>>;
+pub type Estimator = fn(&[f64], &Extra) -> Result<Vec<f64>>;
 
 /// The estimator registry: `(name, function)`. Names are unique (tested).
-pub const ESTIMATORS: &[(&str, Estimator)] = &[("grpo", grpo), ("drgrpo", drgrpo), ("rloo", rloo)];
+pub const ESTIMATORS: &[(&str, Estimator)] = &[
+    ("grpo", |g, _| grpo(g)),
+    ("drgrpo", |g, _| drgrpo(g)),
+    ("rloo", |g, _| rloo(g)),
+    ("aapo", aapo),
+];
+
+/// The estimators that read the reference's rewards (and `scale_rewards`).
+const PAIRED: &[&str] = &["aapo"];
+
+/// AAPO's clip of the margin `r_i - r_i^ref` (the reference code's bounds).
+pub const AAPO_MARGIN: (f64, f64) = (-0.2, 0.28);
 
 /// Estimator used when the configuration names none.
 pub const DEFAULT_ESTIMATOR: &str = "grpo";
@@ -55,11 +77,46 @@ pub fn lookup(name: &str) -> Result<Estimator> {
 /// rejects the group size (`rloo` with `group == 1`); advantages that
 /// overflow to a non-finite value (rewards near `f64::MAX`).
 pub fn compute(rewards: &[f64], group: usize, estimator: &str) -> Result<Vec<f64>> {
+    compute_with(rewards, group, estimator, &Extra::default())
+}
+
+/// [`compute`] with what paired estimators (`aapo`) read: `ref_rewards` has
+/// the layout of `rewards`. Giving them to an estimator that ignores them is
+/// an error, not a silent no-op.
+pub fn compute_with(
+    rewards: &[f64],
+    group: usize,
+    estimator: &str,
+    extra: &Extra,
+) -> Result<Vec<f64>> {
     let f = lookup(estimator)?;
     check_layout(rewards, group)?;
+    let paired = PAIRED.contains(&estimator);
+    if !paired && (extra.ref_rewards.is_some() || extra.scale.is_some()) {
+        bail!(
+            "ref_rewards and scale_rewards are for the paired estimators ({}), not {estimator:?}",
+            PAIRED.join(", ")
+        );
+    }
+    if let Some(r) = extra.ref_rewards {
+        ensure!(
+            r.len() == rewards.len(),
+            "ref_rewards has {} values but rewards has {}: the reference's completions pair with the policy's by index",
+            r.len(),
+            rewards.len()
+        );
+        if let Some(j) = r.iter().position(|x| !x.is_finite()) {
+            bail!("ref_rewards[{j}] is not finite ({})", r[j]);
+        }
+    }
     let mut out = Vec::with_capacity(rewards.len());
     for (g, chunk) in rewards.chunks_exact(group).enumerate() {
-        let adv = f(chunk).map_err(|e| e.context(format!("advantage estimator {estimator:?}")))?;
+        let mine = Extra {
+            ref_rewards: extra.ref_rewards.map(|r| &r[g * group..(g + 1) * group]),
+            scale: extra.scale,
+        };
+        let adv =
+            f(chunk, &mine).map_err(|e| e.context(format!("advantage estimator {estimator:?}")))?;
         ensure!(
             adv.len() == chunk.len(),
             "advantage estimator {estimator:?} returned {} values for a group of {}",
@@ -115,6 +172,41 @@ pub fn rloo(group: &[f64]) -> Result<Vec<f64>> {
     let m = mean(group);
     let scale = n as f64 / (n - 1) as f64;
     Ok(group.iter().map(|r| scale * (r - m)).collect())
+}
+
+/// AAPO: the group-relative advantage over the policy's group (std-scaled
+/// with `scale_rewards`, the default) plus the clipped, unnormalised margin
+/// over the paired reference completion, so a group whose policy rewards are
+/// all equal still learns where the reference did better or worse.
+pub fn aapo(group: &[f64], x: &Extra) -> Result<Vec<f64>> {
+    let r_ref = x.ref_rewards.ok_or_else(|| {
+        anyhow!("aapo needs ref_rewards: the frozen reference's rewards on the same prompts, paired by index")
+    })?;
+    let base = if x.scale.unwrap_or(true) {
+        grpo(group)?
+    } else {
+        drgrpo(group)?
+    };
+    let (lo, hi) = AAPO_MARGIN;
+    Ok((base.iter().zip(group).zip(r_ref))
+        .map(|((a, r), rr)| a + (r - rr).clamp(lo, hi))
+        .collect())
+}
+
+/// Fraction of groups where GRPO's advantage is zero (all policy rewards
+/// equal) but AAPO's is not (some margin over the reference is nonzero).
+pub fn aapo_revived_fraction(rewards: &[f64], ref_rewards: &[f64], group: usize) -> Result<f64> {
+    let n = check_layout(rewards, group)?;
+    ensure!(
+        ref_rewards.len() == rewards.len(),
+        "ref_rewards and rewards differ in length"
+    );
+    let revived = (rewards
+        .chunks_exact(group)
+        .zip(ref_rewards.chunks_exact(group)))
+    .filter(|(r, rr)| all_equal(r) && r.iter().zip(*rr).any(|(a, b)| a != b))
+    .count();
+    Ok(revived as f64 / n as f64)
 }
 
 /// Fraction (in `[0, 1]`) of groups whose rewards are all exactly equal.
@@ -260,7 +352,7 @@ mod tests {
             assert!(!n[i + 1..].contains(a), "duplicate estimator name {a:?}");
         }
         assert!(n.contains(&DEFAULT_ESTIMATOR));
-        assert_eq!(n, ["grpo", "drgrpo", "rloo"]);
+        assert_eq!(n, ["grpo", "drgrpo", "rloo", "aapo"]);
     }
 
     #[test]
@@ -333,10 +425,74 @@ mod tests {
     #[test]
     fn equal_rewards_give_exact_zeros() {
         // 0.1 * 3 / 3 != 0.1 in floating point; the shifted mean avoids the residue.
+        let r = [0.1, 0.1, 0.1, 0.7, 0.7, 0.7];
         for name in names() {
-            let a = compute(&[0.1, 0.1, 0.1, 0.7, 0.7, 0.7], 3, name).unwrap();
+            // AAPO's margins are 0 when the reference scored the same.
+            let x = Extra {
+                ref_rewards: PAIRED.contains(&name).then_some(&r[..]),
+                scale: None,
+            };
+            let a = compute_with(&r, 3, name, &x).unwrap();
             assert!(a.iter().all(|&x| x == 0.0), "{name}: {a:?}");
         }
+    }
+
+    #[test]
+    fn aapo_by_hand() {
+        let r = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0];
+        let r_ref = [0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.9];
+        let with = |scale| {
+            let x = Extra {
+                ref_rewards: Some(&r_ref[..]),
+                scale,
+            };
+            compute_with(&r, 4, "aapo", &x).unwrap()
+        };
+        // Group 1: mean 0.5, unbiased std sqrt(1/3): 0.5 / (0.57735 + 1e-4)
+        // = 0.865875..., plus the margins 1, 0, -1, 0 clipped to [-0.2, 0.28].
+        // Group 2: all policy rewards equal, so only the margins 1, 0, 0, 0.1.
+        let a = 0.8658754297607016;
+        let scaled = [a + 0.28, -a, -a - 0.2, a, 0.28, 0.0, 0.0, 0.1];
+        assert_close(&with(None), &scaled, 1e-12);
+        assert_close(&with(Some(true)), &scaled, 1e-12);
+        // Without scale_rewards: r - mean, unnormalised.
+        let plain = [0.5 + 0.28, -0.5, -0.5 - 0.2, 0.5, 0.28, 0.0, 0.0, 0.1];
+        assert_close(&with(Some(false)), &plain, 1e-12);
+        // GRPO gives group 2 nothing; AAPO revives it.
+        assert_eq!(aapo_revived_fraction(&r, &r_ref, 4).unwrap(), 0.5);
+        assert_eq!(aapo_revived_fraction(&r, &r, 4).unwrap(), 0.0);
+    }
+
+    #[test]
+    fn aapo_inputs_are_checked() {
+        let r = [1.0, 0.0];
+        let e = compute(&r, 2, "aapo").unwrap_err();
+        assert!(format!("{e:#}").contains("needs ref_rewards"), "{e:#}");
+        let x = Extra {
+            ref_rewards: Some(&[1.0][..]),
+            scale: None,
+        };
+        let e = compute_with(&r, 2, "aapo", &x).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("ref_rewards has 1 values but rewards has 2"),
+            "{e}"
+        );
+        let x = Extra {
+            ref_rewards: Some(&[1.0, f64::NAN][..]),
+            scale: None,
+        };
+        assert!(compute_with(&r, 2, "aapo", &x)
+            .unwrap_err()
+            .to_string()
+            .contains("ref_rewards[1]"));
+        // The extras are not silently ignored by estimators that do not read them.
+        let x = Extra {
+            ref_rewards: None,
+            scale: Some(false),
+        };
+        let e = compute_with(&r, 2, "grpo", &x).unwrap_err();
+        assert!(e.to_string().contains("not \"grpo\""), "{e}");
     }
 
     #[test]
@@ -371,7 +527,7 @@ mod tests {
         let e = compute(&[1.0, 0.0], 2, "grp").unwrap_err().to_string();
         assert_eq!(
             e,
-            r#"unknown advantage estimator "grp" (valid: grpo, drgrpo, rloo)"#
+            r#"unknown advantage estimator "grp" (valid: grpo, drgrpo, rloo, aapo)"#
         );
     }
 

@@ -17,6 +17,8 @@ pub struct StepMetrics {
     pub adv_min: f64,
     pub adv_max: f64,
     pub adv_std: f64,
+    /// 0 for group-centred estimators; AAPO's margins move it.
+    pub adv_mean: f64,
     /// Fraction of groups whose rewards are all equal (advantage 0 everywhere).
     pub zero_adv_frac: f64,
     pub soft_ratio: f64,
@@ -80,6 +82,7 @@ pub fn rollout_metrics(
         adv_min: a.min,
         adv_max: a.max,
         adv_std: a.std,
+        adv_mean: a.mean,
         zero_adv_frac: advantage::zero_advantage_fraction(rewards, group)?,
         soft_ratio,
         hard_ratio: 1.0 - soft_ratio,

@@ -60,6 +60,22 @@ impl Policy {
         params
     }
 
+    /// Runs `f` on the reference: the backbone with its adapters as they
+    /// started, the frozen copy, or the backbone itself.
+    pub fn with_reference<T>(&self, f: impl FnOnce(&Llama) -> T) -> T {
+        let net = &self.model.net;
+        match &self.reference {
+            Reference::Base => {
+                net.set_lora_reference(true);
+                let out = f(net);
+                net.set_lora_reference(false);
+                out
+            }
+            Reference::Model(m) => f(m),
+            Reference::Own => f(net),
+        }
+    }
+
     /// Makes the frozen copy of the starting weights that fully fine-tuned
     /// backbones are compared against, once, before they first change.
     pub fn freeze_reference(&mut self) -> Result<()> {

@@ -310,16 +310,7 @@ fn reference_scores(
     let score = |reference: &Llama| {
         replay::score_shared_prompts(reference, p.router_ref.as_ref(), ro, rows, temp)
     };
-    match &p.reference {
-        Reference::Base => {
-            net.set_lora_reference(true);
-            let s = score(net);
-            net.set_lora_reference(false);
-            s
-        }
-        Reference::Model(m) => score(m),
-        Reference::Own => score(net),
-    }
+    p.with_reference(score)
 }
 
 /// The same completions with every input hard (for `ref_inputs: hard`).

@@ -72,13 +72,36 @@ pub fn register(engine: &mut Engine) {
             o,
         ))?;
         let r = rt(floats(&rw, "rewards"))?;
-        let adv = rt(advantage::compute(
+        let r_ref = match o.raw("ref_rewards") {
+            Some(v) => Some(rt(floats(&v.cast::<Array>(), "ref_rewards"))?),
+            None => None,
+        };
+        let extra = advantage::Extra {
+            ref_rewards: r_ref.as_deref(),
+            scale: rt(o.opt_bool("scale_rewards"))?,
+        };
+        let adv = rt(advantage::compute_with(
             &r,
             rt(o.usize("group"))?,
             &rt(o.str("estimator"))?,
+            &extra,
         ))?;
         Ok(float_array(adv))
     });
+    engine.register_fn(
+        "aapo_revived_frac",
+        |rw: Array, r_ref: Array, group: i64| -> Res<f64> {
+            let (r, rr) = (
+                rt(floats(&rw, "rewards"))?,
+                rt(floats(&r_ref, "ref_rewards"))?,
+            );
+            rt(advantage::aapo_revived_fraction(
+                &r,
+                &rr,
+                group.max(0) as usize,
+            ))
+        },
+    );
     engine.register_fn("zero_adv_frac", |rw: Array, group: i64| -> Res<f64> {
         let r = rt(floats(&rw, "rewards"))?;
         rt(advantage::zero_advantage_fraction(
@@ -382,7 +405,11 @@ fn rollout_group(m: &Backbone, prompts: Array, o: Map) -> Result<RolloutHandle> 
         None => st.rng.next_u64(),
     };
     let p = &st.policy;
-    let (latent, use_router) = latent_mode(&o, p.router.is_some(), p.gate.is_some())?;
+    let reference = o.choice("from", &["policy", "reference"])? == "reference";
+    let (latent, use_router) = latent_mode(&o, p.router.is_some() && !reference, p.gate.is_some())?;
+    if reference && latent != Latent::Router {
+        bail!("rollout_group: the reference rollout (from: \"reference\") is token-only; leave `soft` at \"auto\" or \"none\"");
+    }
     let tok = &p.model.tok;
     let (chat, system) = (o.opt_bool("chat")?, o.opt_str("system")?);
     let mut ids = Vec::with_capacity(items.len() * group);
@@ -420,7 +447,11 @@ fn rollout_group(m: &Backbone, prompts: Array, o: Map) -> Result<RolloutHandle> 
     } else {
         None
     };
-    let ro = rollout_with(&p.model.net, router, gate, Some(tok), &ids, &opts)?;
+    let ro = if reference {
+        p.with_reference(|net| rollout_with(net, None, None, Some(tok), &ids, &opts))?
+    } else {
+        rollout_with(&p.model.net, router, gate, Some(tok), &ids, &opts)?
+    };
     let texts = ro
         .tokens()
         .iter()

@@ -81,11 +81,22 @@ pub const ROLLOUT_GROUP: &[Opt] = &[
     opt("chat", Def::Unset(Ty::Bool), "chat template around prompts (default: when the tokenizer has one)"),
     opt("system", Def::Unset(Ty::Str), "system message (with chat)"),
     opt("seed", Def::Unset(Ty::Int), "rollout seed (default: drawn from the backbone's seed)"),
+    opt("from", Def::Str("policy"), "\"policy\", or \"reference\": the frozen reference samples (token-only; AAPO's paired completions)"),
 ];
 
 pub const COMPUTE_ADVANTAGES: &[Opt] = &[
-    opt("estimator", Def::Str("grpo"), "grpo, drgrpo or rloo"),
+    opt("estimator", Def::Str("grpo"), "grpo, drgrpo, rloo or aapo"),
     opt("group", Def::Required(Ty::Int), "completions per prompt"),
+    opt(
+        "ref_rewards",
+        Def::Unset(Ty::Array),
+        "aapo: the reference's rewards on the same prompts, paired by index",
+    ),
+    opt(
+        "scale_rewards",
+        Def::Unset(Ty::Bool),
+        "aapo: divide by the group's std (default true)",
+    ),
 ];
 
 pub const OPTIMIZER: &[Opt] = &[
@@ -315,7 +326,8 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "to_dataset", sig: "to_dataset(rows, opts?) -> Dataset", doc: "A Dataset of in-memory #{prompt, answer, ...} rows (e.g. from arith_problems).", opts: LOAD_DATASET },
     Prim { name: "rollout_group", sig: "rollout_group(m, prompts, opts?) -> Rollout", doc: "Sample `group` completions per prompt (strings or #{prompt, answer} maps), recording every token.", opts: ROLLOUT_GROUP },
     Prim { name: "reward", sig: "reward(ro, name | fn(text, answer)) -> [float]", doc: "Score each completion with a built-in reward (gsm8k, math, format_gsm8k, format_math) or a Rhai function.", opts: NONE },
-    Prim { name: "compute_advantages", sig: "compute_advantages(rewards, opts) -> [float]", doc: "Group-relative advantages of an array of rewards (grpo, drgrpo, rloo).", opts: COMPUTE_ADVANTAGES },
+    Prim { name: "compute_advantages", sig: "compute_advantages(rewards, opts) -> [float]", doc: "Group-relative advantages of an array of rewards (grpo, drgrpo, rloo; aapo with ref_rewards).", opts: COMPUTE_ADVANTAGES },
+    Prim { name: "aapo_revived_frac", sig: "aapo_revived_frac(rewards, ref_rewards, group) -> float", doc: "Fraction of groups where GRPO's advantage is zero but AAPO's is not (equal policy rewards, some margin over the reference).", opts: NONE },
     Prim { name: "zero_adv_frac", sig: "zero_adv_frac(rewards, group) -> float", doc: "Fraction of groups whose rewards are all equal (no learning signal).", opts: NONE },
     Prim { name: "overlong_penalty", sig: "overlong_penalty(ro, max_len, cache) -> [float]", doc: "DAPO's soft overlong punishment per completion (add it to the rewards).", opts: NONE },
     Prim { name: "optimizer", sig: "optimizer(m, opts?) -> Optimizer", doc: "AdamW over the trainable weights (LoRA or the backbone), the router and the HRPO gate, with warm-up and decay; opt.step(loss).", opts: OPTIMIZER },

@@ -25,6 +25,7 @@ pub const STDLIB: &[(&str, &str)] = &[
     ("grpo", include_str!("../../stdlib/grpo.rhai")),
     ("drgrpo", include_str!("../../stdlib/drgrpo.rhai")),
     ("dapo", include_str!("../../stdlib/dapo.rhai")),
+    ("aapo", include_str!("../../stdlib/aapo.rhai")),
     (
         "soft_thinking",
         include_str!("../../stdlib/soft_thinking.rhai"),
