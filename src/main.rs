@@ -93,6 +93,10 @@ enum Cmd {
         /// Comma-separated token ids.
         #[arg(long)]
         ids: String,
+        /// Looped (Ouro) models: the logits of loop N (1 = the first) instead
+        /// of the loop inference exits at.
+        #[arg(long = "loop")]
+        at_loop: Option<usize>,
     },
     /// Describe a model directory without loading its weights.
     Info {
@@ -328,10 +332,14 @@ fn run(cli: Cli) -> Result<()> {
                 serde_json::to_string(&tok.encode(&text, !no_special)?)?
             );
         }
-        Cmd::Logits { model, ids } => {
+        Cmd::Logits {
+            model,
+            ids,
+            at_loop,
+        } => {
             let m = model.load()?;
             let ids = parse_ids(&ids)?;
-            let logits = last_logits(&m, &ids)?;
+            let logits = last_logits(&m, &ids, at_loop)?;
             println!("{}", serde_json::to_string(&logits)?);
         }
         Cmd::Info { model } => info(&model_dir(&model))?,
@@ -427,7 +435,7 @@ fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-fn last_logits(m: &Model, ids: &[i64]) -> Result<Vec<f32>> {
+fn last_logits(m: &Model, ids: &[i64], at_loop: Option<usize>) -> Result<Vec<f32>> {
     let _g = tch::no_grad_guard();
     let vocab = m.net.cfg.vocab_size;
     if ids.is_empty() {
@@ -440,7 +448,17 @@ fn last_logits(m: &Model, ids: &[i64]) -> Result<Vec<f32>> {
     let x = Tensor::from_slice(ids).view([1, -1]).to_device(dev);
     let valid = x.ones_like().to_kind(Kind::Bool);
     let step = tarpo::model::Step::full(&valid)?;
-    let h = m.net.forward(&m.net.embed(&x)?, &step, None)?;
+    let x = m.net.embed(&x)?;
+    let h = match at_loop {
+        None => m.net.forward(&x, &step, None)?,
+        Some(n) => {
+            let loops = m.net.cfg.loops;
+            if n == 0 || n > loops {
+                bail!("--loop {n}: the model has {loops} loop(s); give 1 to {loops}");
+            }
+            m.net.forward_loops(&x, &step, None)?.swap_remove(n - 1)
+        }
+    };
     let last = h.f_narrow(1, ids.len() as i64 - 1, 1)?;
     let logits = m
         .net
@@ -465,6 +483,14 @@ fn info(dir: &Path) -> Result<()> {
         dtypes.join(", ")
     );
     println!("layers         {}", cfg.num_hidden_layers);
+    if cfg.loops > 1 || cfg.arch == tarpo::model::config::Arch::Ouro {
+        println!(
+            "loops          {} (total_ut_steps; {} layer passes), early exit at cumulative p >= {}",
+            cfg.loops,
+            cfg.loops as i64 * cfg.num_hidden_layers,
+            cfg.early_exit_threshold
+        );
+    }
     println!(
         "hidden         {} (intermediate {})",
         cfg.hidden_size, cfg.intermediate_size

@@ -1,4 +1,5 @@
-//! `config.json` of a Hugging Face causal LM (Llama and Qwen2 families).
+//! `config.json` of a Hugging Face causal LM (Llama and Qwen2 families, and
+//! Ouro's looped Llama).
 //!
 //! Field names are the checkpoint's own. Every field that changes the maths is
 //! either used or refused with an error naming it, so a checkpoint we cannot
@@ -13,6 +14,8 @@ use std::path::Path;
 pub enum Arch {
     Llama,
     Qwen2,
+    /// Ouro: one Llama stack applied `loops` times, sandwich norms, an exit gate.
+    Ouro,
 }
 
 /// How rotary frequencies are derived from `rope_theta`.
@@ -54,6 +57,11 @@ pub struct ModelConfig {
     pub mlp_bias: bool,
     pub bos_token_id: Option<i64>,
     pub eos_token_ids: Vec<i64>,
+    /// Ouro's `total_ut_steps`: passes through the shared stack (1 otherwise).
+    pub loops: usize,
+    /// Ouro's `early_exit_threshold`: inference reads the first loop whose
+    /// cumulative exit probability reaches it (1: the last loop).
+    pub early_exit_threshold: f64,
 }
 
 /// The subset of HF fields we read; unknown fields are ignored unless they
@@ -80,6 +88,8 @@ struct Raw {
     layer_types: Option<Vec<String>>,
     bos_token_id: Option<Value>,
     eos_token_id: Option<Value>,
+    total_ut_steps: Option<Value>,
+    early_exit_threshold: Option<Value>,
 }
 
 impl ModelConfig {
@@ -128,6 +138,7 @@ impl ModelConfig {
         }
         let (rope_theta, rope_scaling) = parse_rope(&raw)?;
         let attention_bias = raw.attention_bias.unwrap_or(false);
+        let (loops, early_exit_threshold) = parse_loops(&raw, arch)?;
         Ok(ModelConfig {
             arch,
             vocab_size: raw.vocab_size,
@@ -143,12 +154,39 @@ impl ModelConfig {
             max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
-            o_bias: arch == Arch::Llama && attention_bias,
+            o_bias: arch != Arch::Qwen2 && attention_bias,
             mlp_bias: raw.mlp_bias.unwrap_or(false),
             bos_token_id: raw.bos_token_id.as_ref().and_then(Value::as_i64),
             eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+            loops,
+            early_exit_threshold,
         })
     }
+}
+
+/// Ouro's loop count and exit threshold (1 and 1.0 for plain models).
+fn parse_loops(raw: &Raw, arch: Arch) -> Result<(usize, f64)> {
+    if arch != Arch::Ouro {
+        if raw.total_ut_steps.is_some() {
+            bail!("total_ut_steps is an Ouro field (model_type \"ouro\"), not {arch:?}'s");
+        }
+        return Ok((1, 1.0));
+    }
+    let loops = match &raw.total_ut_steps {
+        None => bail!("total_ut_steps is missing (the number of passes through the shared stack)"),
+        Some(v) => v
+            .as_u64()
+            .filter(|&n| (1..=64).contains(&n))
+            .ok_or_else(|| anyhow!("total_ut_steps must be an integer from 1 to 64, got {v}"))?,
+    };
+    let q = match &raw.early_exit_threshold {
+        None | Some(Value::Null) => 1.0,
+        Some(v) => v
+            .as_f64()
+            .filter(|q| *q > 0.0 && *q <= 1.0)
+            .ok_or_else(|| anyhow!("early_exit_threshold must be a number in (0, 1], got {v}"))?,
+    };
+    Ok((loops as usize, q))
 }
 
 fn detect_arch(v: &Value) -> Result<Arch> {
@@ -161,17 +199,19 @@ fn detect_arch(v: &Value) -> Result<Arch> {
     match model_type {
         Some("llama") => return Ok(Arch::Llama),
         Some("qwen2") => return Ok(Arch::Qwen2),
+        Some("ouro") => return Ok(Arch::Ouro),
         _ => {}
     }
     for a in &archs {
         match *a {
             "LlamaForCausalLM" => return Ok(Arch::Llama),
             "Qwen2ForCausalLM" => return Ok(Arch::Qwen2),
+            "OuroForCausalLM" => return Ok(Arch::Ouro),
             _ => {}
         }
     }
     bail!(
-        "unknown architecture (model_type {:?}, architectures {:?}); supported: llama, qwen2",
+        "unknown architecture (model_type {:?}, architectures {:?}); supported: llama, qwen2, ouro",
         model_type.unwrap_or("missing"),
         archs
     )

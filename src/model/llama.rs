@@ -1,10 +1,13 @@
 //! Llama decoder (also Qwen2, which is Llama with q/k/v biases), written to match
-//! transformers' `modeling_llama.py` / `modeling_qwen2.py` numerically.
+//! transformers' `modeling_llama.py` / `modeling_qwen2.py` numerically; with
+//! `loops > 1` the Ouro looped form (the stack applied `loops` times, see
+//! `ouro.rs` for its exit gate).
 //!
 //! Shapes: B batch, T new tokens, S keys (cache + new), H hidden, D head dim.
-use super::config::ModelConfig;
+use super::config::{Arch, ModelConfig};
 use super::kv_cache::{KvCache, Step};
 use super::lora::{LoraAdapter, LoraConfig, LoraUse};
+use super::ouro::ExitGate;
 use super::rope::{Angles, Rope};
 use super::small_matmul;
 use super::weights::Weights;
@@ -20,7 +23,7 @@ pub struct Linear {
 }
 
 impl Linear {
-    fn load(w: &Weights, prefix: &str, inp: i64, out: i64, bias: bool) -> Result<Self> {
+    pub(crate) fn load(w: &Weights, prefix: &str, inp: i64, out: i64, bias: bool) -> Result<Self> {
         let weight = w.get(&format!("{prefix}.weight"), &[out, inp])?;
         let bias = if bias {
             Some(w.get(&format!("{prefix}.bias"), &[out])?)
@@ -35,7 +38,7 @@ impl Linear {
     }
 
     /// A copy of the base weights outside autograd (no adapter).
-    fn frozen(&self) -> Result<Self> {
+    pub(crate) fn frozen(&self) -> Result<Self> {
         Ok(Linear {
             weight: self.weight.f_detach_copy()?,
             bias: self.bias.as_ref().map(|b| b.f_detach_copy()).transpose()?,
@@ -238,6 +241,9 @@ struct Layer {
     attn: Attention,
     post_norm: RmsNorm,
     mlp: Mlp,
+    /// Ouro's sandwich norms on the attention and MLP outputs
+    /// (`input_layernorm_2`, `post_attention_layernorm_2`).
+    sandwich: Option<[RmsNorm; 2]>,
 }
 
 impl Layer {
@@ -247,7 +253,34 @@ impl Layer {
             attn: self.attn.frozen()?,
             post_norm: self.post_norm.frozen()?,
             mlp: self.mlp.frozen()?,
+            sandwich: match &self.sandwich {
+                Some([a, m]) => Some([a.frozen()?, m.frozen()?]),
+                None => None,
+            },
         })
+    }
+
+    /// h + Attn(norm(h)), then + MLP(norm(.)), each output normed again in Ouro.
+    fn forward(
+        &self,
+        h: &Tensor,
+        rot: &Angles,
+        step: &Step,
+        cache: Option<(&KvCache, usize)>,
+        lora: LoraUse,
+    ) -> Result<Tensor> {
+        let mut a = self
+            .attn
+            .forward(&self.input_norm.forward(h)?, rot, step, cache, lora)?;
+        if let Some([n, _]) = &self.sandwich {
+            a = n.forward(&a)?;
+        }
+        let h = h.f_add(&a)?;
+        let mut m = self.mlp.forward(&self.post_norm.forward(&h)?, lora)?;
+        if let Some([_, n]) = &self.sandwich {
+            m = n.forward(&m)?;
+        }
+        Ok(h.f_add(&m)?)
     }
 
     fn load(w: &Weights, i: usize, c: &ModelConfig) -> Result<Self> {
@@ -268,6 +301,23 @@ impl Layer {
                 eps,
             )?,
             mlp: Mlp::load(w, &format!("{p}.mlp"), c)?,
+            sandwich: match c.arch {
+                Arch::Ouro => Some([
+                    RmsNorm::load(
+                        w,
+                        &format!("{p}.input_layernorm_2.weight"),
+                        c.hidden_size,
+                        eps,
+                    )?,
+                    RmsNorm::load(
+                        w,
+                        &format!("{p}.post_attention_layernorm_2.weight"),
+                        c.hidden_size,
+                        eps,
+                    )?,
+                ]),
+                _ => None,
+            },
         })
     }
 }
@@ -281,6 +331,8 @@ pub struct Llama {
     /// None when tied to `embed_tokens`.
     lm_head: Option<Tensor>,
     rope: Rope,
+    /// Ouro's exit gate (looped models only).
+    pub(crate) exit_gate: Option<ExitGate>,
     /// The attached adapters' configuration (`lora`), None without adapters.
     pub(crate) lora_cfg: Option<LoraConfig>,
     /// Which adapters forwards use: one flag for the whole model, read once
@@ -303,6 +355,10 @@ impl Llama {
             Some(w.get("lm_head.weight", &[v, h])?)
         };
         let rope = Rope::new(&cfg, w.device).context("rotary embeddings")?;
+        let exit_gate = match cfg.arch {
+            Arch::Ouro => Some(ExitGate::load(w, h)?),
+            _ => None,
+        };
         Ok(Llama {
             cfg,
             embed_tokens,
@@ -310,6 +366,7 @@ impl Llama {
             norm,
             lm_head,
             rope,
+            exit_gate,
             lora_cfg: None,
             lora_use: Cell::new(LoraUse::Trained),
         })
@@ -334,6 +391,7 @@ impl Llama {
                 .map(|h| h.f_detach_copy())
                 .transpose()?,
             rope: Rope::new(&self.cfg, self.embed_tokens.device()).context("rotary embeddings")?,
+            exit_gate: self.exit_gate.as_ref().map(ExitGate::frozen).transpose()?,
             lora_cfg: None,
             lora_use: Cell::new(LoraUse::Trained),
         })
@@ -351,24 +409,42 @@ impl Llama {
     }
 
     /// Runs the decoder on input embeddings `x` (B, T, H) and returns the
-    /// final-normed hidden states (B, T, H): the vector the LM head (and a router) reads.
+    /// final-normed hidden states (B, T, H): the vector the LM head (and a
+    /// router) reads. A looped model returns, per position, the state of the
+    /// loop inference exits at (`ouro::exit_loops`).
     pub fn forward(&self, x: &Tensor, step: &Step, cache: Option<&KvCache>) -> Result<Tensor> {
+        let mut states = self.forward_loops(x, step, cache)?;
+        match &self.exit_gate {
+            Some(gate) if self.cfg.early_exit_threshold < 1.0 => {
+                let at = gate.exit_loops(&states, self.cfg.early_exit_threshold)?;
+                super::ouro::gather_loops(&states, &at)
+            }
+            _ => Ok(states.pop().expect("at least one loop")),
+        }
+    }
+
+    /// Every loop's final-normed state (one for plain models): the stack
+    /// runs `loops` times, each loop's normed output feeding the next, one
+    /// set of rotary angles for all, cache slot `loop * layers + layer`.
+    pub fn forward_loops(
+        &self,
+        x: &Tensor,
+        step: &Step,
+        cache: Option<&KvCache>,
+    ) -> Result<Vec<Tensor>> {
         let rot = self.rope.angles(&step.positions, x.kind())?;
         let lora = self.lora_use.get();
+        let n = self.layers.len();
         let mut h = x.shallow_clone();
-        for (i, layer) in self.layers.iter().enumerate() {
-            let a = layer.attn.forward(
-                &layer.input_norm.forward(&h)?,
-                &rot,
-                step,
-                cache.map(|c| (c, i)),
-                lora,
-            )?;
-            h = h.f_add(&a)?;
-            let m = layer.mlp.forward(&layer.post_norm.forward(&h)?, lora)?;
-            h = h.f_add(&m)?;
+        let mut out = Vec::with_capacity(self.cfg.loops);
+        for lp in 0..self.cfg.loops {
+            for (i, layer) in self.layers.iter().enumerate() {
+                h = layer.forward(&h, &rot, step, cache.map(|c| (c, lp * n + i)), lora)?;
+            }
+            h = self.norm.forward(&h)?;
+            out.push(h.shallow_clone());
         }
-        self.norm.forward(&h)
+        Ok(out)
     }
 
     /// (.., H) hidden states -> (.., V) logits in the model dtype.
@@ -429,6 +505,10 @@ impl Llama {
                 format!("{p}.post_attention_layernorm.weight"),
                 &l.post_norm.weight,
             ));
+            if let Some([a, m]) = &l.sandwich {
+                out.push((format!("{p}.input_layernorm_2.weight"), &a.weight));
+                out.push((format!("{p}.post_attention_layernorm_2.weight"), &m.weight));
+            }
         }
         for (module, _, lin) in self.linear_modules() {
             out.push((format!("{module}.weight"), &lin.weight));
@@ -437,6 +517,9 @@ impl Llama {
             }
         }
         out.push(("model.norm.weight".to_string(), &self.norm.weight));
+        if let Some(g) = &self.exit_gate {
+            out.extend(g.named_tensors());
+        }
         if let Some(h) = &self.lm_head {
             out.push(("lm_head.weight".to_string(), h));
         }
@@ -459,7 +542,7 @@ impl Llama {
     pub fn new_cache(&self, batch: i64, capacity: i64) -> Result<KvCache> {
         let c = &self.cfg;
         KvCache::new(
-            c.num_hidden_layers,
+            c.num_hidden_layers * c.loops as i64,
             batch,
             c.num_key_value_heads,
             c.head_dim,

@@ -5,6 +5,7 @@ pub mod device;
 pub mod kv_cache;
 pub mod llama;
 pub mod lora;
+pub mod ouro;
 pub mod peft;
 pub mod rope;
 pub mod scratch;
