@@ -268,6 +268,7 @@ fn split_backward_equals_plain_backward() {
     .unwrap();
     let adv_t = Tensor::from_slice(&adv.map(|a| a as f32));
     let x = LossInputs {
+        logp_kl: None,
         logp: &s.logp,
         logp_ref: None,
         logp_old: None,

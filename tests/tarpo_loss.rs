@@ -118,6 +118,7 @@ fn loss(c: &Case, cfg: &LossConfig) -> (Tensor, tarpo::rl::loss::LossMetrics) {
         .unwrap()
     });
     let x = LossInputs {
+        logp_kl: None,
         logp: &s.logp,
         logp_ref: Some(&r.logp),
         logp_old: None,

@@ -301,6 +301,17 @@ pub fn check_temperature(temperature: f64) -> Result<()> {
 /// (B, T, H) final-normed hidden states at the positions that predict each token.
 pub fn hidden_states(net: &Llama, batch: &ReplayBatch) -> Result<Tensor> {
     let h = net.forward(&batch.inputs, &Step::full(&batch.valid)?, None)?;
+    predicting(batch, &h)
+}
+
+/// `hidden_states` of every loop of a looped model (one for plain models).
+pub fn hidden_states_loops(net: &Llama, batch: &ReplayBatch) -> Result<Vec<Tensor>> {
+    let hs = net.forward_loops(&batch.inputs, &Step::full(&batch.valid)?, None)?;
+    hs.iter().map(|h| predicting(batch, h)).collect()
+}
+
+/// The positions of `h` (B, W, H) that predict each generated token.
+fn predicting(batch: &ReplayBatch, h: &Tensor) -> Result<Tensor> {
     let t = batch.tokens.size()[1];
     let at = Tensor::f_arange_start(
         batch.prompt_width - 1,

@@ -76,6 +76,12 @@ pub fn save_parts(tr: &Parts, run_dir: &Path) -> Result<PathBuf> {
             .collect();
         Tensor::write_safetensors(&tensors, tmp.join("hrpo_gate.safetensors"))?;
     }
+    if let Some(theta) = &tr.policy.loop_logits {
+        Tensor::write_safetensors(
+            &[("logits", theta.detach())],
+            tmp.join("loop_weights.safetensors"),
+        )?;
+    }
     tr.opt.save(&tmp.join("optimizer.safetensors"))?;
     let state = State {
         format: FORMAT,
@@ -149,6 +155,12 @@ pub fn load_parts(
             .map(|(n, t)| (n.to_string(), t))
             .collect();
         copy_into(&dir.join("hrpo_gate.safetensors"), &named)?;
+    }
+    if let Some(theta) = &policy.loop_logits {
+        copy_into(
+            &dir.join("loop_weights.safetensors"),
+            &[("logits".to_string(), theta.shallow_clone())],
+        )?;
     }
     opt.load(&dir.join("optimizer.safetensors"))?;
     Ok((state.step, state.rng, state.sampler))

@@ -44,7 +44,10 @@ impl Default for LossConfig {
 
 /// Everything (B, T) unless noted; `adv` is (B,).
 pub struct LossInputs<'a> {
+    /// The log-probs the policy gradient reads (RLTT: the loop mixture).
     pub logp: &'a Tensor,
+    /// The log-probs the KL reads when not `logp` (RLTT: the final loop's).
+    pub logp_kl: Option<&'a Tensor>,
     pub logp_ref: Option<&'a Tensor>,
     /// The rollout's log-probs, for the PPO ratio.
     pub logp_old: Option<&'a Tensor>,
@@ -109,7 +112,7 @@ pub fn token_terms(x: &LossInputs, cfg: &LossConfig) -> Result<TokenTerms> {
         let Some(lref) = x.logp_ref else {
             bail!("beta > 0 needs reference log-probs")
         };
-        kl_token = kl::compute(&cfg.kl, x.logp, lref)?;
+        kl_token = kl::compute(&cfg.kl, x.logp_kl.unwrap_or(x.logp), lref)?;
         if let (Some(rlp), Some(rref)) = (x.router_logp, x.router_logp_ref) {
             kl_router = kl::compute(&cfg.kl, rlp, rref)?.f_mul(&rmask)?;
         }

@@ -14,6 +14,7 @@ pub mod optim;
 pub mod policy;
 pub mod registry;
 pub mod reward;
+pub mod rltt;
 pub mod sandbox;
 pub mod sft;
 pub mod update;

@@ -28,6 +28,8 @@ pub struct Policy {
     /// HRPO's gated latent inputs (with `rollout.latent = Latent::Hrpo`).
     pub gate: Option<HrpoGate>,
     pub reference: Reference,
+    /// RLTT's learned loop weighting: T logits, softmax'd (attach_loop_weights).
+    pub loop_logits: Option<Tensor>,
 }
 
 impl Policy {
@@ -44,6 +46,7 @@ impl Policy {
             router_ref: None,
             gate: None,
             reference,
+            loop_logits: None,
         }
     }
 
@@ -57,6 +60,7 @@ impl Policy {
         if let Some(g) = &self.gate {
             params.extend(g.parameters());
         }
+        params.extend(self.loop_logits.iter().map(Tensor::shallow_clone));
         params
     }
 
@@ -129,6 +133,15 @@ pub fn param_groups(
     if let Some(g) = &policy.gate {
         // The HRPO reference trains its gates at 1e-4 like the router.
         groups.push(ParamGroup::new("hrpo_gate", g.parameters(), router_lr, 0.0));
+    }
+    if let Some(theta) = &policy.loop_logits {
+        // RLTT trains its loop weights at 10x the backbone's rate, no decay.
+        groups.push(ParamGroup::new(
+            "loop_weights",
+            vec![theta.shallow_clone()],
+            10.0 * lr,
+            0.0,
+        ));
     }
     groups.retain(|g| !g.params.is_empty());
     groups

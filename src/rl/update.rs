@@ -14,6 +14,7 @@ use super::loss::{masked_sum, token_terms, LossConfig, LossInputs, LossMetrics};
 use super::loss_agg::{denominator, token_weights, weighted_sum, Norm};
 use super::optim::scale_grads;
 use super::policy::{Policy, Reference};
+use super::rltt::{self, LoopWeighting};
 use crate::model::Llama;
 use crate::policy::replay::{self, ReplayBatch, Scores};
 use crate::policy::Rollout;
@@ -39,6 +40,9 @@ pub struct ReplayConfig {
     pub score_temperature: Option<f64>,
     /// Positions per LM-head chunk (default: `replay::chunk_len`'s budget).
     pub logits_chunk: Option<i64>,
+    /// RLTT: every loop of a looped model in the policy gradient, weighted so
+    /// (None: the final loop alone, GRPO's).
+    pub loops: Option<LoopWeighting>,
 }
 
 impl ReplayConfig {
@@ -49,6 +53,7 @@ impl ReplayConfig {
             ref_inputs: RefInputs::Same,
             score_temperature: None,
             logits_chunk: None,
+            loops: None,
         }
     }
 }
@@ -160,6 +165,9 @@ pub fn backward(p: &Policy, ro: &Rollout, adv: &[f64], cfg: &ReplayConfig) -> Re
     if let Some(i) = adv.iter().position(|a| !a.is_finite()) {
         bail!("advantage {i} is {} (not finite)", adv[i]);
     }
+    if cfg.loops.is_some() {
+        check_rltt(p, cfg)?;
+    }
     let lens = ro.lengths();
     let rows: Vec<usize> = (0..n).filter(|&i| lens[i] > 0).collect();
     let chunks: Vec<&[usize]> = rows.chunks(cfg.micro_batch).collect();
@@ -189,8 +197,16 @@ fn micro_batch(
     let net = &p.model.net;
     let temp = cfg.score_temperature.unwrap_or(ro.temperature);
     replay::check_temperature(temp)?;
-    let h = replay::hidden_states(net, batch)?;
-    let leaf = h.f_detach()?.set_requires_grad(true);
+    // Every loop's states for RLTT, else the one the heads read; each a
+    // detached leaf whose gradient is carried into the backbone at the end.
+    let hs = match cfg.loops {
+        Some(_) => replay::hidden_states_loops(net, batch)?,
+        None => vec![replay::hidden_states(net, batch)?],
+    };
+    let leaves = (hs.iter())
+        .map(|h| Ok(h.f_detach()?.set_requires_grad(true)))
+        .collect::<Result<Vec<_>>>()?;
+    let leaf = leaves.last().expect("one loop at least");
     let reference = match (cfg.loss.beta != 0.0, &p.reference, cfg.ref_inputs) {
         (false, ..) => None,
         // A frozen backbone is its own reference: its scores are the policy's.
@@ -208,13 +224,18 @@ fn micro_batch(
     let (b, t) = (batch.tokens.size()[0], batch.tokens.size()[1]);
     let step = cfg
         .logits_chunk
-        .unwrap_or_else(|| replay::chunk_len(b, net.cfg.vocab_size))
+        .unwrap_or_else(|| replay::chunk_len(b, net.cfg.vocab_size) / leaves.len() as i64)
         .max(1);
     for start in (0..t).step_by(step as usize) {
         let cut = |x: &Tensor| x.f_narrow(1, start, step.min(t - start));
-        let hc = cut(&leaf)?;
+        let hc = cut(leaf)?;
         let modes = cut(&batch.modes)?;
-        let logp = replay::token_logp(net, &hc, &cut(&batch.tokens)?, temp)?;
+        let tokens = cut(&batch.tokens)?;
+        let logp = replay::token_logp(net, &hc, &tokens, temp)?;
+        let mixed = match cfg.loops {
+            Some(w) => Some(loop_mixture(p, w, &leaves, &cut, &tokens, &logp, temp)?),
+            None => None,
+        };
         let router = match &p.router {
             Some(r) => Some(replay::router_logp(r, &hc, &modes)?.1),
             None => None,
@@ -233,7 +254,8 @@ fn micro_batch(
         };
         let (mask, rmask) = (cut(&batch.mask)?, cut(&batch.router_mask)?);
         let x = LossInputs {
-            logp: &logp,
+            logp: mixed.as_ref().unwrap_or(&logp),
+            logp_kl: mixed.as_ref().map(|_| &logp),
             logp_ref: logp_ref.as_ref(),
             logp_old: old_c.as_ref().map(|o| &o.0),
             router_logp: router.as_ref(),
@@ -257,14 +279,73 @@ fn micro_batch(
         sums.clipped += clipped;
     }
     sums.denominator = denominator(&batch.mask, norm)?;
-    let g = leaf.grad();
-    if g.defined() {
-        sums.grad_h_sq = g.f_square()?.f_sum(Kind::Double)?.double_value(&[]);
+    let mut carry: Option<Tensor> = None;
+    for (h, leaf) in hs.iter().zip(&leaves) {
+        let g = leaf.grad();
+        if !g.defined() {
+            continue;
+        }
+        sums.grad_h_sq += g.f_square()?.f_sum(Kind::Double)?.double_value(&[]);
         if h.requires_grad() {
-            h.f_mul(&g)?.f_sum(Kind::Float)?.f_backward()?;
+            let part = h.f_mul(&g)?.f_sum(Kind::Float)?;
+            carry = Some(match carry {
+                Some(c) => c.f_add(&part)?,
+                None => part,
+            });
         }
     }
+    // One backward through the shared stack for every loop's gradient.
+    if let Some(c) = carry {
+        c.f_backward()?;
+    }
     Ok(sums)
+}
+
+/// RLTT trains every loop of a looped model that samples from its last.
+fn check_rltt(p: &Policy, cfg: &ReplayConfig) -> Result<()> {
+    let c = &p.model.net.cfg;
+    if c.loops < 2 {
+        bail!(
+            "loop weights (RLTT) need a looped model (total_ut_steps >= 2); this one has {} loop",
+            c.loops
+        );
+    }
+    if c.early_exit_threshold < 1.0 {
+        bail!(
+            "RLTT credits every loop of completions sampled from the last one: this model exits early (early_exit_threshold {}); set it to 1 in config.json",
+            c.early_exit_threshold
+        );
+    }
+    if cfg.loss.clip.is_some() {
+        bail!("RLTT is plain REINFORCE (one update per rollout): leave clip_low unset");
+    }
+    Ok(())
+}
+
+/// RLTT's sum_t w_t log P^(t)(y) on one chunk (`cut`) of every loop's
+/// states; `last` is the final loop's, already scored.
+fn loop_mixture(
+    p: &Policy,
+    w: LoopWeighting,
+    leaves: &[Tensor],
+    cut: &dyn Fn(&Tensor) -> Result<Tensor, tch::TchError>,
+    tokens: &Tensor,
+    last: &Tensor,
+    temp: f64,
+) -> Result<Tensor> {
+    let net = &p.model.net;
+    let hc: Vec<Tensor> = leaves.iter().map(cut).collect::<Result<_, _>>()?;
+    let mut logps = Vec::with_capacity(hc.len());
+    for h in &hc[..hc.len() - 1] {
+        logps.push(replay::token_logp(net, h, tokens, temp)?);
+    }
+    logps.push(last.shallow_clone());
+    let pdf = match w {
+        LoopWeighting::ExitPdf => net.exit_distribution(&hc)?,
+        _ => None,
+    };
+    let weights = rltt::weights(w, hc.len(), pdf.as_ref(), p.loop_logits.as_ref())?;
+    rltt::mix(&logps, &weights)
 }
 
 /// A frozen backbone's reference on the policy's own inputs: its token

@@ -35,6 +35,12 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("attach_router", |m: Backbone, o: Map| {
         rt(attach_router(&m, o))
     });
+    engine.register_fn("attach_loop_weights", |m: Backbone| {
+        rt(attach_loop_weights(&m, Map::new()))
+    });
+    engine.register_fn("attach_loop_weights", |m: Backbone, o: Map| {
+        rt(attach_loop_weights(&m, o))
+    });
     engine.register_fn("attach_hrpo_gate", |m: Backbone| {
         rt(attach_gate(&m, Map::new()))
     });
@@ -76,6 +82,25 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("param_norms", |m: &mut Backbone| rt(param_norms(m)));
     engine.register_get("has_router", |m: &mut Backbone| {
         m.0.borrow().policy.router.is_some()
+    });
+    engine.register_get("has_loop_weights", |m: &mut Backbone| {
+        m.0.borrow().policy.loop_logits.is_some()
+    });
+    // RLTT's learned loop weights (softmax of the logits), () without them.
+    engine.register_get("loop_weights", |m: &mut Backbone| -> Res<Dynamic> {
+        match &m.0.borrow().policy.loop_logits {
+            Some(th) => {
+                let w = rt(th
+                    .f_softmax(0, tch::Kind::Float)
+                    .map_err(anyhow::Error::from))?;
+                let w = rt(Vec::<f64>::try_from(&w.to_kind(tch::Kind::Double))
+                    .map_err(anyhow::Error::from))?;
+                Ok(Dynamic::from_array(
+                    w.into_iter().map(Dynamic::from_float).collect(),
+                ))
+            }
+            None => Ok(Dynamic::UNIT),
+        }
     });
     engine.register_get("router", |m: &mut Backbone| -> Res<RouterHandle> {
         if m.0.borrow().policy.router.is_none() {
@@ -200,6 +225,26 @@ fn attach_router(m: &Backbone, o: Map) -> Result<RouterHandle> {
     st.policy.router = Some(router);
     drop(st);
     Ok(RouterHandle(m.clone()))
+}
+
+/// RLTT's learned loop weighting: T trainable logits (tarpo_loss with
+/// `loops: "learned"` reads their softmax).
+fn attach_loop_weights(m: &Backbone, o: Map) -> Result<()> {
+    let o = Opts::check("attach_loop_weights", help::ATTACH_LOOP_WEIGHTS, o)?;
+    let mut st = m.0.borrow_mut();
+    let loops = st.policy.model.net.cfg.loops;
+    if loops < 2 {
+        bail!("attach_loop_weights: this model has {loops} loop; RLTT's weights are for looped models (total_ut_steps >= 2)");
+    }
+    let start = match o.choice("init", &["uniform", "progressive"])?.as_str() {
+        "uniform" => None,
+        _ => Some(o.finite("alpha")?),
+    };
+    let theta = crate::rl::rltt::initial_logits(loops, start)?
+        .f_to_device(st.policy.model.net.embed_tokens.device())?
+        .set_requires_grad(true);
+    st.policy.loop_logits = Some(theta);
+    Ok(())
 }
 
 fn attach_gate(m: &Backbone, o: Map) -> Result<()> {

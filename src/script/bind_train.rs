@@ -14,6 +14,7 @@ use crate::rl::loss::{LossConfig, LossMetrics};
 use crate::rl::loss_agg::Norm;
 use crate::rl::optim::{grad_norm, zero_grads, AdamW, AdamWConfig, Schedule};
 use crate::rl::policy::param_groups;
+use crate::rl::rltt::LoopWeighting;
 use crate::rl::update::{backward, finish, LossSums, RefInputs, ReplayConfig};
 use anyhow::{bail, Result};
 use rhai::{Array, Engine, Map};
@@ -156,6 +157,10 @@ fn tarpo_loss(m: &Backbone, ro: &RolloutHandle, adv: &Array, o: Map) -> Result<L
         ref_inputs,
         score_temperature: o.opt_float("score_temperature")?,
         logits_chunk: None,
+        loops: match o.str("loops")?.as_str() {
+            "final" => None,
+            w => Some(LoopWeighting::parse(w, o.finite("alpha")?)?),
+        },
     };
     crate::rl::kl::lookup(&cfg.loss.kl)?;
     let mut st = m.0.borrow_mut();

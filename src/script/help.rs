@@ -63,6 +63,15 @@ pub const ATTACH_ROUTER: &[Opt] = &[
 
 pub const ATTACH_HRPO_GATE: &[Opt] = &[opt("seed", Def::Int(42), "seed of the gate's init")];
 
+pub const ATTACH_LOOP_WEIGHTS: &[Opt] = &[
+    opt(
+        "init",
+        Def::Str("uniform"),
+        "starting logits: \"uniform\" (zeros) or \"progressive\" (log t^alpha / sum)",
+    ),
+    opt("alpha", Def::Float(1.0), "progressive start's exponent"),
+];
+
 pub const LOAD_DATASET: &[Opt] = &[opt("seed", Def::Int(42), "seed of ds.sample's order")];
 
 pub const ROLLOUT_GROUP: &[Opt] = &[
@@ -182,6 +191,12 @@ pub const TARPO_LOSS: &[Opt] = &[
         Def::Int(8),
         "completions per replay forward (bounds memory)",
     ),
+    opt(
+        "loops",
+        Def::Str("final"),
+        "looped models: \"final\" (the last loop, GRPO's) or RLTT's weighting of every loop: uniform, progressive, exit_pdf, learned",
+    ),
+    opt("alpha", Def::Float(1.0), "progressive loop weights t^alpha"),
     opt(
         "ref_inputs",
         Def::Str("same"),
@@ -321,6 +336,7 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "load_backbone", sig: "load_backbone(path?, opts?) -> Backbone", doc: "Load a Hugging Face model directory (Llama, Qwen2, SmolLM2; default: the embedded default model), optionally with LoRA.", opts: LOAD_BACKBONE },
     Prim { name: "default_model", sig: "default_model() -> path", doc: "The embedded default model's directory (TARPO_DEFAULT_MODEL overrides).", opts: NONE },
     Prim { name: "attach_router", sig: "attach_router(m, opts?) -> Router", doc: "Give the backbone TARPO's router head (hard/soft per token).", opts: ATTACH_ROUTER },
+    Prim { name: "attach_loop_weights", sig: "attach_loop_weights(m, opts?)", doc: "RLTT's learned loop weighting on a looped model: T logits trained at 10x lr without decay (tarpo_loss loops: \"learned\").", opts: ATTACH_LOOP_WEIGHTS },
     Prim { name: "attach_hrpo_gate", sig: "attach_hrpo_gate(m, opts?)", doc: "Give the backbone HRPO's trainable gate (rollouts with soft: \"hrpo\").", opts: ATTACH_HRPO_GATE },
     Prim { name: "load_dataset", sig: "load_dataset(path, opts?) -> Dataset", doc: "A JSONL file of {\"prompt\", \"answer\"} rows; ds.sample(n), ds.len(), ds[i].", opts: LOAD_DATASET },
     Prim { name: "to_dataset", sig: "to_dataset(rows, opts?) -> Dataset", doc: "A Dataset of in-memory #{prompt, answer, ...} rows (e.g. from arith_problems).", opts: LOAD_DATASET },

@@ -26,6 +26,7 @@ pub const STDLIB: &[(&str, &str)] = &[
     ("drgrpo", include_str!("../../stdlib/drgrpo.rhai")),
     ("dapo", include_str!("../../stdlib/dapo.rhai")),
     ("aapo", include_str!("../../stdlib/aapo.rhai")),
+    ("rltt", include_str!("../../stdlib/rltt.rhai")),
     (
         "soft_thinking",
         include_str!("../../stdlib/soft_thinking.rhai"),
