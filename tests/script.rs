@@ -272,6 +272,60 @@ fn aapo_samples_the_reference_and_trains_from_a_script() {
 }
 
 #[test]
+fn rpo_lowers_the_held_out_loss_from_a_script() {
+    let o = common::tarpo()
+        .arg("run")
+        .arg(common::root().join("tests/scripts/rpo.rhai"))
+        .args([
+            "--set",
+            &format!(
+                "data={}",
+                common::root().join("datasets/arith_test.jsonl").display()
+            ),
+        ])
+        .args([
+            "--set",
+            &format!(
+                "model={}",
+                common::root().join("assets/default-model").display()
+            ),
+        ])
+        .output()
+        .unwrap();
+    let (so, se) = (text(&o.stdout), text(&o.stderr));
+    assert!(
+        o.status.success() && so.contains("rpo: ok"),
+        "stdout:\n{so}\nstderr:\n{se}"
+    );
+}
+
+#[test]
+fn offline_files_are_checked_row_by_row() {
+    let dir = common::scratch("offline-bad");
+    let f = dir.join("off.jsonl");
+    for (body, needle) in [
+        ("{\"prompt\": \"a\", \"completion\": \"b\", \"reward\": 1}\n{\"prompt\": \"a\", \"reward\": 1}\n", ":2: missing string field `completion`"),
+        ("{\"prompt\": \"a\", \"completion\": \"b\", \"reward\": \"high\"}\n", ":1: `reward` must be a finite number"),
+        ("{\"prompt\": \"a\", \"completion\": \"b\", \"reward\": 1}\nnot json\n", ":2: malformed JSON"),
+    ] {
+        std::fs::write(&f, body).unwrap();
+        let o = run(&["-e", &format!("load_offline({:?}).len()", f.display().to_string())]);
+        let e = text(&o.stderr);
+        assert!(!o.status.success() && e.contains(needle), "{e}");
+    }
+    std::fs::write(
+        &f,
+        "{\"prompt\": \"a\", \"completion\": \"b\", \"reward\": 0.5}\n",
+    )
+    .unwrap();
+    let o = run(&[
+        "-e",
+        &format!("load_offline({:?})[0].reward", f.display().to_string()),
+    ]);
+    assert_eq!(text(&o.stdout).trim(), "0.5", "{}", text(&o.stderr));
+}
+
+#[test]
 fn the_training_loop_pieces_from_a_script() {
     let out = common::scratch("script-training-loop");
     let data = out.join("data.jsonl");

@@ -36,6 +36,16 @@ pub fn default_dir() -> PathBuf {
     }
 }
 
+/// The embedded looped default model (an Ouro model of 2 layers applied
+/// twice, trained like the default one): `TARPO_LOOPED_MODEL` when set, else
+/// the repository's copy under assets/looped-model.
+pub fn looped_dir() -> PathBuf {
+    match std::env::var_os("TARPO_LOOPED_MODEL") {
+        Some(d) => PathBuf::from(d),
+        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/assets/looped-model")),
+    }
+}
+
 /// A loaded checkpoint directory: decoder, tokenizer and stop tokens.
 pub struct Model {
     pub dir: PathBuf,

@@ -1,5 +1,5 @@
 //! Models from scratch: a byte-level BPE tokenizer trained on a corpus with
-//! the `tokenizers` crate, and a Qwen2-architecture checkpoint with freshly
+//! the `tokenizers` crate, and a Qwen2-architecture (or Ouro looped) checkpoint with freshly
 //! initialised weights, both written as a normal Hugging Face directory
 //! (config.json, generation_config.json, tokenizer.json, tokenizer_config.json,
 //! model.safetensors)
@@ -76,6 +76,9 @@ pub struct ScratchConfig {
     pub intermediate: i64,
     pub max_positions: i64,
     pub seed: u64,
+    /// Passes through the stack: above 1, an Ouro looped model (sandwich
+    /// norms, exit gate, no biases) instead of Qwen2.
+    pub loops: i64,
 }
 
 impl ScratchConfig {
@@ -87,6 +90,7 @@ impl ScratchConfig {
             self.kv_heads,
             self.intermediate,
             self.max_positions,
+            self.loops,
         ];
         if pos.iter().any(|&v| v < 1) {
             bail!("new_model: every size must be >= 1, got {self:?}");
@@ -123,7 +127,8 @@ pub fn new_model(dir: &Path, tokenizer: &Path, cfg: &ScratchConfig) -> Result<i6
         .ok_or_else(|| anyhow!("{}: no {EOS} token", tokenizer.display()))?;
     std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
     let (h, kv) = (cfg.hidden, cfg.kv_heads * (cfg.hidden / cfg.heads));
-    let config = json!({
+    let looped = cfg.loops > 1;
+    let mut config = json!({
         "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2",
         "vocab_size": vocab, "hidden_size": h, "intermediate_size": cfg.intermediate,
         "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
@@ -132,6 +137,12 @@ pub fn new_model(dir: &Path, tokenizer: &Path, cfg: &ScratchConfig) -> Result<i6
         "hidden_act": "silu", "initializer_range": 0.02, "use_sliding_window": false,
         "bos_token_id": eos, "eos_token_id": eos, "dtype": "float32",
     });
+    if looped {
+        config["architectures"] = json!(["OuroForCausalLM"]);
+        config["model_type"] = json!("ouro");
+        config["total_ut_steps"] = json!(cfg.loops);
+        config["early_exit_threshold"] = json!(1.0);
+    }
     let write = |name: &str, v: &serde_json::Value| -> Result<()> {
         let p = dir.join(name);
         std::fs::write(&p, serde_json::to_string_pretty(v)? + "\n")
@@ -173,7 +184,7 @@ pub fn new_model(dir: &Path, tokenizer: &Path, cfg: &ScratchConfig) -> Result<i6
             ("o_proj", h, h),
         ] {
             ts.push((format!("{p}.self_attn.{name}.weight"), normal(&[out, inp])?));
-            if name != "o_proj" {
+            if name != "o_proj" && !looped {
                 ts.push((format!("{p}.self_attn.{name}.bias"), zeros(out)));
             }
         }
@@ -187,8 +198,16 @@ pub fn new_model(dir: &Path, tokenizer: &Path, cfg: &ScratchConfig) -> Result<i6
         }
         ts.push((format!("{p}.input_layernorm.weight"), ones(h)));
         ts.push((format!("{p}.post_attention_layernorm.weight"), ones(h)));
+        if looped {
+            ts.push((format!("{p}.input_layernorm_2.weight"), ones(h)));
+            ts.push((format!("{p}.post_attention_layernorm_2.weight"), ones(h)));
+        }
     }
     ts.push(("model.norm.weight".into(), ones(h)));
+    if looped {
+        ts.push(("model.early_exit_gate.weight".into(), normal(&[1, h])?));
+        ts.push(("model.early_exit_gate.bias".into(), zeros(1)));
+    }
     let params = ts.iter().map(|(_, t)| t.numel() as i64).sum();
     let path = dir.join("model.safetensors");
     Tensor::write_safetensors(&ts, &path)

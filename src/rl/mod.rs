@@ -10,6 +10,7 @@ pub mod loss;
 pub mod loss_agg;
 pub mod math_answer;
 pub mod metrics;
+pub mod offline;
 pub mod optim;
 pub mod policy;
 pub mod registry;

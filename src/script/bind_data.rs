@@ -82,6 +82,7 @@ fn new_model(dir: &str, o: Map) -> Result<Dynamic> {
         intermediate: o.positive("intermediate")? as i64,
         max_positions: o.positive("max_positions")? as i64,
         seed: o.usize("seed")? as u64,
+        loops: o.positive("loops")? as i64,
     };
     let tok = o.str("tokenizer")?;
     Ok(scratch::new_model(Path::new(dir), Path::new(&tok), &cfg)?.into())

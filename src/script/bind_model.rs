@@ -27,6 +27,9 @@ pub fn register(engine: &mut Engine) {
         rt(load_backbone(&default_path(), o))
     });
     engine.register_fn("default_model", default_path);
+    engine.register_fn("looped_model", || {
+        crate::model::looped_dir().display().to_string()
+    });
     engine.register_fn("load_backbone", |p: &str| rt(load_backbone(p, Map::new())));
     engine.register_fn("load_backbone", |p: &str, o: Map| rt(load_backbone(p, o)));
     engine.register_fn("attach_router", |m: Backbone| {

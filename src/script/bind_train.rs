@@ -179,7 +179,7 @@ fn tarpo_loss(m: &Backbone, ro: &RolloutHandle, adv: &Array, o: Map) -> Result<L
 
 /// Registers a computed loss's sums as pending (or, when it failed, drops
 /// every pending gradient, since part of this one is in the parameters).
-fn pend(
+pub(super) fn pend(
     m: &Backbone,
     st: &mut BackboneState,
     sums: Result<LossSums>,
@@ -223,12 +223,26 @@ fn pend(
 /// after `prefix`, then the end token) after its prompt, as a pending loss.
 fn sft_loss(m: &Backbone, rows: &Array, o: Map) -> Result<LossHandle> {
     let o = Opts::check("sft_loss", help::SFT_LOSS, o)?;
+    let cfg = crate::rl::sft::config(Norm::parse(&o.str("norm")?)?, o.positive("micro_batch")?);
+    let mut st = m.0.borrow_mut();
+    let (prompts, completions) = encode_pairs(&st.policy.model, rows, &o, "sft_loss")?;
+    let loss = cfg.loss.clone();
+    let sums = crate::rl::sft::nll_backward(&st.policy, prompts, completions, &cfg);
+    pend(m, &mut st, sums, &loss)
+}
+
+/// The token ids of each row's prompt and completion (`field`), as SFT and
+/// the offline losses read them: options `field`, `prefix`, `eos`, `chat`,
+/// `system`, `max_prompt`.
+pub(super) fn encode_pairs(
+    model: &crate::model::Model,
+    rows: &Array,
+    o: &Opts,
+    func: &str,
+) -> Result<(Vec<Vec<i64>>, Vec<Vec<i64>>)> {
     let field = o.str("field")?;
     let (chat, system) = (o.opt_bool("chat")?, o.opt_str("system")?);
     let max_prompt = o.positive("max_prompt")?;
-    let cfg = crate::rl::sft::config(Norm::parse(&o.str("norm")?)?, o.positive("micro_batch")?);
-    let mut st = m.0.borrow_mut();
-    let model = &st.policy.model;
     let tok = &model.tok;
     let chat_on = chat.unwrap_or_else(|| tok.has_chat_template());
     let prefix =
@@ -240,13 +254,13 @@ fn sft_loss(m: &Backbone, rows: &Array, o: Map) -> Result<LossHandle> {
         None
     };
     if rows.is_empty() {
-        bail!("sft_loss: no rows");
+        bail!("{func}: no rows");
     }
     let (mut prompts, mut completions) = (Vec::new(), Vec::new());
     for (i, r) in rows.iter().enumerate() {
         let Some(map) = r.clone().try_cast::<Map>() else {
             bail!(
-                "sft_loss: rows[{i}] must be a #{{prompt, {field}}} map, got {}",
+                "{func}: rows[{i}] must be a #{{prompt, {field}}} map, got {}",
                 r.type_name()
             );
         };
@@ -254,7 +268,7 @@ fn sft_loss(m: &Backbone, rows: &Array, o: Map) -> Result<LossHandle> {
             map.get(k)
                 .filter(|v| v.is_string())
                 .map(|v| v.to_string())
-                .ok_or_else(|| anyhow::anyhow!("sft_loss: rows[{i}] has no string `{k}`"))
+                .ok_or_else(|| anyhow::anyhow!("{func}: rows[{i}] has no string `{k}`"))
         };
         let p = super::bind_model::encode_prompt(
             tok,
@@ -267,9 +281,7 @@ fn sft_loss(m: &Backbone, rows: &Array, o: Map) -> Result<LossHandle> {
         c.extend(eos);
         completions.push(c);
     }
-    let loss = cfg.loss.clone();
-    let sums = crate::rl::sft::nll_backward(&st.policy, prompts, completions, &cfg);
-    pend(m, &mut st, sums, &loss)
+    Ok((prompts, completions))
 }
 
 /// `opt.step(loss)` or `opt.step([losses])`: one AdamW step on the gradient

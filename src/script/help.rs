@@ -209,6 +209,89 @@ pub const TARPO_LOSS: &[Opt] = &[
     ),
 ];
 
+/// The options that say how a row's prompt and completion are tokenised.
+macro_rules! pair_opts {
+    ($field:expr) => {
+        [
+            opt(
+                "field",
+                Def::Str($field),
+                "the row's completion text (after its prompt)",
+            ),
+            opt(
+                "prefix",
+                Def::Unset(Ty::Str),
+                "text between prompt and completion (default: \"\\n\", \"\" with chat)",
+            ),
+            opt(
+                "eos",
+                Def::Bool(true),
+                "end the completion with the end token (counted in l)",
+            ),
+            opt(
+                "micro_batch",
+                Def::Int(8),
+                "rows per replay forward (bounds memory)",
+            ),
+            opt(
+                "max_prompt",
+                Def::Int(1024),
+                "prompts keep their last max_prompt tokens",
+            ),
+            opt(
+                "chat",
+                Def::Unset(Ty::Bool),
+                "chat template around prompts (default: when the tokenizer has one)",
+            ),
+            opt("system", Def::Unset(Ty::Str), "system message (with chat)"),
+        ]
+    };
+}
+
+pub const SEQ_LOGPS: &[Opt] = &{
+    let p = pair_opts!("completion");
+    [
+        p[0],
+        p[1],
+        p[2],
+        p[3],
+        p[4],
+        p[5],
+        p[6],
+        opt(
+            "from",
+            Def::Str("policy"),
+            "\"policy\" or \"reference\" (the frozen starting weights)",
+        ),
+    ]
+};
+
+pub const OFFLINE_LOSS: &[Opt] = &{
+    let p = pair_opts!("completion");
+    [
+        p[0],
+        p[1],
+        p[2],
+        p[3],
+        p[4],
+        p[5],
+        p[6],
+        opt(
+            "method",
+            Def::Str("rpo"),
+            "\"rpo\" (rows need reward, l_ref, v_hat) or \"kto\" (reward, l_ref)",
+        ),
+        opt("tau", Def::Float(5.0), "RPO's temperature"),
+        opt("beta", Def::Float(1.0), "KTO's beta"),
+        opt("lambda", Def::Float(1.0), "KTO's lambda_D = lambda_U"),
+        opt(
+            "threshold",
+            Def::Float(0.0),
+            "KTO: rewards above it are desirable (the training mean; 0 for z-scores)",
+        ),
+    ]
+};
+
 pub const SFT_LOSS: &[Opt] = &[
     opt(
         "field",
@@ -306,6 +389,11 @@ pub const NEW_MODEL: &[Opt] = &[
         "key/value heads (grouped-query attention)",
     ),
     opt("intermediate", Def::Int(512), "MLP width"),
+    opt(
+        "loops",
+        Def::Int(1),
+        "passes through the stack (> 1: an Ouro looped model with sandwich norms and an exit gate)",
+    ),
     opt("max_positions", Def::Int(1024), "max_position_embeddings"),
     opt("seed", Def::Int(0), "seed of the initial weights"),
 ];
@@ -336,6 +424,7 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "load_backbone", sig: "load_backbone(path?, opts?) -> Backbone", doc: "Load a Hugging Face model directory (Llama, Qwen2, SmolLM2; default: the embedded default model), optionally with LoRA.", opts: LOAD_BACKBONE },
     Prim { name: "default_model", sig: "default_model() -> path", doc: "The embedded default model's directory (TARPO_DEFAULT_MODEL overrides).", opts: NONE },
     Prim { name: "attach_router", sig: "attach_router(m, opts?) -> Router", doc: "Give the backbone TARPO's router head (hard/soft per token).", opts: ATTACH_ROUTER },
+    Prim { name: "looped_model", sig: "looped_model() -> path", doc: "The embedded looped (Ouro) default model's directory (2 layers applied twice).", opts: NONE },
     Prim { name: "attach_loop_weights", sig: "attach_loop_weights(m, opts?)", doc: "RLTT's learned loop weighting on a looped model: T logits trained at 10x lr without decay (tarpo_loss loops: \"learned\").", opts: ATTACH_LOOP_WEIGHTS },
     Prim { name: "attach_hrpo_gate", sig: "attach_hrpo_gate(m, opts?)", doc: "Give the backbone HRPO's trainable gate (rollouts with soft: \"hrpo\").", opts: ATTACH_HRPO_GATE },
     Prim { name: "load_dataset", sig: "load_dataset(path, opts?) -> Dataset", doc: "A JSONL file of {\"prompt\", \"answer\"} rows; ds.sample(n), ds.len(), ds[i].", opts: LOAD_DATASET },
@@ -348,6 +437,12 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "overlong_penalty", sig: "overlong_penalty(ro, max_len, cache) -> [float]", doc: "DAPO's soft overlong punishment per completion (add it to the rewards).", opts: NONE },
     Prim { name: "optimizer", sig: "optimizer(m, opts?) -> Optimizer", doc: "AdamW over the trainable weights (LoRA or the backbone), the router and the HRPO gate, with warm-up and decay; opt.step(loss).", opts: OPTIMIZER },
     Prim { name: "tarpo_loss", sig: "tarpo_loss(m, ro, adv, opts?) -> Loss", doc: "Replay the rollout and add the gradient of TARPO's joint token+router loss (lambda 0: GRPO); several accumulate into one opt.step([l1, l2]).", opts: TARPO_LOSS },
+    Prim { name: "seq_logps", sig: "seq_logps(m, rows, opts?) -> [float]", doc: "Mean per-token log-prob (EOS included) of each row's completion after its prompt, under the policy or the frozen reference; no gradient.", opts: SEQ_LOGPS },
+    Prim { name: "offline_loss", sig: "offline_loss(m, rows, opts) -> Loss", doc: "RPO's loss 1/2 mean[(l - l_ref) - (r - v_hat)/tau]^2, or KTO's, on #{prompt, completion, reward, l_ref, v_hat} rows; a Loss for opt.step.", opts: OFFLINE_LOSS },
+    Prim { name: "offline_eval", sig: "offline_eval(m, rows, opts) -> float", doc: "offline_loss's value on rows (held-out), without gradient.", opts: OFFLINE_LOSS },
+    Prim { name: "rpo_v_hat", sig: "rpo_v_hat(l_ref, rewards, tau) -> float", doc: "RPO's partition value tau * logsumexp(l_ref + r/tau) over one prompt's completions.", opts: NONE },
+    Prim { name: "reward_stats", sig: "reward_stats(rewards) -> #{mean, std}", doc: "Mean and population std (1 when all equal) for z-scoring offline rewards.", opts: NONE },
+    Prim { name: "load_offline", sig: "load_offline(path) -> [map]", doc: "Offline rows {prompt, completion, reward} from JSONL, each checked (bad rows named by file:line).", opts: NONE },
     Prim { name: "sft_loss", sig: "sft_loss(m, rows, opts?) -> Loss", doc: "Supervised fine-tuning: the NLL of each row's completion after its prompt, a Loss for opt.step like tarpo_loss's.", opts: SFT_LOSS },
     Prim { name: "score_code", sig: "score_code(completion, #{prompt, test, entry_point}, opts?) -> float", doc: "1.0 when prompt + completion passes the row's HumanEval check in the sandbox (own process and directory, CPU/memory/time/output limits, no network, no writes outside, no processes or signals), else 0.0. reward(ro, \"humaneval\") scores a rollout's completions this way, in parallel.", opts: SCORE_CODE },
     Prim { name: "arith_problems", sig: "arith_problems(n, opts?) -> [map]", doc: "Seeded multi-step arithmetic word problems with worked solutions (#{prompt, answer, solution, steps}).", opts: ARITH },

@@ -7,6 +7,7 @@ pub mod bind_chart;
 pub mod bind_code;
 pub mod bind_data;
 pub mod bind_model;
+pub mod bind_offline;
 pub mod bind_rollout;
 pub mod bind_run;
 pub mod bind_train;
@@ -27,6 +28,7 @@ pub const STDLIB: &[(&str, &str)] = &[
     ("dapo", include_str!("../../stdlib/dapo.rhai")),
     ("aapo", include_str!("../../stdlib/aapo.rhai")),
     ("rltt", include_str!("../../stdlib/rltt.rhai")),
+    ("rpo", include_str!("../../stdlib/rpo.rhai")),
     (
         "soft_thinking",
         include_str!("../../stdlib/soft_thinking.rhai"),
@@ -75,6 +77,7 @@ pub fn engine() -> Engine {
     bind_model::register(&mut e);
     bind_rollout::register(&mut e);
     bind_code::register(&mut e);
+    bind_offline::register(&mut e);
     bind_train::register(&mut e);
     bind_run::register(&mut e);
     bind_chart::register(&mut e);

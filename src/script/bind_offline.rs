@@ -1,0 +1,210 @@
+//! Offline losses in scripts (RPO and KTO, `rl::offline`): the mean
+//! per-token log-prob of each row's completion under the policy or the frozen
+//! reference, the loss on a batch of (prompt, completion, reward) rows as a
+//! Loss for `opt.step`, its value on held-out rows, V_hat and the reward
+//! statistics, and offline rows from a JSONL file.
+use super::bind_train::{encode_pairs, pend};
+use super::help;
+use super::opts::Opts;
+use super::types::*;
+use crate::policy::replay;
+use crate::rl::offline::{self, Row};
+use crate::rl::policy::Policy;
+use crate::rl::sft;
+use crate::rl::update::backward;
+use anyhow::{anyhow, bail, Context, Result};
+use rhai::{Array, Dynamic, Engine, Map};
+use tch::Kind;
+
+type Res<T> = Result<T, Box<rhai::EvalAltResult>>;
+
+pub fn register(engine: &mut Engine) {
+    engine.register_fn("seq_logps", |m: Backbone, rows: Array| {
+        rt(seq_logps_fn(&m, &rows, Map::new())).map(float_array)
+    });
+    engine.register_fn("seq_logps", |m: Backbone, rows: Array, o: Map| {
+        rt(seq_logps_fn(&m, &rows, o)).map(float_array)
+    });
+    engine.register_fn("offline_loss", |m: Backbone, rows: Array, o: Map| {
+        rt(offline_loss(&m, &rows, o, true)).map(|(h, _)| h.expect("a loss"))
+    });
+    engine.register_fn("offline_eval", |m: Backbone, rows: Array, o: Map| {
+        rt(offline_loss(&m, &rows, o, false)).map(|(_, v)| v)
+    });
+    engine.register_fn(
+        "rpo_v_hat",
+        |l_ref: Array, rw: Array, tau: f64| -> Res<f64> {
+            let (l, r) = (rt(floats(&l_ref, "l_ref"))?, rt(floats(&rw, "rewards"))?);
+            rt(offline::v_hat(&l, &r, tau))
+        },
+    );
+    engine.register_fn("reward_stats", |rw: Array| -> Res<Map> {
+        let (mean, std) = rt(offline::reward_stats(&rt(floats(&rw, "rewards"))?))?;
+        Ok(Map::from_iter([
+            ("mean".into(), mean.into()),
+            ("std".into(), std.into()),
+        ]))
+    });
+    engine.register_fn("load_offline", |p: &str| {
+        rt(load_offline(std::path::Path::new(p)))
+    });
+}
+
+/// l(y|x) of each pair under the policy or (reference) the frozen reference,
+/// micro-batch by micro-batch, without gradient.
+pub fn seq_logps(
+    p: &Policy,
+    prompts: Vec<Vec<i64>>,
+    completions: Vec<Vec<i64>>,
+    reference: bool,
+    micro: usize,
+) -> Result<Vec<f64>> {
+    let _g = tch::no_grad_guard();
+    let ro = sft::teacher_forced(prompts, completions)?;
+    let rows: Vec<usize> = (0..ro.records.len()).collect();
+    let mut out = Vec::with_capacity(rows.len());
+    for chunk in rows.chunks(micro.max(1)) {
+        // Each side embeds the inputs with its own table.
+        let score = |net: &crate::model::Llama| -> Result<Vec<f64>> {
+            let batch = replay::build(net, &ro, chunk)?;
+            let s = replay::score_shared_prompts(net, None, &ro, &batch, 1.0)?;
+            let mask = batch.mask.f_to_kind(Kind::Float)?;
+            let mean = s
+                .logp
+                .f_mul(&mask)?
+                .f_sum_dim_intlist([1].as_slice(), false, Kind::Float)?
+                .f_div(&mask.f_sum_dim_intlist([1].as_slice(), false, Kind::Float)?)?;
+            Ok(Vec::<f64>::try_from(&mean.f_to_kind(Kind::Double)?)?)
+        };
+        out.extend(if reference {
+            p.with_reference(score)?
+        } else {
+            score(&p.model.net)?
+        });
+    }
+    Ok(out)
+}
+
+fn seq_logps_fn(m: &Backbone, rows: &Array, o: Map) -> Result<Vec<f64>> {
+    let o = Opts::check("seq_logps", help::SEQ_LOGPS, o)?;
+    let reference = o.choice("from", &["policy", "reference"])? == "reference";
+    let st = m.0.borrow();
+    let (prompts, completions) = encode_pairs(&st.policy.model, rows, &o, "seq_logps")?;
+    seq_logps(
+        &st.policy,
+        prompts,
+        completions,
+        reference,
+        o.positive("micro_batch")?,
+    )
+}
+
+/// A number field of row `i`.
+fn number(r: &Dynamic, i: usize, key: &str, func: &str) -> Result<f64> {
+    let v = r
+        .clone()
+        .try_cast::<Map>()
+        .and_then(|m| m.get(key).cloned());
+    v.as_ref()
+        .and_then(super::opts::as_f64)
+        .filter(|x| x.is_finite())
+        .ok_or_else(|| {
+            anyhow!("{func}: rows[{i}] needs a finite number `{key}` (see help(\"{func}\"))")
+        })
+}
+
+/// The offline loss of `rows`: with `grad`, its gradient added and the Loss;
+/// else its value alone.
+fn offline_loss(
+    m: &Backbone,
+    rows: &Array,
+    o: Map,
+    grad: bool,
+) -> Result<(Option<LossHandle>, f64)> {
+    let func = if grad { "offline_loss" } else { "offline_eval" };
+    let o = Opts::check(func, help::OFFLINE_LOSS, o)?;
+    let method = o.choice("method", &["rpo", "kto"])?;
+    let micro = o.positive("micro_batch")?;
+    let mut st = m.0.borrow_mut();
+    let (prompts, completions) = encode_pairs(&st.policy.model, rows, &o, func)?;
+    let l = seq_logps(
+        &st.policy,
+        prompts.clone(),
+        completions.clone(),
+        false,
+        micro,
+    )?;
+    let mut data = Vec::with_capacity(rows.len());
+    for (i, r) in rows.iter().enumerate() {
+        data.push(Row {
+            l: l[i],
+            l_ref: number(r, i, "l_ref", func)?,
+            reward: number(r, i, "reward", func)?,
+            v_hat: if method == "rpo" {
+                number(r, i, "v_hat", func)?
+            } else {
+                0.0
+            },
+        });
+    }
+    let (loss, dl) = match method.as_str() {
+        "rpo" => offline::rpo(&data, o.finite("tau")?),
+        _ => offline::kto(
+            &data,
+            o.finite("beta")?,
+            o.finite("lambda")?,
+            o.finite("threshold")?,
+        ),
+    };
+    let total: f64 = loss.iter().sum();
+    if !grad {
+        return Ok((None, total / loss.len() as f64));
+    }
+    // The replay's "advantage" -dL/dl makes its gradient the loss's.
+    let adv: Vec<f64> = dl.iter().map(|d| -d).collect();
+    let cfg = sft::config(crate::rl::loss_agg::Norm::SeqMeanTokenMean, micro);
+    let ro = sft::teacher_forced(prompts, completions)?;
+    let sums = backward(&st.policy, &ro, &adv, &cfg).map(|mut s| {
+        s.loss = total;
+        s
+    });
+    let loss_cfg = cfg.loss.clone();
+    Ok((
+        Some(pend(m, &mut st, sums, &loss_cfg)?),
+        total / loss.len() as f64,
+    ))
+}
+
+/// Offline rows `{"prompt", "completion", "reward"}` from JSONL, each checked;
+/// a bad one is named by file and line.
+fn load_offline(path: &std::path::Path) -> Result<Array> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    let mut out = Array::new();
+    for (i, line) in text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+    {
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| anyhow!("{}: malformed JSON: {e}", at()))?;
+        let obj = v
+            .as_object()
+            .ok_or_else(|| anyhow!("{}: a row must be a JSON object", at()))?;
+        for k in ["prompt", "completion"] {
+            if !obj.get(k).is_some_and(|x| x.is_string()) {
+                bail!("{}: missing string field `{k}`", at());
+            }
+        }
+        match obj.get("reward").and_then(|r| r.as_f64()) {
+            Some(r) if r.is_finite() => {}
+            _ => bail!("{}: `reward` must be a finite number", at()),
+        }
+        out.push(from_json(&v));
+    }
+    if out.is_empty() {
+        bail!("{}: no rows", path.display());
+    }
+    Ok(out)
+}
