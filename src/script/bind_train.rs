@@ -231,6 +231,9 @@ fn sft_loss(m: &Backbone, rows: &Array, o: Map) -> Result<LossHandle> {
     pend(m, &mut st, sums, &loss)
 }
 
+/// Token ids, one row per example.
+pub(super) type TokenRows = Vec<Vec<i64>>;
+
 /// The token ids of each row's prompt and completion (`field`), as SFT and
 /// the offline losses read them: options `field`, `prefix`, `eos`, `chat`,
 /// `system`, `max_prompt`.
@@ -239,7 +242,7 @@ pub(super) fn encode_pairs(
     rows: &Array,
     o: &Opts,
     func: &str,
-) -> Result<(Vec<Vec<i64>>, Vec<Vec<i64>>)> {
+) -> Result<(TokenRows, TokenRows)> {
     let field = o.str("field")?;
     let (chat, system) = (o.opt_bool("chat")?, o.opt_str("system")?);
     let max_prompt = o.positive("max_prompt")?;
