@@ -82,6 +82,14 @@ pub fn save_parts(tr: &Parts, run_dir: &Path) -> Result<PathBuf> {
             tmp.join("loop_weights.safetensors"),
         )?;
     }
+    if let Some(v) = &tr.policy.value_head {
+        let tensors: Vec<(&str, Tensor)> = v
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| (n, t.detach()))
+            .collect();
+        Tensor::write_safetensors(&tensors, tmp.join("value_head.safetensors"))?;
+    }
     tr.opt.save(&tmp.join("optimizer.safetensors"))?;
     let state = State {
         format: FORMAT,
@@ -161,6 +169,14 @@ pub fn load_parts(
             &dir.join("loop_weights.safetensors"),
             &[("logits".to_string(), theta.shallow_clone())],
         )?;
+    }
+    if let Some(v) = &policy.value_head {
+        let named: Vec<(String, Tensor)> = v
+            .named_parameters()
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t))
+            .collect();
+        copy_into(&dir.join("value_head.safetensors"), &named)?;
     }
     opt.load(&dir.join("optimizer.safetensors"))?;
     Ok((state.step, state.rng, state.sampler))

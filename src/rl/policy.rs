@@ -30,6 +30,8 @@ pub struct Policy {
     pub reference: Reference,
     /// RLTT's learned loop weighting: T logits, softmax'd (attach_loop_weights).
     pub loop_logits: Option<Tensor>,
+    /// DRO's value head (attach_value_head).
+    pub value_head: Option<super::offline::ValueHead>,
 }
 
 impl Policy {
@@ -47,6 +49,7 @@ impl Policy {
             gate: None,
             reference,
             loop_logits: None,
+            value_head: None,
         }
     }
 
@@ -61,6 +64,9 @@ impl Policy {
             params.extend(g.parameters());
         }
         params.extend(self.loop_logits.iter().map(Tensor::shallow_clone));
+        if let Some(v) = &self.value_head {
+            params.extend(v.named_parameters().into_iter().map(|(_, t)| t));
+        }
         params
     }
 
@@ -141,6 +147,14 @@ pub fn param_groups(
             vec![theta.shallow_clone()],
             10.0 * lr,
             0.0,
+        ));
+    }
+    if let Some(v) = &policy.value_head {
+        groups.push(ParamGroup::new(
+            "value_head",
+            v.named_parameters().into_iter().map(|(_, t)| t).collect(),
+            lr,
+            weight_decay,
         ));
     }
     groups.retain(|g| !g.params.is_empty());

@@ -1,4 +1,4 @@
-//! Offline losses in scripts (RPO and KTO, `rl::offline`): the mean
+//! Offline losses in scripts (RPO, KTO and DRO, `rl::offline`): the mean
 //! per-token log-prob of each row's completion under the policy or the frozen
 //! reference, the loss on a batch of (prompt, completion, reward) rows as a
 //! Loss for `opt.step`, its value on held-out rows, V_hat and the reward
@@ -44,6 +44,15 @@ pub fn register(engine: &mut Engine) {
             ("mean".into(), mean.into()),
             ("std".into(), std.into()),
         ]))
+    });
+    engine.register_fn("attach_value_head", |m: Backbone| {
+        rt(attach_value_head(&m, Map::new()))
+    });
+    engine.register_fn("attach_value_head", |m: Backbone, o: Map| {
+        rt(attach_value_head(&m, o))
+    });
+    engine.register_get("has_value_head", |m: &mut Backbone| {
+        m.0.borrow().policy.value_head.is_some()
     });
     engine.register_fn("load_offline", |p: &str| {
         rt(load_offline(std::path::Path::new(p)))
@@ -123,7 +132,10 @@ fn offline_loss(
 ) -> Result<(Option<LossHandle>, f64)> {
     let func = if grad { "offline_loss" } else { "offline_eval" };
     let o = Opts::check(func, help::OFFLINE_LOSS, o)?;
-    let method = o.choice("method", &["rpo", "kto"])?;
+    let method = o.choice("method", &["rpo", "kto", "dro"])?;
+    if method == "dro" && st_has_no_head(m) {
+        bail!("{func}: method \"dro\" needs its value head: attach_value_head(m) first");
+    }
     let micro = o.positive("micro_batch")?;
     let mut st = m.0.borrow_mut();
     let (prompts, completions) = encode_pairs(&st.policy.model, rows, &o, func)?;
@@ -147,8 +159,26 @@ fn offline_loss(
             },
         });
     }
-    let (loss, dl) = match method.as_str() {
-        "rpo" => offline::rpo(&data, o.finite("tau")?),
+    // DRO's values, with the head's graph kept for its gradient.
+    let values = match method.as_str() {
+        "dro" => {
+            let states = prompt_states(&st.policy.model.net, &prompts)?;
+            let head = st.policy.value_head.as_ref().expect("checked above");
+            Some(if grad {
+                head.forward(&states)?
+            } else {
+                tch::no_grad(|| head.forward(&states))?
+            })
+        }
+        _ => None,
+    };
+    let (loss, dl) = match (method.as_str(), &values) {
+        ("rpo", _) => offline::rpo(&data, o.finite("tau")?),
+        ("dro", Some(v)) => offline::dro(
+            &data,
+            &Vec::<f64>::try_from(&v.f_detach()?.f_to_kind(Kind::Double)?)?,
+            o.finite("tau")?,
+        ),
         _ => offline::kto(
             &data,
             o.finite("beta")?,
@@ -164,15 +194,59 @@ fn offline_loss(
     let adv: Vec<f64> = dl.iter().map(|d| -d).collect();
     let cfg = sft::config(crate::rl::loss_agg::Norm::SeqMeanTokenMean, micro);
     let ro = sft::teacher_forced(prompts, completions)?;
-    let sums = backward(&st.policy, &ro, &adv, &cfg).map(|mut s| {
+    let sums = backward(&st.policy, &ro, &adv, &cfg).and_then(|mut s| {
         s.loss = total;
-        s
+        if let Some(v) = &values {
+            // dL_i/dV_i = -(residual_i) = dl_i / tau; the numerator's gradient
+            // (finish divides by the rows, like the replay's).
+            let tau = o.finite("tau")?;
+            let dv: Vec<f32> = dl.iter().map(|d| (d / tau) as f32).collect();
+            let dv = tch::Tensor::from_slice(&dv).f_to_device(v.device())?;
+            v.f_mul(&dv)?.f_sum(Kind::Float)?.f_backward()?;
+        }
+        Ok(s)
     });
     let loss_cfg = cfg.loss.clone();
     Ok((
         Some(pend(m, &mut st, sums, &loss_cfg)?),
         total / loss.len() as f64,
     ))
+}
+
+fn st_has_no_head(m: &Backbone) -> bool {
+    m.0.borrow().policy.value_head.is_none()
+}
+
+/// (B, H) mean final hidden state over each prompt's tokens, no gradient.
+fn prompt_states(net: &crate::model::Llama, prompts: &[Vec<i64>]) -> Result<tch::Tensor> {
+    let _g = tch::no_grad_guard();
+    let dev = net.embed_tokens.device();
+    let mut rows = Vec::with_capacity(prompts.len());
+    for p in prompts {
+        let ids = tch::Tensor::from_slice(p)
+            .f_view([1, -1])?
+            .f_to_device(dev)?;
+        let step = crate::model::Step::full(&ids.f_ones_like()?.f_to_kind(Kind::Bool)?)?;
+        let h = net.forward(&net.embed(&ids)?, &step, None)?;
+        rows.push(h.f_mean_dim([1].as_slice(), false, Kind::Float)?);
+    }
+    Ok(tch::Tensor::f_cat(&rows, 0)?)
+}
+
+/// DRO's value head: Linear(H, width) -> tanh -> Linear(width, 1) on the
+/// mean prompt state, trained with the policy (its own optimizer group).
+fn attach_value_head(m: &Backbone, o: Map) -> Result<()> {
+    let o = Opts::check("attach_value_head", help::ATTACH_VALUE_HEAD, o)?;
+    let mut st = m.0.borrow_mut();
+    let net = &st.policy.model.net;
+    let head = offline::ValueHead::new(
+        net.cfg.hidden_size,
+        o.positive("width")? as i64,
+        o.usize("seed")? as u64,
+        net.embed_tokens.device(),
+    )?;
+    st.policy.value_head = Some(head);
+    Ok(())
 }
 
 /// Offline rows `{"prompt", "completion", "reward"}` from JSONL, each checked;

@@ -63,6 +63,11 @@ pub const ATTACH_ROUTER: &[Opt] = &[
 
 pub const ATTACH_HRPO_GATE: &[Opt] = &[opt("seed", Def::Int(42), "seed of the gate's init")];
 
+pub const ATTACH_VALUE_HEAD: &[Opt] = &[
+    opt("width", Def::Int(512), "hidden width of the MLP"),
+    opt("seed", Def::Int(42), "seed of its init"),
+];
+
 pub const ATTACH_LOOP_WEIGHTS: &[Opt] = &[
     opt(
         "init",
@@ -279,9 +284,9 @@ pub const OFFLINE_LOSS: &[Opt] = &{
         opt(
             "method",
             Def::Str("rpo"),
-            "\"rpo\" (rows need reward, l_ref, v_hat) or \"kto\" (reward, l_ref)",
+            "\"rpo\" (rows need reward, l_ref, v_hat), \"kto\" or \"dro\" (reward, l_ref; dro: attach_value_head first)",
         ),
-        opt("tau", Def::Float(5.0), "RPO's temperature"),
+        opt("tau", Def::Float(5.0), "RPO's temperature (DRO's reference value: 1)"),
         opt("beta", Def::Float(1.0), "KTO's beta"),
         opt("lambda", Def::Float(1.0), "KTO's lambda_D = lambda_U"),
         opt(
@@ -438,8 +443,9 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "optimizer", sig: "optimizer(m, opts?) -> Optimizer", doc: "AdamW over the trainable weights (LoRA or the backbone), the router and the HRPO gate, with warm-up and decay; opt.step(loss).", opts: OPTIMIZER },
     Prim { name: "tarpo_loss", sig: "tarpo_loss(m, ro, adv, opts?) -> Loss", doc: "Replay the rollout and add the gradient of TARPO's joint token+router loss (lambda 0: GRPO); several accumulate into one opt.step([l1, l2]).", opts: TARPO_LOSS },
     Prim { name: "seq_logps", sig: "seq_logps(m, rows, opts?) -> [float]", doc: "Mean per-token log-prob (EOS included) of each row's completion after its prompt, under the policy or the frozen reference; no gradient.", opts: SEQ_LOGPS },
-    Prim { name: "offline_loss", sig: "offline_loss(m, rows, opts) -> Loss", doc: "RPO's loss 1/2 mean[(l - l_ref) - (r - v_hat)/tau]^2, or KTO's, on #{prompt, completion, reward, l_ref, v_hat} rows; a Loss for opt.step.", opts: OFFLINE_LOSS },
+    Prim { name: "offline_loss", sig: "offline_loss(m, rows, opts) -> Loss", doc: "RPO's loss 1/2 mean[(l - l_ref) - (r - v_hat)/tau]^2, or KTO's or DRO's, on #{prompt, completion, reward, l_ref, v_hat} rows; a Loss for opt.step.", opts: OFFLINE_LOSS },
     Prim { name: "offline_eval", sig: "offline_eval(m, rows, opts) -> float", doc: "offline_loss's value on rows (held-out), without gradient.", opts: OFFLINE_LOSS },
+    Prim { name: "attach_value_head", sig: "attach_value_head(m, opts?)", doc: "DRO's value head V_phi (hidden -> width -> tanh -> 1 on the mean prompt state), trained with the policy.", opts: ATTACH_VALUE_HEAD },
     Prim { name: "rpo_v_hat", sig: "rpo_v_hat(l_ref, rewards, tau) -> float", doc: "RPO's partition value tau * logsumexp(l_ref + r/tau) over one prompt's completions.", opts: NONE },
     Prim { name: "reward_stats", sig: "reward_stats(rewards) -> #{mean, std}", doc: "Mean and population std (1 when all equal) for z-scoring offline rewards.", opts: NONE },
     Prim { name: "load_offline", sig: "load_offline(path) -> [map]", doc: "Offline rows {prompt, completion, reward} from JSONL, each checked (bad rows named by file:line).", opts: NONE },
