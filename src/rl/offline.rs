@@ -95,6 +95,59 @@ pub fn reward_stats(rewards: &[f64]) -> Result<(f64, f64)> {
     Ok((mean, if std > 0.0 { std } else { 1.0 }))
 }
 
+/// DRO's value head V_phi: Linear(H, width) -> tanh -> Linear(width, 1), on
+/// the mean of the prompt's final hidden states (detached here: the head
+/// trains, the backbone learns from the loss's l term).
+pub struct ValueHead {
+    pub w1: tch::Tensor,
+    pub b1: tch::Tensor,
+    pub w2: tch::Tensor,
+    pub b2: tch::Tensor,
+}
+
+impl ValueHead {
+    /// N(0, 0.02) matrices, zero biases, from the crate's seeded generator.
+    pub fn new(hidden: i64, width: i64, seed: u64, device: tch::Device) -> Result<Self> {
+        let mut rng = crate::rng::Rng::new(seed);
+        let mut normal = |rows: i64, cols: i64| -> Result<tch::Tensor> {
+            let v: Vec<f32> = (0..rows * cols)
+                .map(|_| (rng.next_normal() * 0.02) as f32)
+                .collect();
+            Ok(tch::Tensor::from_slice(&v)
+                .f_view([rows, cols])?
+                .f_to_device(device)?
+                .set_requires_grad(true))
+        };
+        let zeros = |n: i64| -> Result<tch::Tensor> {
+            Ok(tch::Tensor::f_zeros([n], (tch::Kind::Float, device))?.set_requires_grad(true))
+        };
+        Ok(ValueHead {
+            w1: normal(width, hidden)?,
+            b1: zeros(width)?,
+            w2: normal(1, width)?,
+            b2: zeros(1)?,
+        })
+    }
+
+    /// (B, H) -> (B,) values.
+    pub fn forward(&self, x: &tch::Tensor) -> Result<tch::Tensor> {
+        let h = x.f_linear(&self.w1, Some(&self.b1))?.f_tanh()?;
+        Ok(h.f_linear(&self.w2, Some(&self.b2))?.f_squeeze_dim(-1)?)
+    }
+
+    pub fn named_parameters(&self) -> Vec<(&'static str, tch::Tensor)> {
+        [
+            ("w1", &self.w1),
+            ("b1", &self.b1),
+            ("w2", &self.w2),
+            ("b2", &self.b2),
+        ]
+        .into_iter()
+        .map(|(n, t)| (n, t.shallow_clone()))
+        .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -155,58 +208,5 @@ mod tests {
         assert_eq!(m, 2.5);
         assert!((s - 1.25f64.sqrt()).abs() < 1e-12);
         assert_eq!(reward_stats(&[2.0, 2.0]).unwrap(), (2.0, 1.0));
-    }
-}
-
-/// DRO's value head V_phi: Linear(H, width) -> tanh -> Linear(width, 1), on
-/// the mean of the prompt's final hidden states (detached here: the head
-/// trains, the backbone learns from the loss's l term).
-pub struct ValueHead {
-    pub w1: tch::Tensor,
-    pub b1: tch::Tensor,
-    pub w2: tch::Tensor,
-    pub b2: tch::Tensor,
-}
-
-impl ValueHead {
-    /// N(0, 0.02) matrices, zero biases, from the crate's seeded generator.
-    pub fn new(hidden: i64, width: i64, seed: u64, device: tch::Device) -> Result<Self> {
-        let mut rng = crate::rng::Rng::new(seed);
-        let mut normal = |rows: i64, cols: i64| -> Result<tch::Tensor> {
-            let v: Vec<f32> = (0..rows * cols)
-                .map(|_| (rng.next_normal() * 0.02) as f32)
-                .collect();
-            Ok(tch::Tensor::from_slice(&v)
-                .f_view([rows, cols])?
-                .f_to_device(device)?
-                .set_requires_grad(true))
-        };
-        let zeros = |n: i64| -> Result<tch::Tensor> {
-            Ok(tch::Tensor::f_zeros([n], (tch::Kind::Float, device))?.set_requires_grad(true))
-        };
-        Ok(ValueHead {
-            w1: normal(width, hidden)?,
-            b1: zeros(width)?,
-            w2: normal(1, width)?,
-            b2: zeros(1)?,
-        })
-    }
-
-    /// (B, H) -> (B,) values.
-    pub fn forward(&self, x: &tch::Tensor) -> Result<tch::Tensor> {
-        let h = x.f_linear(&self.w1, Some(&self.b1))?.f_tanh()?;
-        Ok(h.f_linear(&self.w2, Some(&self.b2))?.f_squeeze_dim(-1)?)
-    }
-
-    pub fn named_parameters(&self) -> Vec<(&'static str, tch::Tensor)> {
-        [
-            ("w1", &self.w1),
-            ("b1", &self.b1),
-            ("w2", &self.w2),
-            ("b2", &self.b2),
-        ]
-        .into_iter()
-        .map(|(n, t)| (n, t.shallow_clone()))
-        .collect()
     }
 }
