@@ -207,3 +207,25 @@ fn rltt_loss_and_gradients_match_pytorch() {
         case(name, LoopWeighting::Learned, Some([0.3, -0.2, 0.1, 0.5]));
     }
 }
+
+#[test]
+fn rltt_trains_from_a_script_with_every_weighting() {
+    let dir = fixture("ouro_gqa_t2_untied");
+    let data = common::scratch("rltt").join("prompts.jsonl");
+    let rows: String = ["the cat", "a sum of", "one and we", "to the cat"]
+        .iter()
+        .map(|p| format!("{{\"prompt\": \"{p}\", \"answer\": \"\"}}\n"))
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let plain = common::tiny_models().join("llama_mha_tied");
+    let o = common::tarpo()
+        .arg("run")
+        .arg(common::root().join("tests/scripts/rltt.rhai"))
+        .args(["--set", &format!("model={}", dir.display())])
+        .args(["--set", &format!("plain={}", plain.display())])
+        .args(["--set", &format!("data={}", data.display())])
+        .output()
+        .unwrap();
+    let (so, se) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+    assert!(o.status.success() && so.contains("rltt: ok"), "stdout:\n{so}\nstderr:\n{se}");
+}
