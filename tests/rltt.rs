@@ -226,6 +226,12 @@ fn rltt_trains_from_a_script_with_every_weighting() {
         .args(["--set", &format!("data={}", data.display())])
         .output()
         .unwrap();
-    let (so, se) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
-    assert!(o.status.success() && so.contains("rltt: ok"), "stdout:\n{so}\nstderr:\n{se}");
+    let (so, se) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        o.status.success() && so.contains("rltt: ok"),
+        "stdout:\n{so}\nstderr:\n{se}"
+    );
 }

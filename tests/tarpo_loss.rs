@@ -12,8 +12,9 @@ use tch::{Device, Kind, Tensor};
 
 const BASE: &str = "llama_gqa_llama3_bias";
 
-/// A copy of the tiny model with its decoder layers perturbed (embeddings kept,
-/// so policy and reference build the same inputs), as a trained policy would be.
+/// A copy of the tiny model with its decoder layers and embeddings perturbed,
+/// as a fully fine-tuned policy would be (the reference then embeds the same
+/// tokens and mixtures with its own table).
 fn perturbed_policy() -> PathBuf {
     let src = common::tiny_models().join(BASE);
     let dst = common::scratch("tarpo_loss").join("policy");
@@ -27,7 +28,7 @@ fn perturbed_policy() -> PathBuf {
     let ts: Vec<(String, Tensor)> = ts
         .into_iter()
         .map(|(n, t)| {
-            if n.contains("layers") {
+            if n.contains("layers") || n.contains("embed_tokens") {
                 let p = &t + t.randn_like() * 0.05;
                 (n, p)
             } else {
@@ -108,11 +109,13 @@ fn case() -> (Case, PathBuf) {
 
 fn loss(c: &Case, cfg: &LossConfig) -> (Tensor, tarpo::rl::loss::LossMetrics) {
     let s = replay::score(&c.policy.net, Some(&c.router), &c.batch, c.ro.temperature).unwrap();
+    // The reference embeds the rollout's inputs with its own table.
     let r = tch::no_grad(|| {
+        let batch = replay::build(&c.reference.net, &c.ro, &[0, 1, 2, 3]).unwrap();
         replay::score(
             &c.reference.net,
             Some(&c.router_ref),
-            &c.batch,
+            &batch,
             c.ro.temperature,
         )
         .unwrap()

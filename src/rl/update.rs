@@ -375,20 +375,28 @@ fn reference_scores(
     let _g = tch::no_grad_guard();
     let net = &p.model.net;
     let hard;
-    let rows = match inputs {
-        RefInputs::Same => batch,
+    let source = match inputs {
+        RefInputs::Same => ro,
         RefInputs::Hard => {
-            let mut b = replay::build_with(net, p.gate.as_ref(), &all_hard(ro), &batch.rows)?;
-            // The reference router is scored at the modes the policy chose,
-            // not at the all-hard modes its inputs were built from: those
-            // would compare log pi(soft) with log pi_ref(hard) at every soft
-            // step (about 93 nats of k3 at the paper's initial bias).
-            b.modes = batch.modes.shallow_clone();
-            hard = b;
+            hard = all_hard(ro);
             &hard
         }
     };
     let score = |reference: &Llama| {
+        // The reference embeds the inputs with its own table (a fully
+        // fine-tuned policy's has moved). Its router is scored at the modes
+        // the policy chose, not at all-hard modes: those would compare
+        // log pi(soft) with log pi_ref(hard) at every soft step (about 93
+        // nats of k3 at the paper's initial bias).
+        let own;
+        let rows = if std::ptr::eq(reference, net) && inputs == RefInputs::Same {
+            batch
+        } else {
+            let mut b = replay::build_with(reference, p.gate.as_ref(), source, &batch.rows)?;
+            b.modes = batch.modes.shallow_clone();
+            own = b;
+            &own
+        };
         replay::score_shared_prompts(reference, p.router_ref.as_ref(), ro, rows, temp)
     };
     p.with_reference(score)
