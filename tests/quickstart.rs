@@ -71,52 +71,69 @@ fn quickstart_raises_held_out_pass_at_1() {
     );
 }
 
-/// AAPO on the toy task: 60 steps raise held-out Pass@1, and the comparison
-/// script reports the groups AAPO's margin revives.
-#[test]
-fn a_short_aapo_run_raises_held_out_pass_at_1() {
-    let dir = common::scratch("aapo-toy");
-    let stdout = common::shipped_script(
-        "compare_methods.rhai",
-        &[
-            "methods=aapo".into(),
-            "seeds=1".into(),
-            "steps=60".into(),
-            format!("out={}", dir.display()),
-        ],
-    );
+/// Held-out Pass@1 before and after 60 steps of `method` in
+/// compare_methods.rhai (one seed), and its output.
+fn short_run(method: &str, extra: &[String]) -> (f64, f64, String) {
+    let dir = common::scratch(&format!("toy-{method}"));
+    let mut sets = vec![
+        format!("methods={method}"),
+        "seeds=1".into(),
+        "steps=60".into(),
+        format!("out={}", dir.display()),
+    ];
+    sets.extend_from_slice(extra);
+    let stdout = common::shipped_script("compare_methods.rhai", &sets);
     let before = figure(&stdout, "pass@1 before:");
     let line = stdout
         .lines()
-        .find(|l| l.starts_with("aapo seed 0: pass@1"))
-        .unwrap_or_else(|| panic!("no AAPO result in:\n{stdout}"));
+        .find(|l| l.starts_with(&format!("{method} seed 0: pass@1")))
+        .unwrap_or_else(|| panic!("no {method} result in:\n{stdout}"));
     let after: f64 = line
         .split("-> ")
         .nth(1)
         .and_then(|r| r.split(',').next())
         .and_then(|x| x.trim().parse().ok())
         .unwrap_or_else(|| panic!("`{line}`"));
+    assert!(dir.join("zero_adv_frac.png").is_file());
+    (before, after, stdout)
+}
+
+/// AAPO on the toy task: 60 steps raise held-out Pass@1, and the comparison
+/// script reports the groups AAPO's margin revives.
+#[test]
+fn a_short_aapo_run_raises_held_out_pass_at_1() {
+    let (before, after, stdout) = short_run("aapo", &[]);
     assert!(
         after >= before + 0.04,
         "60 AAPO steps raise held-out pass@1: {before} -> {after}\n{stdout}"
     );
     let revived = stdout
         .lines()
-        .find(|l| {
-            l.starts_with("aapo   ") && l.contains("spread") && l.matches("spread").count() == 2
-        })
+        .find(|l| l.starts_with("aapo   ") && l.matches("spread").count() == 2)
         .unwrap_or_else(|| panic!("no zero-advantage line in:\n{stdout}"));
     let frac: f64 = revived
         .split("   ")
         .nth(2)
         .and_then(|x| x.split(' ').next())
         .and_then(|x| x.parse().ok())
-        .unwrap();
+        .unwrap_or_else(|| panic!("`{revived}`"));
     assert!(
         frac > 0.0,
         "AAPO's margin moves some zero-advantage groups: {revived}"
     );
-    assert!(dir.join("zero_adv_frac.png").is_file());
+}
+
+/// RLTT (exit_pdf weighting) on the looped default model: 60 steps raise
+/// held-out Pass@1.
+#[test]
+fn a_short_rltt_run_raises_held_out_pass_at_1() {
+    let model = common::root().join("assets/looped-model");
+    let (before, after, stdout) =
+        short_run("rltt-exit_pdf", &[format!("model={}", model.display())]);
+    assert!(
+        after >= before + 0.04,
+        "60 RLTT steps raise held-out pass@1 on the looped model: {before} -> {after}\n{stdout}"
+    );
 }
 
 /// The other shipped scripts, on the default model with tiny counts.
