@@ -22,6 +22,8 @@ fn figure(out: &str, label: &str) -> f64 {
 fn quickstart_raises_held_out_pass_at_1() {
     let dir = common::scratch("quickstart");
     let run_dir = dir.join("run");
+    // A run left by an earlier test run would send this one to run-2.
+    let _ = std::fs::remove_dir_all(&run_dir);
     let stdout = common::shipped_script(
         "quickstart.rhai",
         &[
@@ -78,6 +80,7 @@ fn quickstart_raises_held_out_pass_at_1() {
 /// compare_methods.rhai (one seed), and its output.
 fn short_run(method: &str, extra: &[String]) -> (f64, f64, String) {
     let dir = common::scratch(&format!("toy-{method}"));
+    let _ = std::fs::remove_dir_all(&dir);
     let mut sets = vec![
         format!("methods={method}"),
         "seeds=1".into(),

@@ -297,44 +297,23 @@ pub const OFFLINE_LOSS: &[Opt] = &{
     ]
 };
 
-pub const SFT_LOSS: &[Opt] = &[
-    opt(
-        "field",
-        Def::Str("solution"),
-        "the row's completion text (after its prompt)",
-    ),
-    opt(
-        "prefix",
-        Def::Unset(Ty::Str),
-        "text between prompt and completion (default: \"\\n\", \"\" with chat)",
-    ),
-    opt(
-        "eos",
-        Def::Bool(true),
-        "end the completion with the end token (the model learns to stop)",
-    ),
-    opt(
-        "norm",
-        Def::Str("token-mean"),
-        "token-mean (mean NLL per token) or seq-mean-token-mean",
-    ),
-    opt(
-        "micro_batch",
-        Def::Int(8),
-        "rows per replay forward (bounds memory)",
-    ),
-    opt(
-        "max_prompt",
-        Def::Int(1024),
-        "prompts keep their last max_prompt tokens",
-    ),
-    opt(
-        "chat",
-        Def::Unset(Ty::Bool),
-        "chat template around prompts (default: when the tokenizer has one)",
-    ),
-    opt("system", Def::Unset(Ty::Str), "system message (with chat)"),
-];
+pub const SFT_LOSS: &[Opt] = &{
+    let p = pair_opts!("solution");
+    [
+        p[0],
+        p[1],
+        p[2],
+        opt(
+            "norm",
+            Def::Str("token-mean"),
+            "token-mean (mean NLL per token) or seq-mean-token-mean",
+        ),
+        p[3],
+        p[4],
+        p[5],
+        p[6],
+    ]
+};
 
 pub const SCORE_CODE: &[Opt] = &[
     opt("cpu_seconds", Def::Int(5), "CPU-time limit of the program"),
