@@ -8,7 +8,6 @@ use super::dataset::Sampler;
 use super::optim::AdamW;
 use super::policy::Policy;
 use crate::model::lora::ADAPTER_WEIGHTS;
-use crate::policy::Router;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -58,37 +57,10 @@ pub fn save_parts(tr: &Parts, run_dir: &Path) -> Result<PathBuf> {
             trained.into_iter().map(|(n, t)| (n, t.detach())).collect();
         Tensor::write_safetensors(&tensors, tmp.join(WEIGHTS))?;
     }
-    if let (Some(r), Some(r0)) = (&tr.policy.router, &tr.policy.router_ref) {
-        let t = |x: &Tensor| x.detach();
-        let tensors = [
-            ("weight", t(&r.weight)),
-            ("bias", t(&r.bias)),
-            ("weight_ref", t(&r0.weight)),
-            ("bias_ref", t(&r0.bias)),
-        ];
-        Tensor::write_safetensors(&tensors, tmp.join("router.safetensors"))?;
-    }
-    if let Some(g) = &tr.policy.gate {
-        let tensors: Vec<(&str, Tensor)> = g
-            .named_parameters()
-            .into_iter()
-            .map(|(n, t)| (n, t.detach()))
-            .collect();
-        Tensor::write_safetensors(&tensors, tmp.join("hrpo_gate.safetensors"))?;
-    }
-    if let Some(theta) = &tr.policy.loop_logits {
-        Tensor::write_safetensors(
-            &[("logits", theta.detach())],
-            tmp.join("loop_weights.safetensors"),
-        )?;
-    }
-    if let Some(v) = &tr.policy.value_head {
-        let tensors: Vec<(&str, Tensor)> = v
-            .named_parameters()
-            .into_iter()
-            .map(|(n, t)| (n, t.detach()))
-            .collect();
-        Tensor::write_safetensors(&tensors, tmp.join("value_head.safetensors"))?;
+    for (file, named) in policy_parts(tr.policy) {
+        let tensors: Vec<(String, Tensor)> =
+            named.into_iter().map(|(n, t)| (n, t.detach())).collect();
+        Tensor::write_safetensors(&tensors, tmp.join(file))?;
     }
     tr.opt.save(&tmp.join("optimizer.safetensors"))?;
     let state = State {
@@ -153,43 +125,43 @@ pub fn load_parts(
     if !trained.is_empty() {
         copy_into(&dir.join(WEIGHTS), &trained)?;
     }
-    if let (Some(r), Some(r0)) = (&policy.router, &policy.router_ref) {
-        load_routers(&dir.join("router.safetensors"), r, r0)?;
-    }
-    if let Some(g) = &policy.gate {
-        let named: Vec<(String, Tensor)> = g
-            .named_parameters()
-            .into_iter()
-            .map(|(n, t)| (n.to_string(), t))
-            .collect();
-        copy_into(&dir.join("hrpo_gate.safetensors"), &named)?;
-    }
-    if let Some(theta) = &policy.loop_logits {
-        copy_into(
-            &dir.join("loop_weights.safetensors"),
-            &[("logits".to_string(), theta.shallow_clone())],
-        )?;
-    }
-    if let Some(v) = &policy.value_head {
-        let named: Vec<(String, Tensor)> = v
-            .named_parameters()
-            .into_iter()
-            .map(|(n, t)| (n.to_string(), t))
-            .collect();
-        copy_into(&dir.join("value_head.safetensors"), &named)?;
+    for (file, named) in policy_parts(policy) {
+        copy_into(&dir.join(file), &named)?;
     }
     opt.load(&dir.join("optimizer.safetensors"))?;
     Ok((state.step, state.rng, state.sampler))
 }
 
-fn load_routers(path: &Path, r: &Router, r0: &Router) -> Result<()> {
-    let named = [
-        ("weight".to_string(), r.weight.shallow_clone()),
-        ("bias".to_string(), r.bias.shallow_clone()),
-        ("weight_ref".to_string(), r0.weight.shallow_clone()),
-        ("bias_ref".to_string(), r0.bias.shallow_clone()),
-    ];
-    copy_into(path, &named)
+/// The policy's parts beside the backbone, each saved to its own file:
+/// router and its reference, HRPO gate, RLTT loop weights, DRO value head.
+fn policy_parts(policy: &Policy) -> Vec<(&'static str, Vec<(String, Tensor)>)> {
+    let named = |ps: Vec<(&str, Tensor)>| ps.into_iter().map(|(n, t)| (n.to_string(), t)).collect();
+    let mut out = Vec::new();
+    if let (Some(r), Some(r0)) = (&policy.router, &policy.router_ref) {
+        let c = |t: &Tensor| t.shallow_clone();
+        out.push((
+            "router.safetensors",
+            named(vec![
+                ("weight", c(&r.weight)),
+                ("bias", c(&r.bias)),
+                ("weight_ref", c(&r0.weight)),
+                ("bias_ref", c(&r0.bias)),
+            ]),
+        ));
+    }
+    if let Some(g) = &policy.gate {
+        out.push(("hrpo_gate.safetensors", named(g.named_parameters())));
+    }
+    if let Some(theta) = &policy.loop_logits {
+        out.push((
+            "loop_weights.safetensors",
+            named(vec![("logits", theta.shallow_clone())]),
+        ));
+    }
+    if let Some(v) = &policy.value_head {
+        out.push(("value_head.safetensors", named(v.named_parameters())));
+    }
+    out
 }
 
 /// Copies each named tensor of a safetensors file into `targets` (same names and shapes).

@@ -4,6 +4,7 @@
 //! (`stdlib/tarpo.rhai`), over these primitives.
 pub mod advantage;
 pub mod checkpoint;
+pub mod dapo;
 pub mod dataset;
 pub mod kl;
 pub mod loss;

@@ -7,7 +7,7 @@ use super::bind_train::{encode_pairs, pend};
 use super::help;
 use super::opts::Opts;
 use super::types::*;
-use crate::policy::replay;
+use crate::policy::{replay, Rollout};
 use crate::rl::offline::{self, Row};
 use crate::rl::policy::Policy;
 use crate::rl::sft;
@@ -59,24 +59,18 @@ pub fn register(engine: &mut Engine) {
     });
 }
 
-/// l(y|x) of each pair under the policy or (reference) the frozen reference,
-/// micro-batch by micro-batch, without gradient.
-pub fn seq_logps(
-    p: &Policy,
-    prompts: Vec<Vec<i64>>,
-    completions: Vec<Vec<i64>>,
-    reference: bool,
-    micro: usize,
-) -> Result<Vec<f64>> {
+/// l(y|x) of each row of a teacher-forced rollout (`sft::teacher_forced`)
+/// under the policy or (reference) the frozen reference, micro-batch by
+/// micro-batch, without gradient.
+pub fn seq_logps(p: &Policy, ro: &Rollout, reference: bool, micro: usize) -> Result<Vec<f64>> {
     let _g = tch::no_grad_guard();
-    let ro = sft::teacher_forced(prompts, completions)?;
     let rows: Vec<usize> = (0..ro.records.len()).collect();
     let mut out = Vec::with_capacity(rows.len());
     for chunk in rows.chunks(micro.max(1)) {
         // Each side embeds the inputs with its own table.
         let score = |net: &crate::model::Llama| -> Result<Vec<f64>> {
-            let batch = replay::build(net, &ro, chunk)?;
-            let s = replay::score_shared_prompts(net, None, &ro, &batch, 1.0)?;
+            let batch = replay::build(net, ro, chunk)?;
+            let s = replay::score_shared_prompts(net, None, ro, &batch, 1.0)?;
             let mask = batch.mask.f_to_kind(Kind::Float)?;
             let mean = s
                 .logp
@@ -99,13 +93,8 @@ fn seq_logps_fn(m: &Backbone, rows: &Array, o: Map) -> Result<Vec<f64>> {
     let reference = o.choice("from", &["policy", "reference"])? == "reference";
     let st = m.0.borrow();
     let (prompts, completions) = encode_pairs(&st.policy.model, rows, &o, "seq_logps")?;
-    seq_logps(
-        &st.policy,
-        prompts,
-        completions,
-        reference,
-        o.positive("micro_batch")?,
-    )
+    let ro = sft::teacher_forced(prompts, completions)?;
+    seq_logps(&st.policy, &ro, reference, o.positive("micro_batch")?)
 }
 
 /// A number field of row `i`.
@@ -133,19 +122,15 @@ fn offline_loss(
     let func = if grad { "offline_loss" } else { "offline_eval" };
     let o = Opts::check(func, help::OFFLINE_LOSS, o)?;
     let method = o.choice("method", &["rpo", "kto", "dro"])?;
-    if method == "dro" && st_has_no_head(m) {
-        bail!("{func}: method \"dro\" needs its value head: attach_value_head(m) first");
-    }
     let micro = o.positive("micro_batch")?;
     let mut st = m.0.borrow_mut();
+    if method == "dro" && st.policy.value_head.is_none() {
+        bail!("{func}: method \"dro\" needs its value head: attach_value_head(m) first");
+    }
     let (prompts, completions) = encode_pairs(&st.policy.model, rows, &o, func)?;
-    let l = seq_logps(
-        &st.policy,
-        prompts.clone(),
-        completions.clone(),
-        false,
-        micro,
-    )?;
+    // One teacher-forced rollout: scored for l, then replayed for the gradient.
+    let ro = sft::teacher_forced(prompts, completions)?;
+    let l = seq_logps(&st.policy, &ro, false, micro)?;
     let mut data = Vec::with_capacity(rows.len());
     for (i, r) in rows.iter().enumerate() {
         data.push(Row {
@@ -162,7 +147,7 @@ fn offline_loss(
     // DRO's values, with the head's graph kept for its gradient.
     let values = match method.as_str() {
         "dro" => {
-            let states = prompt_states(&st.policy.model.net, &prompts)?;
+            let states = prompt_states(&st.policy.model.net, &ro.prompts)?;
             let head = st.policy.value_head.as_ref().expect("checked above");
             Some(if grad {
                 head.forward(&states)?
@@ -193,7 +178,6 @@ fn offline_loss(
     // The replay's "advantage" -dL/dl makes its gradient the loss's.
     let adv: Vec<f64> = dl.iter().map(|d| -d).collect();
     let cfg = sft::config(crate::rl::loss_agg::Norm::SeqMeanTokenMean, micro);
-    let ro = sft::teacher_forced(prompts, completions)?;
     let sums = backward(&st.policy, &ro, &adv, &cfg).and_then(|mut s| {
         s.loss = total;
         if let Some(v) = &values {
@@ -211,10 +195,6 @@ fn offline_loss(
         Some(pend(m, &mut st, sums, &loss_cfg)?),
         total / loss.len() as f64,
     ))
-}
-
-fn st_has_no_head(m: &Backbone) -> bool {
-    m.0.borrow().policy.value_head.is_none()
 }
 
 /// (B, H) mean final hidden state over each prompt's tokens, no gradient.
