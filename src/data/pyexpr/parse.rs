@@ -165,30 +165,30 @@ impl Parser {
         ))
     }
 
-    fn chain(&mut self, word: &str, next: fn(&mut Self) -> Result<Expr>) -> Result<Vec<Expr>> {
+    /// `next (word next)*`, wrapped when there is more than one.
+    fn chain(
+        &mut self,
+        word: &str,
+        next: fn(&mut Self) -> Result<Expr>,
+        wrap: fn(Vec<Expr>) -> Expr,
+    ) -> Result<Expr> {
         let mut xs = vec![next(self)?];
         while self.eat_word(word) {
             xs.push(next(self)?);
         }
-        Ok(xs)
+        Ok(if xs.len() == 1 {
+            xs.remove(0)
+        } else {
+            wrap(xs)
+        })
     }
 
     fn or(&mut self) -> Result<Expr> {
-        let mut xs = self.chain("or", Self::and)?;
-        Ok(if xs.len() == 1 {
-            xs.remove(0)
-        } else {
-            Expr::Or(xs)
-        })
+        self.chain("or", Self::and, Expr::Or)
     }
 
     fn and(&mut self) -> Result<Expr> {
-        let mut xs = self.chain("and", Self::not)?;
-        Ok(if xs.len() == 1 {
-            xs.remove(0)
-        } else {
-            Expr::And(xs)
-        })
+        self.chain("and", Self::not, Expr::And)
     }
 
     fn not(&mut self) -> Result<Expr> {
