@@ -14,10 +14,12 @@ use tarpo::rl::rltt::{self, LoopWeighting};
 use tarpo::rl::update::{accumulate_gradients, ReplayConfig};
 use tch::{Device, Kind, Tensor};
 
-/// A fixture with early exit off (RLTT samples from the last loop).
-fn fixture(name: &str) -> PathBuf {
+/// A fixture with early exit off (RLTT samples from the last loop), copied
+/// into a directory of the calling test's own: tests run in parallel, and
+/// one test rewriting a file another is loading corrupts the load.
+fn fixture(name: &str, test: &str) -> PathBuf {
     let src = common::cached_oracle("ouro_models.py", &[]).join(name);
-    let dir = common::scratch("rltt").join(name);
+    let dir = common::scratch("rltt").join(test).join(name);
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["tokenizer.json", "model.safetensors"] {
         std::fs::copy(src.join(f), dir.join(f)).unwrap();
@@ -61,7 +63,7 @@ fn fixed_weightings_have_their_shape_and_sum_to_one() {
 }
 
 fn case(name: &str, weighting: LoopWeighting, theta: Option<[f32; 4]>) {
-    let dir = fixture(name);
+    let dir = fixture(name, "oracle");
     let policy_model = Model::load(&dir, Device::Cpu, Kind::Float).unwrap();
     let reference = Model::load(&dir, Device::Cpu, Kind::Float).unwrap();
     let loops = policy_model.net.cfg.loops;
@@ -210,7 +212,7 @@ fn rltt_loss_and_gradients_match_pytorch() {
 
 #[test]
 fn rltt_trains_from_a_script_with_every_weighting() {
-    let dir = fixture("ouro_gqa_t2_untied");
+    let dir = fixture("ouro_gqa_t2_untied", "script");
     let data = common::scratch("rltt").join("prompts.jsonl");
     let rows: String = ["the cat", "a sum of", "one and we", "to the cat"]
         .iter()

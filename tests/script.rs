@@ -95,6 +95,10 @@ fn every_primitive_from_a_script() {
     let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 2);
     assert!(run.join("metrics.parquet").exists() && run.join("config.json").exists());
+    assert!(
+        so.contains("loss 0.9877") && !so.contains("loss 0.1235"),
+        "a run prints each logged row unless made with quiet: true:\n{so}"
+    );
     assert!(run.join("tokens/step-000001.parquet").exists());
     for chart in [
         "soft_ratio.png",

@@ -15,9 +15,11 @@ const BASE: &str = "llama_gqa_llama3_bias";
 /// A copy of the tiny model with its decoder layers and embeddings perturbed,
 /// as a fully fine-tuned policy would be (the reference then embeds the same
 /// tokens and mixtures with its own table).
-fn perturbed_policy() -> PathBuf {
+fn perturbed_policy(test: &str) -> PathBuf {
     let src = common::tiny_models().join(BASE);
-    let dst = common::scratch("tarpo_loss").join("policy");
+    // One directory per test: tests run in parallel, and a rewrite while
+    // another test loads the file corrupts that load.
+    let dst = common::scratch("tarpo_loss").join(test).join("policy");
     std::fs::create_dir_all(&dst).unwrap();
     for f in ["config.json", "tokenizer.json", "generation_config.json"] {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
@@ -72,8 +74,8 @@ fn case_rollout(m: &Model, router: &Router) -> Rollout {
     rollout(&m.net, Some(router), None, &prompts, &opts).unwrap()
 }
 
-fn case() -> (Case, PathBuf) {
-    let policy_dir = perturbed_policy();
+fn case(test: &str) -> (Case, PathBuf) {
+    let policy_dir = perturbed_policy(test);
     let policy = Model::load(&policy_dir, Device::Cpu, Kind::Float).unwrap();
     let reference =
         Model::load(&common::tiny_models().join(BASE), Device::Cpu, Kind::Float).unwrap();
@@ -171,7 +173,7 @@ fn write_case(c: &Case, dir: &Path) -> (PathBuf, PathBuf) {
 
 #[test]
 fn tarpo_loss_and_router_gradient_match_pytorch_and_finite_differences() {
-    let (c, policy_dir) = case();
+    let (c, policy_dir) = case("loss");
     let modes: Vec<i64> = c.ro.records.iter().flatten().map(|r| r.mode).collect();
     assert!(
         modes.contains(&0) && modes.contains(&1),
@@ -305,7 +307,7 @@ fn training_loss_matches_pytorch_with_same_and_hard_reference_inputs() {
     use tarpo::rl::policy::{Policy, Reference};
     use tarpo::rl::update::{accumulate_gradients, RefInputs, ReplayConfig};
     for (name, inputs) in [("same", RefInputs::Same), ("hard", RefInputs::Hard)] {
-        let (c, policy_dir) = case();
+        let (c, policy_dir) = case("training");
         let o = oracle(&c, &policy_dir, name);
         let adv: Vec<f64> = Vec::<f32>::try_from(&c.adv)
             .unwrap()

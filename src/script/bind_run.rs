@@ -23,6 +23,8 @@ pub struct RunState {
     pub dir: PathBuf,
     pub rows: Vec<serde_json::Map<String, Value>>,
     last: Instant,
+    /// `quiet: true` in the run's config: `log` writes rows without printing them.
+    quiet: bool,
 }
 
 #[derive(Clone)]
@@ -37,7 +39,7 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("load_run", |d: &str| rt(load_run(d)));
     engine.register_fn("open_run", |d: &str, c: Map| {
         rt(if Path::new(d).join("metrics.jsonl").exists() {
-            load_run(d)
+            load_run(d).inspect(|r| r.0.borrow_mut().quiet = is_quiet(&c))
         } else {
             new_run(d, c)
         })
@@ -117,7 +119,15 @@ fn new_run(dir: &str, config: Map) -> Result<RunHandle> {
         dir: path,
         rows: Vec::new(),
         last: Instant::now(),
+        quiet: is_quiet(&config),
     }))))
+}
+
+fn is_quiet(config: &Map) -> bool {
+    config
+        .get("quiet")
+        .and_then(|v| v.as_bool().ok())
+        .unwrap_or(false)
 }
 
 fn load_run(dir: &str) -> Result<RunHandle> {
@@ -144,6 +154,7 @@ fn load_run(dir: &str) -> Result<RunHandle> {
         dir: path,
         rows,
         last: Instant::now(),
+        quiet: false,
     }))))
 }
 
@@ -165,7 +176,9 @@ fn log(r: &RunHandle, m: Map) -> Result<()> {
         .open(&file)
         .with_context(|| format!("{}: cannot open", file.display()))?;
     writeln!(f, "{line}").with_context(|| format!("{}: cannot write", file.display()))?;
-    println!("{}", summary(&row));
+    if !st.quiet {
+        println!("{}", summary(&row));
+    }
     st.rows.push(row);
     let mut df = frame::frame_from_rows(&st.rows)?;
     frame::write_parquet(&mut df, &st.dir.join("metrics.parquet"))

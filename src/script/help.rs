@@ -438,7 +438,7 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "to_frame", sig: "to_frame(rows) -> Frame", doc: "An array of maps as a Frame (columns by key).", opts: NONE },
     Prim { name: "plot_pass_at_k", sig: "plot_pass_at_k(result | #{name: result}, path)", doc: "Pass@k against k from evaluate::evaluate results, one line per method.", opts: NONE },
     Prim { name: "step_metrics", sig: "step_metrics(m, ro, rewards, adv) -> map", doc: "The per-step metrics of ALGORITHMS.md (reward, soft_ratio, entropies, ...).", opts: NONE },
-    Prim { name: "new_run", sig: "new_run(dir, config?) -> Run", doc: "A run directory: config.json, run.log(metrics) rows (metrics.parquet), run.log_tokens(ro, rw, adv).", opts: NONE },
+    Prim { name: "new_run", sig: "new_run(dir, config?) -> Run", doc: "A run directory: config.json, run.log(metrics) rows (metrics.parquet; each printed unless config has quiet: true), run.log_tokens(ro, rw, adv).", opts: NONE },
     Prim { name: "load_run", sig: "load_run(dir) -> Run", doc: "Open an existing run directory for analysis.", opts: NONE },
     Prim { name: "open_run", sig: "open_run(dir, config) -> Run", doc: "The run in `dir` to continue (load_run), or a new one there (new_run).", opts: NONE },
     Prim { name: "save_checkpoint", sig: "save_checkpoint(run, m, opt, ds?) -> path", doc: "RUN/checkpoints/step-N: adapter, router, HRPO gate, optimizer, seed generator, data cursor (atomic).", opts: NONE },
