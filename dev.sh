@@ -104,6 +104,7 @@ case "$cmd" in
   bench)
     build
     cargo bench --bench rollout
+    cargo bench --bench looped_rollout
     cargo bench --bench hybrid
     cargo bench --bench train_step
     TARPO_BENCH_MODEL=default cargo bench --bench train_step

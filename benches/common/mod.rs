@@ -14,3 +14,118 @@ pub fn median(v: &[f64]) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
+
+/// `$TARPO_MODELS/SmolLM2-135M-Instruct`, or an error naming the setup step.
+#[allow(dead_code)]
+pub fn smollm2_dir() -> anyhow::Result<std::path::PathBuf> {
+    let models = std::env::var("TARPO_MODELS").unwrap_or_else(|_| "models".into());
+    let dir = std::path::PathBuf::from(models).join("SmolLM2-135M-Instruct");
+    if !dir.join("model.safetensors").exists() {
+        anyhow::bail!("{} missing: run ./dev.sh setup", dir.display());
+    }
+    Ok(dir)
+}
+
+/// The venv's python (TARPO_VENV, else .venv).
+#[allow(dead_code)]
+pub fn python() -> std::path::PathBuf {
+    let venv = std::env::var("TARPO_VENV").unwrap_or_else(|_| ".venv".into());
+    std::path::PathBuf::from(venv).join("bin/python")
+}
+
+/// Each question as a user turn of the model's chat template, as token ids.
+#[allow(dead_code)]
+pub fn chat_prompts(m: &tarpo::model::Model, questions: &[&str]) -> anyhow::Result<Vec<Vec<i64>>> {
+    use tarpo::model::Message;
+    questions
+        .iter()
+        .map(|q| {
+            let text = m
+                .tok
+                .apply_chat_template(&[Message::new("user", q)], true)?;
+            m.tok.encode(&text, false)
+        })
+        .collect()
+}
+
+/// The peer of the rollout benchmarks: transformers `generate` on `dir`
+/// (benches/hf_generate.py), `new` tokens per prompt, no early stop.
+#[allow(dead_code)]
+pub struct HfGenerate {
+    pub dir: std::path::PathBuf,
+    pub prompts_json: std::path::PathBuf,
+    pub threads: usize,
+    pub new: usize,
+    pub sampling: tarpo::policy::Sampling,
+}
+
+#[allow(dead_code)]
+impl HfGenerate {
+    pub fn new(
+        dir: &std::path::Path,
+        prompts: &[Vec<i64>],
+        threads: usize,
+        new: usize,
+        sampling: tarpo::policy::Sampling,
+    ) -> anyhow::Result<Self> {
+        let prompts_json =
+            std::env::temp_dir().join(format!("tarpo-bench-prompts-{}.json", std::process::id()));
+        std::fs::write(&prompts_json, serde_json::to_string(prompts)?)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            prompts_json,
+            threads,
+            new,
+            sampling,
+        })
+    }
+
+    /// One timed generate (after its own warm-up): generated tokens per second.
+    pub fn run(&self, seed: usize) -> anyhow::Result<f64> {
+        use anyhow::Context;
+        let script =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/hf_generate.py");
+        let s = &self.sampling;
+        let out = std::process::Command::new(python())
+            .arg(&script)
+            .arg(&self.dir)
+            .arg(&self.prompts_json)
+            .args([
+                self.threads.to_string(),
+                self.new.to_string(),
+                "1".into(),
+                seed.to_string(),
+            ])
+            .args([
+                s.temperature.to_string(),
+                s.top_k.to_string(),
+                s.top_p.to_string(),
+            ])
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .context("running benches/hf_generate.py")?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "hf_generate.py failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(out.stdout.trim_ascii())?;
+        v["tokens_per_s"][0]
+            .as_f64()
+            .context("hf_generate.py output")
+    }
+}
+
+/// Eight chat questions, the group of the rollout benchmarks.
+#[allow(dead_code)]
+pub const QUESTIONS: [&str; 8] = [
+    "What is 12 times 7?",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether?",
+    "Name three prime numbers.",
+    "If a train travels 60 miles per hour for 3 hours, how far does it go?",
+    "Explain what a fraction is.",
+    "Weng earns $12 an hour for babysitting. Yesterday, she just did 50 minutes of babysitting. How much did she earn?",
+    "What is the square root of 81?",
+    "Write a haiku about numbers.",
+];
