@@ -146,6 +146,7 @@ fn a_short_rltt_run_raises_held_out_pass_at_1() {
 #[test]
 fn the_shipped_scripts_run_on_the_default_model() {
     let dir = common::scratch("shipped-scripts");
+    let _ = std::fs::remove_dir_all(&dir);
     let run = common::shipped_script;
     let d = |name: &str| dir.join(name).display().to_string();
     let out = run(
@@ -170,6 +171,35 @@ fn the_shipped_scripts_run_on_the_default_model() {
         );
     }
     assert!(dir.join("compare/soft_ratio.png").is_file());
+
+    let out = run(
+        "compare_offline.rhai",
+        &[
+            "seeds=2".into(),
+            "prompts=4".into(),
+            "group=4".into(),
+            "held=4".into(),
+            "epochs=1".into(),
+            format!("out={}", d("offline")),
+        ],
+    );
+    let table = std::fs::read_to_string(dir.join("offline/summary.csv")).unwrap();
+    assert_eq!(
+        table.lines().count(),
+        1 + 4 * 2,
+        "a row per method and seed:\n{table}"
+    );
+    for method in ["rpo", "sft", "kto", "dro"] {
+        assert!(
+            out.contains(&format!("\n{method}   ")),
+            "no summary row for {method}:\n{out}"
+        );
+        let m =
+            std::fs::read_to_string(d(&format!("offline/{method}-seed1/metrics.jsonl"))).unwrap();
+        // Step 0 (the held-out loss before) and the 2 steps of one epoch of 16 rows.
+        assert_eq!(m.lines().count(), 3, "{method}: {m}");
+    }
+    assert!(dir.join("offline/val_rpo_loss.png").is_file());
 
     let out = run("explore_routing.rhai", &[format!("out={}", d("explore"))]);
     assert!(out.contains("soft_rate"), "{out}");
