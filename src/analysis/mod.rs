@@ -15,3 +15,4 @@ pub mod html;
 pub mod plot;
 pub mod plot_bars;
 pub mod rows;
+pub mod tensorboard;

@@ -2,7 +2,7 @@
 //! token records under `runs/NAME/`), `routing_frame` and the Frame type
 //! (a polars DataFrame), `plot_*`, plus `pass_at_k` and `check_options`.
 use super::types::*;
-use crate::analysis::frame;
+use crate::analysis::{frame, tensorboard};
 use crate::rl::checkpoint;
 use anyhow::{bail, Context, Result};
 use polars::prelude::DataFrame;
@@ -25,6 +25,8 @@ pub struct RunState {
     last: Instant,
     /// `quiet: true` in the run's config: `log` writes rows without printing them.
     quiet: bool,
+    /// This handle's TensorBoard events file, opened by the first `log`.
+    events: Option<tensorboard::EventWriter>,
 }
 
 #[derive(Clone)]
@@ -120,6 +122,7 @@ fn new_run(dir: &str, config: Map) -> Result<RunHandle> {
         rows: Vec::new(),
         last: Instant::now(),
         quiet: is_quiet(&config),
+        events: None,
     }))))
 }
 
@@ -155,11 +158,12 @@ fn load_run(dir: &str) -> Result<RunHandle> {
         rows,
         last: Instant::now(),
         quiet: false,
+        events: None,
     }))))
 }
 
-/// Appends a metrics row (metrics.jsonl, and metrics.parquet rewritten) and
-/// prints the step's one-line summary.
+/// Appends a metrics row (metrics.jsonl, the handle's TensorBoard events
+/// file, and metrics.parquet rewritten) and prints the step's one-line summary.
 fn log(r: &RunHandle, m: Map) -> Result<()> {
     let mut st = r.0.borrow_mut();
     let mut row = map_to_json(&m, "metrics")?;
@@ -176,6 +180,23 @@ fn log(r: &RunHandle, m: Map) -> Result<()> {
         .open(&file)
         .with_context(|| format!("{}: cannot open", file.display()))?;
     writeln!(f, "{line}").with_context(|| format!("{}: cannot write", file.display()))?;
+    // TensorBoard gets the numeric values, read from the script's map since
+    // JSON turned NaN and infinities into null; `step` is the event's step.
+    let scalars: Vec<(String, f64)> = row
+        .iter()
+        .filter(|(k, _)| k.as_str() != "step")
+        .filter_map(|(k, v)| {
+            let raw = m.get(k.as_str()).and_then(|d| d.as_float().ok());
+            raw.or_else(|| v.as_f64()).map(|x| (k.clone(), x))
+        })
+        .collect();
+    if st.events.is_none() {
+        st.events = Some(tensorboard::EventWriter::create(&st.dir)?);
+    }
+    if let Some(w) = &mut st.events {
+        let tb_step = row.get("step").and_then(Value::as_i64).unwrap_or(step);
+        w.scalars(tb_step, &scalars)?;
+    }
     if !st.quiet {
         println!("{}", summary(&row));
     }
