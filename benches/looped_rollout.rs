@@ -14,9 +14,7 @@ mod common;
 use anyhow::{bail, Context, Result};
 use common::{env_or, median};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 use tarpo::model::Model;
-use tarpo::policy::{generate, GenerateOptions, Sampling};
 use tch::{Device, Kind};
 
 const NEW: usize = 128;
@@ -53,36 +51,15 @@ fn main() -> Result<()> {
         bail!("{}: not the looped model asked for", dir.display());
     }
     let prompts = common::chat_prompts(&m, &common::QUESTIONS)?;
-    let sampling = Sampling {
-        temperature: 0.7,
-        top_k: 50,
-        top_p: 0.95,
-    };
-    let opts = |seed, max_new| GenerateOptions {
-        max_new,
-        sampling,
-        seed,
-        eos: vec![],
-    };
-    let peer = common::HfGenerate::new(&dir.join("llama"), &prompts, threads, NEW, sampling)?;
+    let peer =
+        common::HfGenerate::new(&dir.join("llama"), &prompts, threads, NEW, common::SAMPLING)?;
 
-    generate(&m.net, &prompts, &opts(0, 8))?; // warm-up
-    let (mut ours, mut hf) = (Vec::new(), Vec::new());
-    // Alternate the two sides so both see the same machine conditions.
-    for r in 0..runs {
-        let start = Instant::now();
-        let out = generate(&m.net, &prompts, &opts(r as u64, NEW))?;
-        let n: usize = out.iter().map(Vec::len).sum();
-        assert_eq!(n, prompts.len() * NEW);
-        ours.push(n as f64 / start.elapsed().as_secs_f64());
-        hf.push(peer.run(r)?);
-        eprintln!(
-            "run {}: tarpo {:.1} tok/s, transformers {:.1} tok/s",
-            r + 1,
-            ours[r],
-            hf[r]
-        );
-    }
+    common::generate_rate(&m.net, &prompts, 8, 0)?; // warm-up
+    let (ours, hf) = common::side_by_side(
+        runs,
+        |r| common::generate_rate(&m.net, &prompts, NEW, r as u64),
+        |r| peer.run(r),
+    )?;
     let (o, h) = (median(&ours), median(&hf));
     println!(
         "looped rollout: {layers} layers x {loops} loops (SmolLM2-135M weights) f32 CPU, group {} x {NEW} new tokens, sampling, {threads} threads, median of {runs}",

@@ -12,7 +12,6 @@ use anyhow::Result;
 use common::{env_or, median};
 use std::time::Instant;
 use tarpo::model::Model;
-use tarpo::policy::{generate, GenerateOptions, Sampling};
 use tch::{Device, Kind, Tensor};
 
 const GROUP: usize = 8;
@@ -37,43 +36,14 @@ fn main() -> Result<()> {
     tch::set_num_threads(threads as i32);
     let m = Model::load(&dir, Device::Cpu, Kind::Float)?;
     let prompts = common::chat_prompts(&m, &common::QUESTIONS)?;
-    let sampling = Sampling {
-        temperature: 0.7,
-        top_k: 50,
-        top_p: 0.95,
-    };
-    let opts = |seed| GenerateOptions {
-        max_new: NEW,
-        sampling,
-        seed,
-        eos: vec![],
-    };
-    let peer = common::HfGenerate::new(&dir, &prompts, threads, NEW, sampling)?;
+    let peer = common::HfGenerate::new(&dir, &prompts, threads, NEW, common::SAMPLING)?;
 
-    // Alternate the two sides so both see the same machine conditions.
-    generate(
-        &m.net,
-        &prompts,
-        &GenerateOptions {
-            max_new: 8,
-            ..opts(0)
-        },
-    )?; // warm-up
-    let (mut ours, mut hf) = (Vec::new(), Vec::new());
-    for r in 0..runs {
-        let start = Instant::now();
-        let out = generate(&m.net, &prompts, &opts(r as u64))?;
-        let n: usize = out.iter().map(Vec::len).sum();
-        assert_eq!(n, GROUP * NEW);
-        ours.push(n as f64 / start.elapsed().as_secs_f64());
-        hf.push(peer.run(r)?);
-        eprintln!(
-            "run {}: tarpo {:.1} tok/s, transformers {:.1} tok/s",
-            r + 1,
-            ours[r],
-            hf[r]
-        );
-    }
+    common::generate_rate(&m.net, &prompts, 8, 0)?; // warm-up
+    let (ours, hf) = common::side_by_side(
+        runs,
+        |r| common::generate_rate(&m.net, &prompts, NEW, r as u64),
+        |r| peer.run(r),
+    )?;
 
     // Each decode step reads every weight once (the tied embedding as LM head).
     let weight_bytes = m.net.weight_bytes() as f64;

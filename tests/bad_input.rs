@@ -7,9 +7,7 @@ use tch::Tensor;
 /// A fresh copy of a tiny model directory to break.
 fn copy_model(case: &str) -> PathBuf {
     let src = common::tiny_models().join("llama_mha_tied");
-    let dst = common::scratch("bad_input").join(case);
-    let _ = std::fs::remove_dir_all(&dst);
-    std::fs::create_dir_all(&dst).unwrap();
+    let dst = common::empty_scratch(&format!("bad_input/{case}"));
     for f in ["config.json", "model.safetensors", "tokenizer.json"] {
         std::fs::copy(src.join(f), dst.join(f)).unwrap();
     }

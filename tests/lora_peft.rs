@@ -17,10 +17,7 @@ fn load(name: &str, kind: Kind) -> Model {
 
 /// A fresh scratch directory.
 fn fresh(group: &str, name: &str) -> PathBuf {
-    let d = common::scratch(group).join(name);
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    common::empty_scratch(&format!("{group}/{name}"))
 }
 
 /// Left-padded prompts of a few lengths: (input_ids, attention_mask) (B, L).

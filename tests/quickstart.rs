@@ -145,8 +145,7 @@ fn a_short_rltt_run_raises_held_out_pass_at_1() {
 /// The other shipped scripts, on the default model with tiny counts.
 #[test]
 fn the_shipped_scripts_run_on_the_default_model() {
-    let dir = common::scratch("shipped-scripts");
-    let _ = std::fs::remove_dir_all(&dir);
+    let dir = common::empty_scratch("shipped-scripts");
     let run = common::shipped_script;
     let d = |name: &str| dir.join(name).display().to_string();
     let out = run(

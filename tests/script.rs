@@ -66,9 +66,7 @@ fn png_size(path: &Path) -> (u32, u32) {
 
 #[test]
 fn every_primitive_from_a_script() {
-    let out = common::scratch("script-primitives");
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).unwrap();
+    let out = common::empty_scratch("script-primitives");
     let data = out.join("data.jsonl");
     let rows: String = ["a 1", "b 2", "c 3", "d 4", "e 5", "f 6"]
         .iter()
@@ -126,9 +124,7 @@ fn every_primitive_from_a_script() {
 }
 
 fn train_toy(method: &str) -> (f64, f64) {
-    let out = common::scratch(&format!("script-train-{method}"));
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).unwrap();
+    let out = common::empty_scratch(&format!("script-train-{method}"));
     let (data, held) = (out.join("train.jsonl"), out.join("held.jsonl"));
     write_prompts(&data, 64, 1);
     write_prompts(&held, 16, 999);
@@ -362,9 +358,7 @@ fn the_training_loop_pieces_from_a_script() {
 
 #[test]
 fn a_stdlib_run_resumes_exactly_from_its_checkpoint() {
-    let out = common::scratch("script-resume");
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::create_dir_all(&out).unwrap();
+    let out = common::empty_scratch("script-resume");
     let data = out.join("data.jsonl");
     write_prompts(&data, 16, 7);
     let go = |run: &str, steps: u32, resume: bool| -> String {

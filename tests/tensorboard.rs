@@ -105,9 +105,7 @@ fn assert_curve(curves: &BTreeMap<String, Vec<(i64, f64)>>, tag: &str, want: &[(
 
 #[test]
 fn run_rows_reach_tensorboard() {
-    let dir = common::scratch("tensorboard");
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = common::empty_scratch("tensorboard");
     let run = dir.join("run");
 
     // Step 1 by default, then explicit steps with a gap; an int value, a

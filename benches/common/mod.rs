@@ -1,4 +1,5 @@
-//! Helpers the side-by-side benchmarks share.
+//! Helpers the side-by-side benchmarks share (not every bench uses each).
+#![allow(dead_code)]
 
 /// An integer setting from the environment, else `default`.
 pub fn env_or(name: &str, default: usize) -> usize {
@@ -16,7 +17,6 @@ pub fn median(v: &[f64]) -> f64 {
 }
 
 /// `$TARPO_MODELS/SmolLM2-135M-Instruct`, or an error naming the setup step.
-#[allow(dead_code)]
 pub fn smollm2_dir() -> anyhow::Result<std::path::PathBuf> {
     let models = std::env::var("TARPO_MODELS").unwrap_or_else(|_| "models".into());
     let dir = std::path::PathBuf::from(models).join("SmolLM2-135M-Instruct");
@@ -27,14 +27,12 @@ pub fn smollm2_dir() -> anyhow::Result<std::path::PathBuf> {
 }
 
 /// The venv's python (TARPO_VENV, else .venv).
-#[allow(dead_code)]
 pub fn python() -> std::path::PathBuf {
     let venv = std::env::var("TARPO_VENV").unwrap_or_else(|_| ".venv".into());
     std::path::PathBuf::from(venv).join("bin/python")
 }
 
 /// Each question as a user turn of the model's chat template, as token ids.
-#[allow(dead_code)]
 pub fn chat_prompts(m: &tarpo::model::Model, questions: &[&str]) -> anyhow::Result<Vec<Vec<i64>>> {
     use tarpo::model::Message;
     questions
@@ -50,7 +48,6 @@ pub fn chat_prompts(m: &tarpo::model::Model, questions: &[&str]) -> anyhow::Resu
 
 /// The peer of the rollout benchmarks: transformers `generate` on `dir`
 /// (benches/hf_generate.py), `new` tokens per prompt, no early stop.
-#[allow(dead_code)]
 pub struct HfGenerate {
     pub dir: std::path::PathBuf,
     pub prompts_json: std::path::PathBuf,
@@ -59,7 +56,6 @@ pub struct HfGenerate {
     pub sampling: tarpo::policy::Sampling,
 }
 
-#[allow(dead_code)]
 impl HfGenerate {
     pub fn new(
         dir: &std::path::Path,
@@ -118,7 +114,6 @@ impl HfGenerate {
 }
 
 /// Eight chat questions, the group of the rollout benchmarks.
-#[allow(dead_code)]
 pub const QUESTIONS: [&str; 8] = [
     "What is 12 times 7?",
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether?",
@@ -129,3 +124,56 @@ pub const QUESTIONS: [&str; 8] = [
     "What is the square root of 81?",
     "Write a haiku about numbers.",
 ];
+
+/// The rollout benchmarks' sampling on both sides: T 0.7, top-k 50, top-p 0.95.
+pub const SAMPLING: tarpo::policy::Sampling = tarpo::policy::Sampling {
+    temperature: 0.7,
+    top_k: 50,
+    top_p: 0.95,
+};
+
+/// One timed tarpo `generate` of exactly `new` tokens per prompt (no early
+/// stop): generated tokens per second.
+pub fn generate_rate(
+    net: &tarpo::model::llama::Llama,
+    prompts: &[Vec<i64>],
+    new: usize,
+    seed: u64,
+) -> anyhow::Result<f64> {
+    let opts = tarpo::policy::GenerateOptions {
+        max_new: new,
+        sampling: SAMPLING,
+        seed,
+        eos: vec![],
+    };
+    let start = std::time::Instant::now();
+    let out = tarpo::policy::generate(net, prompts, &opts)?;
+    let n: usize = out.iter().map(Vec::len).sum();
+    anyhow::ensure!(
+        n == prompts.len() * new,
+        "generated {n} tokens, not {}",
+        prompts.len() * new
+    );
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// `runs` rounds of tarpo then the peer, alternating so both sides see the
+/// same machine conditions; prints each round. Returns (tarpo, peer) rates.
+pub fn side_by_side(
+    runs: usize,
+    mut ours: impl FnMut(usize) -> anyhow::Result<f64>,
+    mut peer: impl FnMut(usize) -> anyhow::Result<f64>,
+) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    for r in 0..runs {
+        a.push(ours(r)?);
+        b.push(peer(r)?);
+        eprintln!(
+            "run {}: tarpo {:.1} tok/s, transformers {:.1} tok/s",
+            r + 1,
+            a[r],
+            b[r]
+        );
+    }
+    Ok((a, b))
+}

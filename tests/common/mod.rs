@@ -49,6 +49,14 @@ pub fn scratch(name: &str) -> PathBuf {
     d
 }
 
+/// `scratch(name)` emptied: scratch directories outlive a test run.
+pub fn empty_scratch(name: &str) -> PathBuf {
+    let d = scratch(name);
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 /// Runs `python tests/oracle/SCRIPT args...`, panicking with its stderr on failure.
 pub fn run_python(script: &str, args: &[&str]) -> String {
     let out = Command::new(python())
