@@ -4,6 +4,7 @@
 #   ./dev.sh test    set up, build, run the whole test suite
 #   ./dev.sh setup   only set up and build
 #   ./dev.sh bench   set up, build, run the side-by-side benchmarks
+#   ./dev.sh plots   set up, build, regenerate plots/ from a quickstart run
 # TARPO_VENV and CARGO_TARGET_DIR may point outside the clone (CI reuses them).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -67,6 +68,19 @@ setup_datasets() {
   fi
 }
 
+setup_chromium() {
+  # Debian's chromium renders the HTML report in a test (tests/analysis.rs).
+  if [ ! -x /usr/bin/chromium ]; then
+    step "installing Debian's chromium (the report's browser test)"
+    local sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get install -y -q chromium >/dev/null || {
+      $sudo apt-get update -q >/dev/null && $sudo apt-get install -y -q chromium >/dev/null
+    }
+  fi
+}
+
 build() {
   export PATH="$VENV/bin:$PATH" LIBTORCH_USE_PYTORCH=1
   step "building tarpo (release profile, used for runs, tests and benches)"
@@ -91,6 +105,7 @@ case "$cmd" in
     "$T" --threads 2 run scripts/quickstart.rhai "$@" ;;
   test)
     setup_tokenizers
+    setup_chromium
     build
     step "running the test suite"
     log=$(mktemp)
@@ -101,6 +116,18 @@ case "$cmd" in
     awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
     rm -f "$log"
     exit "$status" ;;
+  plots)
+    # plots/: the charts of a fresh quickstart run (seed and steps as given).
+    build
+    T="${CARGO_TARGET_DIR:-target}/release/tarpo"
+    run="$(mktemp -d)/quickstart"
+    step "quickstart run into $run"
+    "$T" --threads 2 run scripts/quickstart.rhai --set out="$run" "$@"
+    step "tarpo analyze $run --out plots"
+    rm -rf plots
+    "$T" analyze "$run" --out plots
+    step "counterfactual routing on the trained router"
+    "$T" --threads 2 run scripts/counterfactual.rhai --set run="$run" --set out=plots/counterfactual ;;
   bench)
     build
     cargo bench --bench rollout
@@ -110,5 +137,5 @@ case "$cmd" in
     TARPO_BENCH_MODEL=default cargo bench --bench train_step
     cargo bench --bench replay_memory ;;
   *)
-    echo "usage: ./dev.sh [demo|test|setup|bench]" >&2; exit 2 ;;
+    echo "usage: ./dev.sh [demo|test|setup|bench|plots]" >&2; exit 2 ;;
 esac

@@ -116,6 +116,18 @@ enum Cmd {
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
     },
+    /// Every chart of a run directory (PNG and SVG) and an HTML report
+    /// (scripts/analyze_run.rhai, built in).
+    Analyze {
+        /// The run directory (runs/NAME); several, comma-separated, overlay their curves.
+        run: String,
+        /// Where the charts go (default: RUN_DIR/plots).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// More of the script's settings (min_count, top, bucket, max_text).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
     /// Write a data set as {"prompt", "answer", ...} JSONL.
     Data {
         #[command(subcommand)]
@@ -343,6 +355,20 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&logits)?);
         }
         Cmd::Info { model } => info(&model_dir(&model))?,
+        Cmd::Analyze { run, out, set } => {
+            let mut set = set;
+            set.push(format!("run={run}"));
+            if let Some(o) = out {
+                set.push(format!("out={}", o.display()));
+            }
+            let mut s = session(&set)?;
+            tarpo::ctl::install_interrupt_handler()?;
+            let script = include_str!("../scripts/analyze_run.rhai");
+            if let Err(e) = s.eval(script, "scripts/analyze_run.rhai") {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+        }
         Cmd::Run { script, code, set } => {
             let mut s = session(&set)?;
             tarpo::ctl::install_interrupt_handler()?;
@@ -352,7 +378,7 @@ fn run(cli: Cli) -> Result<()> {
                 (None, None) => bail!("give a script file or -e CODE"),
             };
             match out {
-                Ok(v) if !v.is_unit() => println!("{v}"),
+                Ok(v) if !v.is_unit() => println!("{}", s.show(&v)),
                 Ok(_) => {}
                 Err(e) => {
                     // Script errors keep their lines (location, then the call chain).

@@ -126,7 +126,8 @@ pub fn run(mut session: Session, preload: Option<String>) -> anyhow::Result<()> 
     println!("{BANNER}");
     if let Some(code) = preload {
         println!("{code}");
-        report(session.eval(&code, "<repl>"));
+        let r = session.eval(&code, "<repl>");
+        report(&session, r);
     }
     loop {
         *words.borrow_mut() = session.completion_words();
@@ -143,7 +144,8 @@ pub fn run(mut session: Session, preload: Option<String>) -> anyhow::Result<()> 
                 let _ = rl.add_history_entry(line.as_str());
                 let _ = rl.save_history(&history);
                 if !command(&mut session, line.trim()) {
-                    report(session.eval(&line, "<repl>"));
+                    let r = session.eval(&line, "<repl>");
+                    report(&session, r);
                 }
             }
             Err(ReadlineError::Interrupted) => println!("(Ctrl-C: input cleared; Ctrl-D exits)"),
@@ -162,7 +164,8 @@ fn command(session: &mut Session, line: &str) -> bool {
     let (name, arg) = cmd.split_once(' ').unwrap_or((cmd, ""));
     match name {
         "load" if !arg.trim().is_empty() => {
-            report(session.run_file(std::path::Path::new(arg.trim())));
+            let r = session.run_file(std::path::Path::new(arg.trim()));
+            report(session, r);
         }
         "vars" => {
             for (n, t, v) in session.variables() {
@@ -179,10 +182,10 @@ fn command(session: &mut Session, line: &str) -> bool {
     true
 }
 
-fn report(r: Result<rhai::Dynamic, String>) {
+fn report(session: &Session, r: Result<rhai::Dynamic, String>) {
     match r {
         Ok(v) if v.is_unit() => {}
-        Ok(v) => println!("{v}"),
+        Ok(v) => println!("{}", session.show(&v)),
         Err(e) => eprintln!("error: {e}"),
     }
 }

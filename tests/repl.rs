@@ -1,5 +1,6 @@
 //! `tarpo repl` driven through a pseudo-terminal (tests/drivers/repl_pty.py):
-//! persistence, completion, multi-line input, errors, Ctrl-C, history, Ctrl-D.
+//! persistence, completion, multi-line input, errors, Ctrl-C, history, Ctrl-D;
+//! and `m.stream` (tests/drivers/stream_pty.py): soft tokens coloured live.
 mod common;
 
 #[test]
@@ -21,6 +22,25 @@ fn repl_through_a_pseudo_terminal() {
     );
     assert!(
         out.status.success() && so.contains("repl: ok"),
+        "{so}\n{se}"
+    );
+}
+
+#[test]
+fn stream_colours_the_soft_tokens_live() {
+    let out = std::process::Command::new(common::python())
+        .arg(common::root().join("tests/drivers/stream_pty.py"))
+        .arg(env!("CARGO_BIN_EXE_tarpo"))
+        .arg(common::smollm2())
+        .current_dir(common::root())
+        .output()
+        .expect("run the pty driver");
+    let (so, se) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(
+        out.status.success() && so.contains("stream: ok"),
         "{so}\n{se}"
     );
 }

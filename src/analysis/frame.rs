@@ -4,6 +4,7 @@
 pub use super::files::{read_csv, read_parquet, write_csv, write_parquet};
 pub(crate) use super::files::{temp_sibling, write_atomic};
 pub use super::rows::frame_from_rows;
+use super::token_class::token_class;
 use crate::model::Tokenizer;
 use crate::policy::{Rollout, TokenRecord};
 use crate::policy::{HARD, LATENT, SOFT};
@@ -24,7 +25,7 @@ pub struct RecordMeta<'a> {
 }
 
 /// The routing frame's columns, in order (DESIGN.md "Records").
-pub const ROUTING_COLUMNS: [&str; 15] = [
+pub const ROUTING_COLUMNS: [&str; 16] = [
     "run",
     "step",
     "prompt_id",
@@ -32,6 +33,7 @@ pub const ROUTING_COLUMNS: [&str; 15] = [
     "position",
     "token_id",
     "token",
+    "token_class",
     "mode",
     "forced",
     "p_soft",
@@ -43,7 +45,7 @@ pub const ROUTING_COLUMNS: [&str; 15] = [
 ];
 
 /// One row per generated step of `ro`, columns `ROUTING_COLUMNS` (a Coconut
-/// thought has mode "latent", token_id -1 and token ""). `token` is
+/// thought has mode "latent", token_id -1, token "" and class "other"). `token` is
 /// the token decoded alone (special tokens kept; a byte-level piece of a
 /// multi-byte character decodes to U+FFFD). `reward`/`advantage` repeat the
 /// sequence's value on each of its tokens, null when not given.
@@ -119,6 +121,7 @@ struct RoutingColumns {
     position: Vec<i64>,
     token_id: Vec<i64>,
     token: Vec<String>,
+    token_class: Vec<&'static str>,
     mode: Vec<&'static str>,
     forced: Vec<bool>,
     p_soft: Vec<f64>,
@@ -152,6 +155,11 @@ impl RoutingColumns {
         self.position.push(j as i64);
         self.token_id.push(rec.token);
         self.token.push(text.to_string());
+        self.token_class.push(if rec.has_token() {
+            token_class(text)
+        } else {
+            "other"
+        });
         self.forced.push(rec.forced);
         self.p_soft.push(rec.p_soft as f64);
         self.logp.push(rec.logp as f64);
@@ -172,6 +180,7 @@ impl RoutingColumns {
             Column::new("position".into(), self.position),
             Column::new("token_id".into(), self.token_id),
             Column::new("token".into(), self.token),
+            Column::new("token_class".into(), self.token_class),
             Column::new("mode".into(), self.mode),
             Column::new("forced".into(), self.forced),
             Column::new("p_soft".into(), self.p_soft),

@@ -8,11 +8,17 @@
 //! as soft ratio by token) to PNG or SVG files with Plotters; `font` embeds the
 //! one font those charts use, so they draw the same on any machine; `html`
 //! writes completions with their soft tokens highlighted.
+pub mod blocks;
 pub mod files;
 pub mod font;
 pub mod frame;
 pub mod html;
 pub mod plot;
 pub mod plot_bars;
+pub mod plot_text;
+pub mod report;
 pub mod rows;
+pub mod samples;
+pub mod table;
 pub mod tensorboard;
+pub mod token_class;

@@ -1,6 +1,7 @@
 //! Decoding policies: sampling, the router, soft mixtures, the rollout engine
 //! (TARPO's router and the Soft Thinking, Coconut and HRPO latent modes) and
 //! its teacher-forced replay.
+pub mod counterfactual;
 pub mod generate;
 pub mod hrpo;
 pub mod latent;
@@ -15,6 +16,6 @@ pub use generate::{generate, GenerateOptions};
 pub use hrpo::HrpoGate;
 pub use latent::Latent;
 pub use records::{LatentRecord, Rollout, TokenRecord, HARD, LATENT, SOFT};
-pub use rollout::{rollout, rollout_with, RolloutOptions};
+pub use rollout::{rollout, rollout_observed, rollout_with, Observer, RolloutOptions};
 pub use router::Router;
 pub use sampler::{Rng, Sampling};

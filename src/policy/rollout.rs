@@ -39,6 +39,12 @@ pub struct RolloutOptions {
     pub keep_inputs: bool,
     /// Which method chooses the next inputs (default: TARPO's router).
     pub latent: Latent,
+    /// Per row, a (position, mode) that replaces the rule's choice there
+    /// (counterfactual routing); positions the rollout forces hard stay hard.
+    pub overrides: Vec<Option<(usize, i64)>>,
+    /// On the user's interrupt, end here and return what was generated
+    /// (streaming) instead of failing.
+    pub stop_on_interrupt: bool,
 }
 
 impl RolloutOptions {
@@ -53,6 +59,8 @@ impl RolloutOptions {
             max_prompt: None,
             keep_inputs: false,
             latent: Latent::Router,
+            overrides: Vec::new(),
+            stop_on_interrupt: false,
         }
     }
 }
@@ -193,6 +201,22 @@ pub fn rollout_with(
     prompts: &[Vec<i64>],
     opts: &RolloutOptions,
 ) -> Result<Rollout> {
+    rollout_observed(net, router, gate, tok, prompts, opts, &mut |_| Ok(()))
+}
+
+/// Sees every row's records after each generated step (live output).
+pub type Observer<'a> = &'a mut dyn FnMut(&[Vec<TokenRecord>]) -> Result<()>;
+
+/// `rollout_with`, calling `on_step` after every token step.
+pub fn rollout_observed(
+    net: &Llama,
+    router: Option<&Router>,
+    gate: Option<&HrpoGate>,
+    tok: Option<&Tokenizer>,
+    prompts: &[Vec<i64>],
+    opts: &RolloutOptions,
+    on_step: Observer,
+) -> Result<Rollout> {
     let prompts = checked_prompts(net, prompts, opts)?;
     let _no_grad = tch::no_grad_guard();
     let b = prompts.len();
@@ -232,6 +256,9 @@ pub fn rollout_with(
     let one_new = Tensor::f_ones([b as i64, 1], (Kind::Bool, device))?;
     let bar = crate::ctl::Progress::new("rollout", steps as u64);
     for t in 0..steps {
+        if opts.stop_on_interrupt && crate::ctl::is_interrupted() {
+            break;
+        }
         crate::ctl::check()?;
         bar.set(t as u64);
         let x = if t < thoughts {
@@ -255,6 +282,7 @@ pub fn rollout_with(
                 &mut records,
                 &mut done,
             )?;
+            on_step(&records)?;
             if last || done.iter().all(|&d| d) {
                 break;
             }
@@ -375,8 +403,12 @@ impl Decode<'_> {
                 None => false,
             };
             let p_soft = soft_lp[i][1].exp();
-            let (mode, forced) =
-                rules.mode(i, ends || after_marker, u_mode[i], p_soft, stats[i][1]);
+            let chosen = rules.mode(i, ends || after_marker, u_mode[i], p_soft, stats[i][1]);
+            // A counterfactual sets a free decision (a forced one stays).
+            let (mode, forced) = match (chosen, opts.overrides.get(i)) {
+                ((_, false), Some(&Some((at, m)))) if at == records[i].len() => (m, true),
+                _ => chosen,
+            };
             modes[i] = mode;
             let (ids_i, w_i) = match &mix_host {
                 Some((ids, w)) if mode == SOFT => (ids[i].clone(), w[i].clone()),

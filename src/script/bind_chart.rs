@@ -5,7 +5,7 @@ use super::bind_run::{metrics_frame, routing_df, FrameHandle, RunHandle};
 use super::help;
 use super::opts::Opts;
 use super::types::*;
-use crate::analysis::{frame, html, plot};
+use crate::analysis::{frame, plot, table};
 use anyhow::{bail, Result};
 use polars::prelude::DataFrame;
 use rhai::{Array, Dynamic, Engine, EvalAltResult, Map};
@@ -23,12 +23,6 @@ pub fn register(engine: &mut Engine) {
         "routing_frame",
         |ro: RolloutHandle, rw: Array, adv: Array| rt(routing(&ro, Some(rw), Some(adv))),
     );
-    engine.register_fn("write_html", |ro: RolloutHandle, p: &str| {
-        rt(write_html(&ro, None, p))
-    });
-    engine.register_fn("write_html", |ro: RolloutHandle, rw: Array, p: &str| {
-        rt(write_html(&ro, Some(rw), p))
-    });
     engine.register_fn("read_parquet", |p: &str| {
         rt(frame::read_parquet(Path::new(p)).map(|f| FrameHandle(Rc::new(f))))
     });
@@ -107,8 +101,8 @@ fn register_frame(engine: &mut Engine) {
     engine.register_fn("write_csv", |f: &mut FrameHandle, p: &str| {
         rt(frame::write_csv(&mut (*f.0).clone(), Path::new(p)))
     });
-    engine.register_fn("to_string", |f: &mut FrameHandle| format!("{}", f.0));
-    engine.register_fn("to_debug", |f: &mut FrameHandle| format!("{}", f.0));
+    engine.register_fn("to_string", |f: &mut FrameHandle| rt(table::show(&f.0)));
+    engine.register_fn("to_debug", |f: &mut FrameHandle| rt(table::show(&f.0)));
 }
 
 fn routing(ro: &RolloutHandle, rw: Option<Array>, adv: Option<Array>) -> Result<FrameHandle> {
@@ -117,15 +111,6 @@ fn routing(ro: &RolloutHandle, rw: Option<Array>, adv: Option<Array>) -> Result<
 
 fn plot_soft_ratio(runs: Vec<RunHandle>, path: &str) -> Result<()> {
     plot::soft_ratio_over_steps(Path::new(path), &metric_frames(&runs)?)
-}
-
-/// The rollout's completions as HTML, soft tokens highlighted.
-fn write_html(ro: &RolloutHandle, rw: Option<Array>, path: &str) -> Result<()> {
-    let rw = rw.map(|a| floats(&a, "rewards")).transpose()?;
-    let d = &ro.0;
-    let st = d.backbone.0.borrow();
-    let page = html::soft_text(&d.ro, &st.policy.model.tok, d.group, rw.as_deref())?;
-    html::write(Path::new(path), &page)
 }
 
 /// The Run handles of an array (`what` names the primitive in errors).

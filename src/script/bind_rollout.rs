@@ -4,7 +4,7 @@ use super::bind_model::encode_prompt;
 use super::help;
 use super::opts::Opts;
 use super::types::*;
-use crate::policy::{rollout_with, Latent, RolloutOptions, Sampling};
+use crate::policy::{rollout_observed, Latent, Observer, RolloutOptions, Sampling};
 use crate::policy::{HARD, SOFT};
 use crate::rl::{advantage, metrics, reward as rewards};
 use anyhow::{anyhow, bail, Result};
@@ -300,6 +300,7 @@ fn select(r: &RolloutHandle, groups: Array) -> Result<RolloutHandle> {
         texts: rows.iter().map(|&i| d.texts[i].clone()).collect(),
         max_new: d.max_new,
         backbone: d.backbone.clone(),
+        made: None,
     })))
 }
 
@@ -325,6 +326,7 @@ fn join(a: &RolloutHandle, b: &RolloutHandle) -> Result<RolloutHandle> {
         texts: x.texts.iter().chain(&y.texts).cloned().collect(),
         max_new: x.max_new.max(y.max_new),
         backbone: x.backbone.clone(),
+        made: None,
     })))
 }
 
@@ -397,16 +399,29 @@ fn latent_mode(o: &Opts, has_router: bool, has_gate: bool) -> Result<(Latent, bo
 
 fn rollout_group(m: &Backbone, prompts: Array, o: Map) -> Result<RolloutHandle> {
     let o = Opts::check("rollout_group", help::ROLLOUT_GROUP, o)?;
+    make_rollout(m, prompts, &o, &mut |_| Ok(()), false)
+}
+
+/// rollout_group's work on checked options; `on_step` sees each step's
+/// records, and `stop_on_interrupt` keeps what was generated at Ctrl-C.
+pub(super) fn make_rollout(
+    m: &Backbone,
+    prompts: Array,
+    o: &Opts,
+    on_step: Observer,
+    stop_on_interrupt: bool,
+) -> Result<RolloutHandle> {
     let items = prompt_items(prompts)?;
     let group = o.positive("group")?;
-    let mut st = m.0.borrow_mut();
     let seed = match o.opt_int("seed")? {
         Some(s) => s as u64,
-        None => st.rng.next_u64(),
+        None => m.0.borrow_mut().rng.next_u64(),
     };
+    // Shared from here: an observer may read the backbone (its tokenizer).
+    let st = m.0.borrow();
     let p = &st.policy;
     let reference = o.choice("from", &["policy", "reference"])? == "reference";
-    let (latent, use_router) = latent_mode(&o, p.router.is_some() && !reference, p.gate.is_some())?;
+    let (latent, use_router) = latent_mode(o, p.router.is_some() && !reference, p.gate.is_some())?;
     if reference && latent != Latent::Router {
         bail!("rollout_group: the reference rollout (from: \"reference\") is token-only; leave `soft` at \"auto\" or \"none\"");
     }
@@ -439,6 +454,7 @@ fn rollout_group(m: &Backbone, prompts: Array, o: Map) -> Result<RolloutHandle> 
         );
     }
     opts.latent = latent;
+    opts.stop_on_interrupt = stop_on_interrupt;
     let marker = o.str("answer_marker")?;
     opts.answer_marker = (!marker.is_empty()).then_some(marker);
     let router = if use_router { p.router.as_ref() } else { None };
@@ -448,10 +464,11 @@ fn rollout_group(m: &Backbone, prompts: Array, o: Map) -> Result<RolloutHandle> 
         None
     };
     let ro = if reference {
-        p.with_reference(|net| rollout_with(net, None, None, Some(tok), &ids, &opts))?
+        p.with_reference(|net| rollout_observed(net, None, None, Some(tok), &ids, &opts, on_step))?
     } else {
-        rollout_with(&p.model.net, router, gate, Some(tok), &ids, &opts)?
+        rollout_observed(&p.model.net, router, gate, Some(tok), &ids, &opts, on_step)?
     };
+    let replayable = router.is_some() && latent == Latent::Router;
     let texts = ro
         .tokens()
         .iter()
@@ -465,5 +482,6 @@ fn rollout_group(m: &Backbone, prompts: Array, o: Map) -> Result<RolloutHandle> 
         texts,
         max_new,
         backbone: m.clone(),
+        made: replayable.then_some(opts),
     })))
 }

@@ -2,7 +2,7 @@
 //! token records under `runs/NAME/`), `routing_frame` and the Frame type
 //! (a polars DataFrame), `plot_*`, plus `pass_at_k` and `check_options`.
 use super::types::*;
-use crate::analysis::{frame, tensorboard};
+use crate::analysis::{frame, samples, tensorboard};
 use crate::rl::checkpoint;
 use anyhow::{bail, Context, Result};
 use polars::prelude::DataFrame;
@@ -57,7 +57,8 @@ pub fn register(engine: &mut Engine) {
         rt(log_tokens(r, &ro, None, None))
     });
     engine.register_fn("metrics", |r: &mut RunHandle| rt(metrics_frame(r)));
-    engine.register_fn("tokens", |r: &mut RunHandle| rt(tokens_frame(r)));
+    engine.register_fn("tokens", |r: &mut RunHandle| rt(step_frames(r, "tokens")));
+    engine.register_fn("samples", |r: &mut RunHandle| rt(step_frames(r, "samples")));
     engine.register_get("dir", |r: &mut RunHandle| {
         r.0.borrow().dir.display().to_string()
     });
@@ -133,7 +134,7 @@ fn is_quiet(config: &Map) -> bool {
         .unwrap_or(false)
 }
 
-fn load_run(dir: &str) -> Result<RunHandle> {
+pub(super) fn load_run(dir: &str) -> Result<RunHandle> {
     let path = PathBuf::from(dir);
     let file = path.join("metrics.jsonl");
     let text = std::fs::read_to_string(&file).with_context(|| {
@@ -180,22 +181,12 @@ fn log(r: &RunHandle, m: Map) -> Result<()> {
         .open(&file)
         .with_context(|| format!("{}: cannot open", file.display()))?;
     writeln!(f, "{line}").with_context(|| format!("{}: cannot write", file.display()))?;
-    // TensorBoard gets the numeric values, read from the script's map since
-    // JSON turned NaN and infinities into null; `step` is the event's step.
-    let scalars: Vec<(String, f64)> = row
-        .iter()
-        .filter(|(k, _)| k.as_str() != "step")
-        .filter_map(|(k, v)| {
-            let raw = m.get(k.as_str()).and_then(|d| d.as_float().ok());
-            raw.or_else(|| v.as_f64()).map(|x| (k.clone(), x))
-        })
-        .collect();
     if st.events.is_none() {
         st.events = Some(tensorboard::EventWriter::create(&st.dir)?);
     }
     if let Some(w) = &mut st.events {
         let tb_step = row.get("step").and_then(Value::as_i64).unwrap_or(step);
-        w.scalars(tb_step, &scalars)?;
+        w.scalars(tb_step, &scalars(&row, &m))?;
     }
     if !st.quiet {
         println!("{}", summary(&row));
@@ -203,6 +194,19 @@ fn log(r: &RunHandle, m: Map) -> Result<()> {
     st.rows.push(row);
     let mut df = frame::frame_from_rows(&st.rows)?;
     frame::write_parquet(&mut df, &st.dir.join("metrics.parquet"))
+}
+
+/// A row's numeric values but `step` (the event's step) for TensorBoard,
+/// read from the script's map where it has them: JSON made NaN and
+/// infinities null.
+fn scalars(row: &serde_json::Map<String, Value>, m: &Map) -> Vec<(String, f64)> {
+    row.iter()
+        .filter(|(k, _)| k.as_str() != "step")
+        .filter_map(|(k, v)| {
+            let raw = m.get(k.as_str()).and_then(|d| d.as_float().ok());
+            raw.or_else(|| v.as_f64()).map(|x| (k.clone(), x))
+        })
+        .collect()
 }
 
 /// `step 3  reward 0.500±0.200  soft 0.012  kl 1.2e-4  loss -0.0130  grad 0.081  lr 5.0e-6  12.3s`
@@ -255,13 +259,34 @@ fn log_tokens(
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
         .unwrap_or_default();
-    let mut df = routing_df(ro, rw, adv, &name, step)?;
-    frame::write_parquet(
-        &mut df,
-        &st.dir
-            .join("tokens")
-            .join(format!("step-{step:06}.parquet")),
-    )
+    let file = format!("step-{step:06}.parquet");
+    let mut df = routing_df(ro, rw.clone(), adv.clone(), &name, step)?;
+    frame::write_parquet(&mut df, &st.dir.join("tokens").join(&file))?;
+    let mut samples = samples_df(ro, rw, adv, &name, step)?;
+    frame::write_parquet(&mut samples, &st.dir.join("samples").join(&file))
+}
+
+/// One row per completion: prompt, reference answer, text (analysis/samples.rs).
+pub(super) fn samples_df(
+    ro: &RolloutHandle,
+    rw: Option<Array>,
+    adv: Option<Array>,
+    run: &str,
+    step: i64,
+) -> Result<DataFrame> {
+    let rw = rw.map(|a| floats(&a, "rewards")).transpose()?;
+    let adv = adv.map(|a| floats(&a, "advantages")).transpose()?;
+    let d = &ro.0;
+    let meta = frame::RecordMeta {
+        run,
+        step,
+        group: d.group,
+        rewards: rw.as_deref(),
+        advantages: adv.as_deref(),
+    };
+    let prompts: Vec<String> = d.items.iter().map(|p| p.prompt.clone()).collect();
+    let answers: Vec<String> = d.items.iter().map(|p| p.answer.clone()).collect();
+    samples::samples_frame(&d.ro, &prompts, &answers, &d.texts, &meta)
 }
 
 pub(super) fn metrics_frame(r: &RunHandle) -> Result<FrameHandle> {
@@ -272,24 +297,28 @@ pub(super) fn metrics_frame(r: &RunHandle) -> Result<FrameHandle> {
     Ok(FrameHandle(Rc::new(frame::frame_from_rows(&st.rows)?)))
 }
 
-fn tokens_frame(r: &RunHandle) -> Result<FrameHandle> {
-    let dir = r.0.borrow().dir.join("tokens");
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .with_context(|| {
-            format!(
-                "{}: no token records (run.log_tokens writes them)",
-                dir.display()
-            )
-        })?
+/// Every step's records of `kind` ("tokens" or "samples") stacked in step order.
+fn step_frames(r: &RunHandle, kind: &str) -> Result<FrameHandle> {
+    let dir = r.0.borrow().dir.join(kind);
+    Ok(FrameHandle(Rc::new(read_step_frames(&dir)?)))
+}
+
+/// The parquet files of a run's `tokens/` or `samples/` directory, stacked.
+pub(super) fn read_step_frames(dir: &Path) -> Result<DataFrame> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: no records (run.log_tokens writes them)", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
         .collect();
     files.sort();
+    if files.is_empty() {
+        bail!("{}: holds no step records (.parquet)", dir.display());
+    }
     let frames = files
         .iter()
         .map(|p| frame::read_parquet(p))
         .collect::<Result<Vec<_>>>()?;
-    Ok(FrameHandle(Rc::new(frame::concat(&frames)?)))
+    frame::concat(&frames).with_context(|| format!("{}", dir.display()))
 }
 
 pub(super) fn routing_df(

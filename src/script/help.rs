@@ -402,6 +402,125 @@ pub const PLOT: &[Opt] = &[
     opt("bucket", Def::Int(16), "positions per bucket"),
 ];
 
+pub const PLOT_LINES: &[Opt] = &[
+    opt("x", Def::Str("step"), "column on the x axis"),
+    opt("y", Def::Required(Ty::Str), "column on the y axis"),
+    opt(
+        "by",
+        Def::Unset(Ty::Str),
+        "one line per value of this column (e.g. \"run\")",
+    ),
+    opt("title", Def::Unset(Ty::Str), "chart title (default: y)"),
+    opt(
+        "x_label",
+        Def::Unset(Ty::Str),
+        "x-axis label with its unit (default: x)",
+    ),
+    opt(
+        "y_label",
+        Def::Unset(Ty::Str),
+        "y-axis label with its unit (default: y)",
+    ),
+];
+
+pub const PLOT_BARS: &[Opt] = &[
+    opt("label", Def::Str("token"), "column of the bar labels"),
+    opt("value", Def::Required(Ty::Str), "column of the bar lengths"),
+    opt(
+        "note",
+        Def::Unset(Ty::Str),
+        "column written at each bar's end (e.g. a count)",
+    ),
+    opt(
+        "tokens",
+        Def::Bool(true),
+        "labels are token texts: quoted, whitespace escaped",
+    ),
+    opt("title", Def::Unset(Ty::Str), "chart title (default: value)"),
+    opt(
+        "x_label",
+        Def::Unset(Ty::Str),
+        "axis label with its unit (default: value)",
+    ),
+];
+
+pub const PLOT_FRAME_HISTOGRAM: &[Opt] = &[
+    opt("column", Def::Str("p_soft"), "the values"),
+    opt(
+        "by",
+        Def::Unset(Ty::Str),
+        "one overlaid histogram per value of this column (bars become fractions)",
+    ),
+    opt("bins", Def::Int(20), "bins"),
+    opt(
+        "lo",
+        Def::Unset(Ty::Float),
+        "low edge (default: the values' minimum)",
+    ),
+    opt(
+        "hi",
+        Def::Unset(Ty::Float),
+        "high edge (default: the maximum)",
+    ),
+    opt(
+        "title",
+        Def::Unset(Ty::Str),
+        "chart title (default: column)",
+    ),
+    opt(
+        "x_label",
+        Def::Unset(Ty::Str),
+        "axis label (default: column)",
+    ),
+];
+
+pub const PLOT_TEXT: &[Opt] = &[
+    opt(
+        "samples",
+        Def::Unset(Ty::Any),
+        "a samples Frame (run.samples()): prompts, reference answers, rewards",
+    ),
+    opt("max", Def::Int(6), "completions shown"),
+    opt("title", Def::Str("soft tokens"), "page title"),
+];
+
+pub const WRITE_REPORT: &[Opt] = &[
+    opt("title", Def::Str("run report"), "page title"),
+    opt(
+        "config",
+        Def::Unset(Ty::Any),
+        "a map shown as the run's configuration",
+    ),
+    opt(
+        "tables",
+        Def::Unset(Ty::Map),
+        "#{caption: Frame} shown as tables",
+    ),
+    opt(
+        "charts",
+        Def::Unset(Ty::Array),
+        "chart files (.svg or .png), embedded in order",
+    ),
+    opt(
+        "text",
+        Def::Unset(Ty::Any),
+        "a tokens Frame: its first completions, highlighted",
+    ),
+    opt(
+        "samples",
+        Def::Unset(Ty::Any),
+        "the samples Frame for `text`",
+    ),
+    opt("max", Def::Int(4), "completions shown from `text`"),
+];
+
+pub const COUNTERFACTUAL: &[Opt] = &[
+    opt("mode", Def::Str("flip"), "\"flip\" each free decision, or set it \"hard\" or \"soft\" (positions already so are left out)"),
+    opt("positions", Def::Unset(Ty::Array), "positions to change (default: every position)"),
+    opt("rows", Def::Unset(Ty::Array), "completions to change (default: all)"),
+    opt("reward", Def::Str("gsm8k"), "reward and answer format (gsm8k, math, format_gsm8k, format_math)"),
+];
+
 const NONE: &[Opt] = &[];
 
 pub const PRIMITIVES: &[Prim] = &[
@@ -446,10 +565,17 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "routing_frame", sig: "routing_frame(ro, rewards?, adv?) -> Frame", doc: "One row per generated token: mode, p_soft, logp, entropy, ... (a polars DataFrame).", opts: NONE },
     Prim { name: "read_parquet", sig: "read_parquet(path) -> Frame", doc: "Load a parquet file as a Frame.", opts: NONE },
     Prim { name: "plot_soft_ratio", sig: "plot_soft_ratio(run | [runs], path)", doc: "Soft ratio and reward over training steps, one line per run (.png or .svg).", opts: NONE },
-    Prim { name: "write_html", sig: "write_html(ro, rewards?, path)", doc: "The completions as an HTML page, soft tokens highlighted, p_soft/log p/entropy per token on hover.", opts: NONE },
+    Prim { name: "write_html", sig: "write_html(ro, rewards?, path) | write_html(tokens_frame, path, opts?)", doc: "The completions as an HTML page under their prompts and reference answers, soft tokens highlighted, p_soft/log p/entropy per token on hover.", opts: PLOT_TEXT },
     Prim { name: "plot_metric", sig: "plot_metric(run | [runs], column, path)", doc: "Any logged metric over steps, one line per run (completion_length, kl_token, ...).", opts: NONE },
-    Prim { name: "plot_histogram", sig: "plot_histogram(values, path, opts?)", doc: "Histogram of an array (e.g. the router's p_soft).", opts: PLOT },
+    Prim { name: "plot_histogram", sig: "plot_histogram(values | frame, path, opts?)", doc: "Histogram of an array (e.g. the router's p_soft), or of a frame's column overlaid per value of `by` (frame options: column, by, bins, lo, hi, title, x_label).", opts: PLOT },
     Prim { name: "plot_soft_by_position", sig: "plot_soft_by_position(frame, path, opts?)", doc: "Soft fraction by position bucket, from a routing frame.", opts: PLOT },
+    Prim { name: "load_runs", sig: "load_runs(dir | [dirs]) -> Frame", doc: "The per-step metrics of several run directories in one frame, with a `run` column (the directory).", opts: NONE },
+    Prim { name: "plot_lines", sig: "plot_lines(frame, path, opts)", doc: "y against x, one line per value of `by`; series of 30+ points draw as faint points under their running mean.", opts: PLOT_LINES },
+    Prim { name: "plot_bars", sig: "plot_bars(frame, path, opts)", doc: "Horizontal bars in row order (e.g. tokens by soft rate, with their counts as notes).", opts: PLOT_BARS },
+    Prim { name: "plot_text", sig: "plot_text(ro | tokens_frame, path, opts?)", doc: "Completions as a picture (.png or .svg): soft tokens on orange, p_soft as a bar under each token, prompt and reference answer above.", opts: PLOT_TEXT },
+    Prim { name: "write_report", sig: "write_report(path, opts)", doc: "An HTML page: configuration, tables, the charts embedded, highlighted completions.", opts: WRITE_REPORT },
+    Prim { name: "stream", sig: "m.stream(prompt, opts?) -> Rollout", doc: "One completion printed as it is generated, soft tokens coloured (ANSI; `color: false` marks them [[so]]); rollout_group's options; Ctrl-C stops and keeps what was written.", opts: ROLLOUT_GROUP },
+    Prim { name: "counterfactual", sig: "counterfactual(ro, opts?) -> Frame", doc: "Each free routing decision of a router rollout changed in turn (flip, or set hard/soft) and the rest re-sampled from the same seed stream: one row per change with the token, its class, the answer and reward before and after.", opts: COUNTERFACTUAL },
     Prim { name: "pass_at_k", sig: "pass_at_k(n, c, k) -> float", doc: "Unbiased Pass@k from n samples with c correct.", opts: NONE },
     Prim { name: "check_options", sig: "check_options(name, opts, defaults) -> map", doc: "For script methods: `defaults` overlaid by `opts`; an unknown key is an error listing the valid ones.", opts: NONE },
     Prim { name: "env", sig: "env(name) -> string | ()", doc: "An environment variable, or () when unset.", opts: NONE },
@@ -458,14 +584,14 @@ pub const PRIMITIVES: &[Prim] = &[
 
 /// Methods and properties of the workbench's types (for completion and help).
 pub const METHODS: &[(&str, &str)] = &[
-    ("Backbone", "generate(prompt, opts?) tokenize(text) decode(ids) save_adapter(dir) export_merged(dir) param_norms() info has_router router"),
+    ("Backbone", "generate(prompt, opts?) stream(prompt, opts?) tokenize(text) decode(ids) save_adapter(dir) export_merged(dir) param_norms() info has_router router"),
     ("Router", "p_soft bias save(path)"),
     ("Dataset", "sample(n) len() get(i) rows(start, n)"),
     ("Rollout", "len() group texts text(i) tokens(i) records(i) prompt_tokens(i) prompts answers lengths soft_ratio marked(i) select(rows)"),
     ("Optimizer", "step(loss | [losses]) zero_grad() lr steps"),
     ("Loss", "value kl_token kl_router metrics()"),
-    ("Run", "log(metrics) log_tokens(ro, rewards, adv) metrics() tokens() dir step"),
-    ("Frame", "sql(query) head(n) column(name) columns height width write_parquet(path) write_csv(path)"),
+    ("Run", "log(metrics) log_tokens(ro, rewards, adv) metrics() tokens() samples() dir step"),
+    ("Frame", "sql(query) head(n) column(name) columns height width with_token_class() write_parquet(path) write_csv(path)"),
 ];
 
 pub fn find(name: &str) -> Option<&'static Prim> {

@@ -3,13 +3,16 @@
 //! (`import "tarpo" as tarpo;`), errors with file, line and column, and a
 //! session whose variables, functions and imports persist between inputs
 //! (what `tarpo run` and `tarpo repl` share).
+pub mod bind_analysis;
 pub mod bind_chart;
 pub mod bind_code;
+pub mod bind_counterfactual;
 pub mod bind_data;
 pub mod bind_model;
 pub mod bind_offline;
 pub mod bind_rollout;
 pub mod bind_run;
+pub mod bind_stream;
 pub mod bind_train;
 pub mod help;
 pub mod opts;
@@ -81,6 +84,9 @@ pub fn engine() -> Engine {
     bind_train::register(&mut e);
     bind_run::register(&mut e);
     bind_chart::register(&mut e);
+    bind_analysis::register(&mut e);
+    bind_counterfactual::register(&mut e);
+    bind_stream::register(&mut e);
     e.register_fn("help", || print!("{}", help::overview()));
     e.register_fn("help", |name: &str| match help::one(name) {
         Some(s) => print!("{s}"),
@@ -165,6 +171,19 @@ impl Session {
         }
         crate::ctl::clear();
         out
+    }
+
+    /// A value as the REPL prints it: the workbench's types through their
+    /// `to_string` (a Frame as a table with its shape), others as Rhai shows them.
+    pub fn show(&self, v: &Dynamic) -> String {
+        if !v.is_variant() {
+            return v.to_string();
+        }
+        let mut scope = Scope::new();
+        scope.push("value", v.clone());
+        self.engine
+            .eval_with_scope::<String>(&mut scope, "value.to_string()")
+            .unwrap_or_else(|e| format!("{v} (not shown: {e})"))
     }
 
     /// Runs a script file.

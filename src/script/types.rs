@@ -87,6 +87,9 @@ pub struct RolloutData {
     pub max_new: usize,
     /// The backbone that made it (for token text and marked spans).
     pub backbone: Backbone,
+    /// The options that made it, when it can be re-run as it was (a router
+    /// rollout of rollout_group; not a selection, a join or a reference rollout).
+    pub made: Option<crate::policy::RolloutOptions>,
 }
 
 /// The loss of one `tarpo_loss` call; its gradient is in the parameters until

@@ -119,6 +119,18 @@ send("n > 1000\r")
 expect("true")
 prompt()
 
+# A frame prints as an aligned table with its shape, long ones truncated.
+send('to_frame([#{run: "a", reward: 0.5}, #{run: "b", reward: 0.25}])\r')
+expect("reward  run")
+expect("0.2500  b")
+expect("2 rows × 2 columns")
+prompt()
+send('let big = []; for i in 0..100 { big.push(#{i: i}); } to_frame(big)\r')
+expect("…")
+expect("99")
+expect("100 rows × 1 column")
+prompt()
+
 # Commands.
 send(":vars\r")
 expect("m: Backbone\r\n")
