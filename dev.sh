@@ -120,14 +120,15 @@ case "$cmd" in
     # plots/: the charts of a fresh quickstart run (seed and steps as given).
     build
     T="${CARGO_TARGET_DIR:-target}/release/tarpo"
-    run="$(mktemp -d)/quickstart"
+    run=runs/plots-quickstart
+    rm -rf "$run"
     step "quickstart run into $run"
     "$T" --threads 2 run scripts/quickstart.rhai --set out="$run" "$@"
     step "tarpo analyze $run --out plots"
     rm -rf plots
     "$T" analyze "$run" --out plots
     step "counterfactual routing on the trained router"
-    "$T" --threads 2 run scripts/counterfactual.rhai --set run="$run" --set out=plots/counterfactual ;;
+    "$T" --threads 2 run scripts/counterfactual.rhai --set run="$run" --set problems=25 --set group=4 --set out=plots/counterfactual ;;
   bench)
     build
     cargo bench --bench rollout

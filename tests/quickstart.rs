@@ -209,4 +209,32 @@ fn the_shipped_scripts_run_on_the_default_model() {
         &["steps=2".into(), format!("out={}", d("custom"))],
     );
     assert!(dir.join("custom/metrics.jsonl").is_file(), "{out}");
+
+    let out = run(
+        "counterfactual.rhai",
+        &[
+            "problems=1".into(),
+            "group=2".into(),
+            format!("out={}", d("cf")),
+        ],
+    );
+    let changed: usize = out
+        .lines()
+        .find_map(|l| l.strip_suffix(" decisions changed"))
+        .unwrap_or_else(|| panic!("no count of changed decisions:\n{out}"))
+        .parse()
+        .unwrap();
+    let table = std::fs::read_to_string(dir.join("cf/by_class.csv")).unwrap();
+    let counted: usize = table
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').nth(2).unwrap().parse::<usize>().unwrap())
+        .sum();
+    assert!(changed > 0 && counted == changed, "{table}\n{out}");
+    for chart in [
+        "answer_changed_by_class.png",
+        "answer_changed_by_position.svg",
+    ] {
+        assert!(dir.join("cf").join(chart).is_file(), "{chart}");
+    }
 }

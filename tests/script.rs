@@ -118,7 +118,7 @@ fn every_primitive_from_a_script() {
     let csv = std::fs::read_to_string(out.join("head.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4, "{csv}"); // header + 3 rows
     assert!(
-        csv.starts_with("run,step,prompt_id,sample_id,position,token_id,token,mode"),
+        csv.starts_with("run,step,prompt_id,sample_id,position,token_id,token,token_class,mode"),
         "{csv}"
     );
 }

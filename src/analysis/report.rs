@@ -36,7 +36,7 @@ pub fn report_html(r: &Report, path: &Path) -> Result<String> {
         write!(
             h,
             "<h2>Configuration</h2>\n<pre>{}</pre>\n",
-            escape(&serde_json::to_string_pretty(cfg)?)
+            escape(&serde_json::to_string_pretty(&brief(cfg))?)
         )?;
     }
     for (caption, df) in r.tables {
@@ -52,6 +52,16 @@ pub fn report_html(r: &Report, path: &Path) -> Result<String> {
         write!(h, "<h2>Completions</h2>\n{}{t}", super::html::LEGEND)?;
     }
     Ok(h)
+}
+
+/// Arrays longer than 8 (an inline data set, say) shown as their length.
+fn brief(v: &Value) -> Value {
+    match v {
+        Value::Array(a) if a.len() > 8 => Value::from(format!("[{} items]", a.len())),
+        Value::Array(a) => Value::Array(a.iter().map(brief).collect()),
+        Value::Object(m) => Value::Object(m.iter().map(|(k, v)| (k.clone(), brief(v))).collect()),
+        other => other.clone(),
+    }
 }
 
 /// An SVG inlined (its XML declaration dropped), a PNG linked relative to the page.
