@@ -266,6 +266,31 @@ fn log_tokens(
     frame::write_parquet(&mut samples, &st.dir.join("samples").join(&file))
 }
 
+/// A rollout's rewards and advantages as scripts pass them (one per sequence).
+struct Scores {
+    rewards: Option<Vec<f64>>,
+    advantages: Option<Vec<f64>>,
+}
+
+impl Scores {
+    fn parse(rw: Option<Array>, adv: Option<Array>) -> Result<Scores> {
+        Ok(Scores {
+            rewards: rw.map(|a| floats(&a, "rewards")).transpose()?,
+            advantages: adv.map(|a| floats(&a, "advantages")).transpose()?,
+        })
+    }
+
+    fn meta<'a>(&'a self, run: &'a str, step: i64, group: usize) -> frame::RecordMeta<'a> {
+        frame::RecordMeta {
+            run,
+            step,
+            group,
+            rewards: self.rewards.as_deref(),
+            advantages: self.advantages.as_deref(),
+        }
+    }
+}
+
 /// One row per completion: prompt, reference answer, text (analysis/samples.rs).
 pub(super) fn samples_df(
     ro: &RolloutHandle,
@@ -274,16 +299,9 @@ pub(super) fn samples_df(
     run: &str,
     step: i64,
 ) -> Result<DataFrame> {
-    let rw = rw.map(|a| floats(&a, "rewards")).transpose()?;
-    let adv = adv.map(|a| floats(&a, "advantages")).transpose()?;
+    let scores = Scores::parse(rw, adv)?;
     let d = &ro.0;
-    let meta = frame::RecordMeta {
-        run,
-        step,
-        group: d.group,
-        rewards: rw.as_deref(),
-        advantages: adv.as_deref(),
-    };
+    let meta = scores.meta(run, step, d.group);
     let prompts: Vec<String> = d.items.iter().map(|p| p.prompt.clone()).collect();
     let answers: Vec<String> = d.items.iter().map(|p| p.answer.clone()).collect();
     samples::samples_frame(&d.ro, &prompts, &answers, &d.texts, &meta)
@@ -328,17 +346,10 @@ pub(super) fn routing_df(
     run: &str,
     step: i64,
 ) -> Result<DataFrame> {
-    let rw = rw.map(|a| floats(&a, "rewards")).transpose()?;
-    let adv = adv.map(|a| floats(&a, "advantages")).transpose()?;
+    let scores = Scores::parse(rw, adv)?;
     let d = &ro.0;
     let st = d.backbone.0.borrow();
-    let meta = frame::RecordMeta {
-        run,
-        step,
-        group: d.group,
-        rewards: rw.as_deref(),
-        advantages: adv.as_deref(),
-    };
+    let meta = scores.meta(run, step, d.group);
     frame::routing_frame(&d.ro, &st.policy.model.tok, &meta)
 }
 
