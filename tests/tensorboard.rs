@@ -158,3 +158,43 @@ run.log(#{loss: 7.5, step: 20, note: "resumed"});
         "time_s: {time:?}"
     );
 }
+
+#[test]
+fn a_resumed_run_shows_each_step_once() {
+    let dir = common::empty_scratch("tensorboard-resume");
+    let run = dir.join("run");
+    // Steps 1-4, a checkpoint at step 2; then a second process resumes there
+    // and logs steps 3 and 4 again with other values.
+    run_script(
+        &dir,
+        "first.rhai",
+        r#"
+let m = load_backbone(default_model());
+let opt = optimizer(m, #{schedule: "constant"});
+let run = new_run(args.out, #{quiet: true});
+let rows = [#{prompt: "1 + 1 =", solution: " 2"}];
+for s in 1..=4 {
+    opt.step(sft_loss(m, rows));
+    run.log(#{loss: s.to_float()});
+    if s == 2 { save_checkpoint(run, m, opt); }
+}
+"#,
+        &run,
+    );
+    run_script(
+        &dir,
+        "resume.rhai",
+        r#"
+let m = load_backbone(default_model());
+let opt = optimizer(m, #{schedule: "constant"});
+let run = load_run(args.out);
+if resume(run, m, opt) != 2 { throw "resumed at the wrong step"; }
+let rows = [#{prompt: "1 + 1 =", solution: " 2"}];
+for s in 3..=4 { opt.step(sft_loss(m, rows)); run.log(#{loss: 10.0 + s}); }
+"#,
+        &run,
+    );
+    assert_eq!(event_files(&run).len(), 2);
+    let curves = read_curves(&run);
+    assert_curve(&curves, "loss", &[(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]);
+}

@@ -46,6 +46,12 @@ impl EventWriter {
         self.write_record(&scalars_event(wall_time(), step, values))
     }
 
+    /// A SessionLog START at `step`: TensorBoard drops the events of earlier
+    /// files at this step and later, which a resumed run logs again.
+    pub fn restart(&mut self, step: i64) -> Result<()> {
+        self.write_record(&restart_event(wall_time(), step))
+    }
+
     /// Writes a whole record in one call, unbuffered, so a TensorBoard
     /// watching a live run never waits on a flush.
     fn write_record(&mut self, data: &[u8]) -> Result<()> {
@@ -184,5 +190,17 @@ pub fn scalars_event(wall_time: f64, step: i64, values: &[(String, f64)]) -> Vec
     // Negative int64s are ten-byte varints of their two's complement.
     varint(&mut ev, step as u64);
     len_field(&mut ev, 5, &summary);
+    ev
+}
+
+/// An Event holding a SessionLog { status: START } at `step`.
+pub fn restart_event(wall_time: f64, step: i64) -> Vec<u8> {
+    let mut ev = Vec::new();
+    key(&mut ev, 1, FIXED64);
+    ev.extend_from_slice(&wall_time.to_le_bytes());
+    key(&mut ev, 2, VARINT);
+    varint(&mut ev, step as u64);
+    // session_log (field 7) = SessionLog { status (1): START (1) }
+    len_field(&mut ev, 7, &[0x08, 0x01]);
     ev
 }

@@ -423,6 +423,10 @@ fn resume(
         let file = run.dir.join("metrics.jsonl");
         frame::write_atomic(&file, |f| Ok(f.write_all(text.as_bytes())?))?;
     }
+    // A new events file that tells TensorBoard to forget the redone steps.
+    let mut events = tensorboard::EventWriter::create(&run.dir)?;
+    events.restart(step as i64 + 1)?;
+    run.events = Some(events);
     eprintln!("resumed from {} (step {step})", dir.display());
     Ok(step as i64)
 }
