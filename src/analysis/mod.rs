@@ -15,6 +15,7 @@ pub mod frame;
 pub mod html;
 pub mod plot;
 pub mod plot_bars;
+pub mod plot_panel;
 pub mod plot_text;
 pub mod report;
 pub mod rows;

@@ -15,6 +15,7 @@ pub mod bind_run;
 pub mod bind_stream;
 pub mod bind_train;
 pub mod help;
+mod help_analysis;
 pub mod opts;
 pub mod types;
 
