@@ -26,15 +26,41 @@ fn torch_lib_dir() -> Option<PathBuf> {
     Some(PathBuf::from(dir.trim()).join("lib"))
 }
 
+/// csrc/c10d_shim.cpp against the torch headers beside `lib` (the wheel's
+/// include/), with csrc/gloo_decls standing in for gloo's headers, which the
+/// wheel does not ship (csrc/gloo_decls/README.md).
+fn build_c10d_shim(lib: &std::path::Path) {
+    let include = lib
+        .parent()
+        .expect("torch lib dir has a parent")
+        .join("include");
+    println!("cargo:rerun-if-changed=csrc");
+    cc::Build::new()
+        .cpp(true)
+        .std("c++17")
+        .file("csrc/c10d_shim.cpp")
+        .include("csrc/gloo_decls")
+        .include(&include)
+        .include(include.join("torch/csrc/api/include"))
+        .define("USE_C10D_GLOO", None)
+        .define("_GLIBCXX_USE_CXX11_ABI", "1")
+        .flag_if_supported("-Wno-unused-parameter")
+        .flag_if_supported("-Wno-deprecated-declarations")
+        .warnings(false)
+        .compile("tarpo_c10d");
+}
+
 fn main() {
     println!("cargo:rerun-if-env-changed=LIBTORCH");
     println!("cargo:rerun-if-env-changed=LIBTORCH_USE_PYTORCH");
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rustc-link-arg=-Wl,--no-as-needed");
-    if let Some(lib) = torch_lib_dir() {
-        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
-        if lib.join("libtorch_cuda.so").exists() {
-            println!("cargo:rustc-link-arg=-Wl,-ltorch_cuda");
-        }
+    let lib = torch_lib_dir().expect(
+        "cannot find libtorch: set LIBTORCH, or LIBTORCH_USE_PYTORCH=1 with the venv's python first on PATH",
+    );
+    build_c10d_shim(&lib);
+    println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    if lib.join("libtorch_cuda.so").exists() {
+        println!("cargo:rustc-link-arg=-Wl,-ltorch_cuda");
     }
 }

@@ -66,7 +66,8 @@ pub struct Progress(Option<ProgressBar>);
 
 impl Progress {
     pub fn new(what: &str, total: u64) -> Progress {
-        if !SHOW_PROGRESS.load(Ordering::SeqCst) {
+        // In a job, only rank 0 draws bars.
+        if !SHOW_PROGRESS.load(Ordering::SeqCst) || !crate::dist::world().is_main() {
             return Progress(None);
         }
         let bar = ProgressBar::new(total);

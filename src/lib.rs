@@ -9,6 +9,7 @@
 pub mod analysis;
 pub mod ctl;
 pub mod data;
+pub mod dist;
 pub mod model;
 pub mod policy;
 pub mod repl;

@@ -115,6 +115,10 @@ enum Cmd {
         /// KEY=VALUE (JSON values: numbers, bools, arrays; anything else is a string).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        /// Data parallel on this machine: start N processes as torchrun would
+        /// (Gloo over loopback; each gets cores / N threads unless --threads).
+        #[arg(long, value_name = "N")]
+        nproc: Option<usize>,
     },
     /// Every chart of a run directory (PNG and SVG) and an HTML report
     /// (scripts/analyze_run.rhai, built in).
@@ -369,7 +373,13 @@ fn run(cli: Cli) -> Result<()> {
                 std::process::exit(1);
             }
         }
-        Cmd::Run { script, code, set } => {
+        Cmd::Run { nproc: Some(n), .. } => {
+            std::process::exit(tarpo::dist::launch::local(n, cli.threads)?);
+        }
+        Cmd::Run {
+            script, code, set, ..
+        } => {
+            tarpo::dist::init_from_env()?;
             let mut s = session(&set)?;
             tarpo::ctl::install_interrupt_handler()?;
             let out = match (script, code) {
@@ -378,7 +388,9 @@ fn run(cli: Cli) -> Result<()> {
                 (None, None) => bail!("give a script file or -e CODE"),
             };
             match out {
-                Ok(v) if !v.is_unit() => println!("{}", s.show(&v)),
+                Ok(v) if !v.is_unit() && tarpo::dist::world().is_main() => {
+                    println!("{}", s.show(&v))
+                }
                 Ok(_) => {}
                 Err(e) => {
                     // Script errors keep their lines (location, then the call chain).
@@ -444,6 +456,9 @@ fn run(cli: Cli) -> Result<()> {
             write_source(&out, sources::champ(&from))?
         }
         Cmd::Repl { model, device, set } => {
+            if std::env::var("WORLD_SIZE").is_ok_and(|w| w.trim() != "1") {
+                bail!("the REPL is single-process: run a script under the launcher instead (`tarpo run --nproc N SCRIPT`, or torchrun --no-python ... tarpo run SCRIPT)");
+            }
             let s = session(&set)?;
             let m = model_dir(&model);
             // The default model loads only when it exists (a fresh clone

@@ -37,11 +37,16 @@ pub struct Parts<'a> {
     pub sampler: Option<&'a Sampler>,
 }
 
+/// Where the checkpoint of optimizer step `step` lives.
+pub fn step_dir(run_dir: &Path, step: u64) -> PathBuf {
+    run_dir.join("checkpoints").join(format!("step-{step:06}"))
+}
+
 /// Writes `run_dir/checkpoints/step-NNNNNN/` and points `run_dir/checkpoints/latest` at it.
 pub fn save_parts(tr: &Parts, run_dir: &Path) -> Result<PathBuf> {
     let root = run_dir.join("checkpoints");
     let name = format!("step-{:06}", tr.step);
-    let (dir, tmp) = (root.join(&name), root.join(format!("{name}.tmp")));
+    let (dir, tmp) = (step_dir(run_dir, tr.step), root.join(format!("{name}.tmp")));
     if tmp.exists() {
         std::fs::remove_dir_all(&tmp)
             .with_context(|| format!("{}: cannot clear", tmp.display()))?;

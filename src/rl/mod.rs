@@ -5,6 +5,7 @@
 pub mod advantage;
 pub mod checkpoint;
 pub mod dapo;
+pub mod data_parallel;
 pub mod dataset;
 pub mod kl;
 pub mod loss;

@@ -27,6 +27,9 @@ pub struct RunState {
     quiet: bool,
     /// This handle's TensorBoard events file, opened by the first `log`.
     events: Option<tensorboard::EventWriter>,
+    /// Whether this process writes the run's files (rank 0 of a job); the
+    /// other ranks keep the rows in memory only.
+    writer: bool,
 }
 
 #[derive(Clone)]
@@ -99,6 +102,36 @@ pub fn register(engine: &mut Engine) {
 /// A fresh run directory; an existing one with metrics gets a numbered
 /// sibling instead of being overwritten (nothing is lost).
 fn new_run(dir: &str, config: Map) -> Result<RunHandle> {
+    let w = crate::dist::world();
+    let mut run = if w.is_main() {
+        create_run(dir, &config)?
+    } else {
+        RunState::new(PathBuf::new(), Vec::new(), false)
+    };
+    run.quiet = is_quiet(&config);
+    if w.launched() {
+        // Every rank names the directory rank 0 made (it may be numbered).
+        let name = run.dir.display().to_string();
+        let all = w.all_gather_bytes("new_run", name.as_bytes())?;
+        run.dir = PathBuf::from(String::from_utf8_lossy(&all[0]).into_owned());
+    }
+    Ok(RunHandle(Rc::new(RefCell::new(run))))
+}
+
+impl RunState {
+    fn new(dir: PathBuf, rows: Vec<serde_json::Map<String, Value>>, writer: bool) -> RunState {
+        RunState {
+            dir,
+            rows,
+            last: Instant::now(),
+            quiet: false,
+            events: None,
+            writer,
+        }
+    }
+}
+
+fn create_run(dir: &str, config: &Map) -> Result<RunState> {
     let mut path = PathBuf::from(dir);
     let mut n = 2;
     while path.join("metrics.jsonl").exists() {
@@ -112,19 +145,13 @@ fn new_run(dir: &str, config: Map) -> Result<RunHandle> {
         );
     }
     std::fs::create_dir_all(&path).with_context(|| format!("{}: cannot create", path.display()))?;
-    let cfg = Value::Object(map_to_json(&config, "config")?);
+    let cfg = Value::Object(map_to_json(config, "config")?);
     std::fs::write(
         path.join("config.json"),
         serde_json::to_string_pretty(&cfg)?,
     )
     .with_context(|| format!("{}: cannot write config.json", path.display()))?;
-    Ok(RunHandle(Rc::new(RefCell::new(RunState {
-        dir: path,
-        rows: Vec::new(),
-        last: Instant::now(),
-        quiet: is_quiet(&config),
-        events: None,
-    }))))
+    Ok(RunState::new(path, Vec::new(), true))
 }
 
 fn is_quiet(config: &Map) -> bool {
@@ -154,13 +181,10 @@ pub(super) fn load_run(dir: &str) -> Result<RunHandle> {
             _ => bail!("{}:{}: not a JSON object", file.display(), i + 1),
         }
     }
-    Ok(RunHandle(Rc::new(RefCell::new(RunState {
-        dir: path,
-        rows,
-        last: Instant::now(),
-        quiet: false,
-        events: None,
-    }))))
+    let writer = crate::dist::world().is_main();
+    Ok(RunHandle(Rc::new(RefCell::new(RunState::new(
+        path, rows, writer,
+    )))))
 }
 
 /// Appends a metrics row (metrics.jsonl, the handle's TensorBoard events
@@ -173,6 +197,10 @@ fn log(r: &RunHandle, m: Map) -> Result<()> {
     let secs = st.last.elapsed().as_secs_f64();
     row.entry("time_s").or_insert(Value::from(secs));
     st.last = Instant::now();
+    if !st.writer {
+        st.rows.push(row);
+        return Ok(());
+    }
     let line = serde_json::to_string(&row)?;
     let file = st.dir.join("metrics.jsonl");
     let mut f = std::fs::OpenOptions::new()
@@ -253,6 +281,9 @@ fn log_tokens(
     adv: Option<Array>,
 ) -> Result<()> {
     let st = r.0.borrow();
+    if !st.writer {
+        return Ok(());
+    }
     let step = st.rows.len() as i64;
     let name = st
         .dir
@@ -375,7 +406,17 @@ fn save_checkpoint(
         rng: st.rng.state,
         sampler: sampler.as_ref(),
     };
-    let dir = checkpoint::save_parts(&parts, &r.0.borrow().dir)?;
+    let run = r.0.borrow();
+    let w = crate::dist::world();
+    let dir = if run.writer {
+        checkpoint::save_parts(&parts, &run.dir)?
+    } else {
+        checkpoint::step_dir(&run.dir, parts.step)
+    };
+    if w.launched() {
+        // Every rank returns once the checkpoint is complete on disk.
+        w.barrier("save_checkpoint")?;
+    }
     Ok(dir.display().to_string())
 }
 
@@ -413,6 +454,11 @@ fn resume(
             .and_then(Value::as_u64)
             .is_none_or(|s| s <= step)
     };
+    if !run.writer {
+        run.rows.retain(keep);
+        eprintln!("resumed from {} (step {step})", dir.display());
+        return Ok(step as i64);
+    }
     if !run.rows.iter().all(keep) {
         run.rows.retain(keep);
         let text: String = run

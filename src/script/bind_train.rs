@@ -10,6 +10,7 @@
 use super::help;
 use super::opts::Opts;
 use super::types::*;
+use crate::rl::data_parallel::{all_reduce_step, broadcast_parameters};
 use crate::rl::loss::{LossConfig, LossMetrics};
 use crate::rl::loss_agg::Norm;
 use crate::rl::optim::{grad_norm, zero_grads, AdamW, AdamWConfig, Schedule};
@@ -113,6 +114,9 @@ fn optimizer(m: &Backbone, o: Map) -> Result<OptimizerHandle> {
         o.float("weight_decay")?,
     );
     let mut st = m.0.borrow_mut();
+    // Data parallel: every rank starts from rank 0's weights.
+    let params = st.policy.parameters();
+    broadcast_parameters(&params)?;
     // Full fine-tuning: the KL reference is the weights as they are now.
     st.policy.freeze_reference()?;
     let groups = param_groups(&st.policy, lr, router_lr, weight_decay);
@@ -129,6 +133,7 @@ fn optimizer(m: &Backbone, o: Map) -> Result<OptimizerHandle> {
         lr,
         router_lr,
         weight_decay,
+        in_sync: params.len(),
     }))))
 }
 
@@ -319,12 +324,19 @@ fn step(o: &OptimizerHandle, losses: &[LossHandle]) -> Result<rhai::Map> {
             others.join(", ")
         );
     }
-    let Some(sums) = bb.pending.sums.take() else {
+    let Some(mut sums) = bb.pending.sums.take() else {
         bail!("internal: pending losses without their sums");
     };
     bb.pending.serials.clear();
     sync_params(&mut st, &bb.policy)?;
-    let metrics = finish(&bb.policy.parameters(), &sums)?;
+    let params = bb.policy.parameters();
+    if params.len() != st.in_sync {
+        // Trained tensors added since (a router): rank 0's values everywhere.
+        broadcast_parameters(&params)?;
+        st.in_sync = params.len();
+    }
+    all_reduce_step(&params, &mut sums)?;
+    let metrics = finish(&params, &sums)?;
     let router_grad = match &bb.policy.router {
         Some(r) => grad_norm(&r.parameters())?,
         None => 0.0,

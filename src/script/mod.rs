@@ -8,6 +8,7 @@ pub mod bind_chart;
 pub mod bind_code;
 pub mod bind_counterfactual;
 pub mod bind_data;
+pub mod bind_dist;
 pub mod bind_model;
 pub mod bind_offline;
 pub mod bind_rollout;
@@ -88,6 +89,21 @@ pub fn engine() -> Engine {
     bind_analysis::register(&mut e);
     bind_counterfactual::register(&mut e);
     bind_stream::register(&mut e);
+    bind_dist::register(&mut e);
+    // In a job only rank 0 prints (one summary, as one process would);
+    // `debug` prints on every rank, marked with it.
+    e.on_print(|s| {
+        if crate::dist::world().is_main() {
+            println!("{s}");
+        }
+    });
+    e.on_debug(|s, _, pos| {
+        let w = crate::dist::world();
+        match w.launched() {
+            true => eprintln!("[rank {}] {pos:?} {s}", w.rank),
+            false => eprintln!("{pos:?} {s}"),
+        }
+    });
     e.register_fn("help", || print!("{}", help::overview()));
     e.register_fn("help", |name: &str| match help::one(name) {
         Some(s) => print!("{s}"),

@@ -113,6 +113,8 @@ pub struct OptimizerState {
     pub lr: f64,
     pub router_lr: f64,
     pub weight_decay: f64,
+    /// Trained tensors known equal on every rank (broadcast from rank 0).
+    pub in_sync: usize,
 }
 
 /// A native error as a script error (the engine adds the script position).

@@ -1,0 +1,2 @@
+// Not needed by ProcessGroupGloo.hpp's declarations (see README.md).
+#pragma once
