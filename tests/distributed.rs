@@ -182,3 +182,202 @@ fn grpo_on_two_processes_with_token_mean_and_two_chunks_each_matches_one() {
         nproc,
     );
 }
+
+/// One rank of a job started by hand (as a launcher would), on `port`.
+fn rank(rank: usize, size: &str, port: u16, script: &[&str]) -> Command {
+    let mut c = common::tarpo();
+    c.args(["--threads", "1", "run"])
+        .args(script)
+        .env("RANK", rank.to_string())
+        .env("LOCAL_RANK", rank.to_string())
+        .env("WORLD_SIZE", size)
+        .env("MASTER_ADDR", "127.0.0.1")
+        .env("MASTER_PORT", port.to_string())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+#[test]
+fn a_killed_rank_stops_the_other_within_the_timeout_and_the_job_resumes_exactly() {
+    let out = common::empty_scratch("dp-kill");
+    let (straight, killed) = (out.join("straight"), out.join("killed"));
+    let sets = [("method", "tarpo"), ("steps", "6"), ("every", "2")];
+    job(&mut nproc(2), &straight, &sets);
+
+    let script = common::root().join("tests/scripts/data_parallel.rhai");
+    let mut args: Vec<String> = vec![script.display().to_string()];
+    let all = [
+        ("data", data().display().to_string()),
+        ("run", killed.display().to_string()),
+        ("method", "tarpo".into()),
+        ("steps", "6".into()),
+        ("every", "2".into()),
+    ];
+    for (k, v) in &all {
+        args.extend(["--set".into(), format!("{k}={v}")]);
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let port = free_port();
+    let timeout = 20.0;
+    let spawn = |r| {
+        rank(r, "2", port, &args)
+            .env("TARPO_DIST_TIMEOUT", timeout.to_string())
+            .spawn()
+            .unwrap()
+    };
+    let (mut r0, mut r1) = (spawn(0), spawn(1));
+    // Into step 3: the checkpoint of step 2 is complete, then rank 1 dies.
+    let t = Instant::now();
+    while !checkpoint(&killed, 2).join("state.json").exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(120),
+            "no checkpoint of step 2"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    r1.kill().unwrap();
+    let killed_at = Instant::now();
+    r1.wait().unwrap();
+    let status = loop {
+        if let Some(s) = r0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            killed_at.elapsed().as_secs_f64() < timeout + 10.0,
+            "rank 0 still running after the collective timeout"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let waited = killed_at.elapsed().as_secs_f64();
+    let err = text(&r0.wait_with_output().unwrap().stderr);
+    assert!(!status.success(), "rank 0 succeeded without its peer");
+    assert!(
+        err.contains("failed on rank 0 of 2") && err.contains("TARPO_DIST_TIMEOUT"),
+        "{err}"
+    );
+    assert!(waited < timeout + 5.0, "rank 0 took {waited} s");
+    assert!(
+        !checkpoint(&killed, 6).exists(),
+        "the job finished before the kill"
+    );
+
+    // Both ranks resume from the last checkpoint and end as the straight job.
+    job(
+        &mut nproc(2),
+        &killed,
+        &[
+            ("method", "tarpo"),
+            ("steps", "6"),
+            ("every", "2"),
+            ("resume", "true"),
+        ],
+    );
+    let d = max_weight_diff(&checkpoint(&straight, 6), &checkpoint(&killed, 6));
+    assert_eq!(
+        d, 0.0,
+        "resumed weights differ from the straight job's by {d}"
+    );
+    assert_metrics_match(&straight, &killed, 0.0);
+}
+
+/// `tarpo run -e CODE` as ranks of a job described by `env`; every rank's
+/// output once all have exited, and how long the slowest took.
+fn launch(ranks: &[(usize, &str)], extra: &[(&str, &str)]) -> (Vec<Output>, f64) {
+    let port = free_port();
+    let t = Instant::now();
+    let kids: Vec<_> = ranks
+        .iter()
+        .map(|&(r, size)| {
+            let mut c = rank(r, size, port, &["-e", "world()"]);
+            c.env("TARPO_DIST_INIT_TIMEOUT", "3");
+            for (k, v) in extra {
+                c.env(k, v);
+            }
+            c.spawn().unwrap()
+        })
+        .collect();
+    let outs = kids
+        .into_iter()
+        .map(|k| k.wait_with_output().unwrap())
+        .collect();
+    (outs, t.elapsed().as_secs_f64())
+}
+
+fn refused(outs: &[Output], needle: &str) {
+    for o in outs {
+        let err = text(&o.stderr);
+        assert!(!o.status.success(), "a rank succeeded: {}", text(&o.stdout));
+        assert!(err.contains(needle), "wanted {needle:?} in:\n{err}");
+    }
+}
+
+#[test]
+fn a_wrong_launch_fails_within_seconds_naming_the_variable() {
+    // Two processes of a job that says three.
+    let (outs, secs) = launch(&[(0, "3"), (1, "3")], &[]);
+    refused(&outs, "WORLD_SIZE=3");
+    assert!(secs < 10.0, "{secs} s");
+    // Two processes that disagree.
+    let (outs, secs) = launch(&[(0, "2"), (1, "3")], &[]);
+    assert!(outs
+        .iter()
+        .any(|o| text(&o.stderr).contains("disagree on WORLD_SIZE")));
+    refused(&outs, "WORLD_SIZE");
+    assert!(secs < 10.0, "{secs} s");
+    // A rendezvous address nobody answers (unroutable), and one that does not resolve.
+    for addr in ["10.255.255.1", "no-such-host.invalid"] {
+        let (outs, secs) = launch(&[(1, "2")], &[("MASTER_ADDR", addr)]);
+        refused(&outs, &format!("MASTER_ADDR={addr}"));
+        assert!(secs < 10.0, "{addr}: {secs} s");
+    }
+    let (outs, _) = launch(&[(2, "2")], &[]);
+    refused(&outs, "RANK=2 is not below WORLD_SIZE=2");
+    let (outs, _) = launch(&[(0, "two")], &[]);
+    refused(&outs, "WORLD_SIZE=\"two\" is not a process count");
+    let (outs, _) = launch(&[(0, "2")], &[("MASTER_PORT", "")]);
+    refused(&outs, "MASTER_PORT is not set");
+}
+
+#[test]
+fn outside_a_launch_the_world_is_one_process_and_collectives_say_so() {
+    let run = |code: &str| common::tarpo().args(["run", "-e", code]).output().unwrap();
+    let o = run("world()");
+    assert_eq!(
+        text(&o.stdout).trim(),
+        "#{\"local_rank\": 0, \"rank\": 0, \"size\": 1}"
+    );
+    for code in ["all_reduce(1.0, \"sum\")", "all_gather(1)", "barrier()"] {
+        let o = run(code);
+        assert!(!o.status.success());
+        assert!(
+            text(&o.stderr).contains("not part of a distributed launch"),
+            "{code}: {}",
+            text(&o.stderr)
+        );
+    }
+    let o = common::tarpo()
+        .arg("repl")
+        .env("WORLD_SIZE", "2")
+        .env("RANK", "0")
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        text(&o.stderr).contains("the REPL is single-process"),
+        "{}",
+        text(&o.stderr)
+    );
+    // A job of two: reductions and gathers see both ranks.
+    let o = common::tarpo()
+        .args(["run", "--nproc", "2", "-e"])
+        .arg("let w = world(); [all_reduce(w.rank + 1.0, \"sum\"), all_reduce([w.rank, 5], \"max\"), all_gather(#{r: w.rank, s: `x${w.rank}`})]")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o.stderr));
+    assert_eq!(
+        text(&o.stdout).trim(),
+        "[3.0, [1.0, 5.0], [#{\"r\": 0, \"s\": \"x0\"}, #{\"r\": 1, \"s\": \"x1\"}]]"
+    );
+}

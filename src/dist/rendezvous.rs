@@ -142,8 +142,16 @@ impl Env {
         const LOW: i64 = 1 << 20;
         store.add(&key("joined"), 1 + LOW * self.size as i64)?;
         let deadline = Instant::now() + Duration::from_millis(self.init_ms as u64);
+        let lost = |e: anyhow::Error| {
+            e.context(format!(
+                "rank {}: lost the rendezvous store at {} while waiting for WORLD_SIZE={} processes (rank 0 gave up: is WORLD_SIZE right?)",
+                self.rank,
+                self.at(),
+                self.size
+            ))
+        };
         loop {
-            let v = store.add(&key("joined"), 0)?;
+            let v = store.add(&key("joined"), 0).map_err(lost)?;
             let (joined, sizes) = (v % LOW, v / LOW);
             if sizes != joined * self.size as i64 {
                 bail!(
