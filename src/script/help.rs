@@ -454,6 +454,12 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "counterfactual", sig: "counterfactual(ro, opts?) -> Frame", doc: "Each free routing decision of a router rollout changed in turn (flip, or set hard/soft) and the rest re-sampled from the same seed stream: one row per change with the token, its class, the answer and reward before and after.", opts: COUNTERFACTUAL },
     Prim { name: "pass_at_k", sig: "pass_at_k(n, c, k) -> float", doc: "Unbiased Pass@k from n samples with c correct.", opts: NONE },
     Prim { name: "check_options", sig: "check_options(name, opts, defaults) -> map", doc: "For script methods: `defaults` overlaid by `opts`; an unknown key is an error listing the valid ones.", opts: NONE },
+    Prim { name: "world", sig: "world() -> #{rank, size, local_rank}", doc: "This process's place in a data-parallel job (torchrun or tarpo run --nproc N); #{rank: 0, size: 1, local_rank: 0} without a launcher. The stdlib loops split each step's chunks across ranks; opt.step all-reduces the gradients.", opts: NONE },
+    Prim { name: "all_reduce", sig: "all_reduce(x, \"sum\" | \"mean\" | \"max\" | \"min\") -> float | [float]", doc: "A number or an array of numbers reduced over the job's ranks (an error outside a launch).", opts: NONE },
+    Prim { name: "all_gather", sig: "all_gather(x) -> [x of rank 0, x of rank 1, ...]", doc: "Every rank's value: numbers, strings, arrays, maps, rollouts (they arrive bound to this rank's backbone).", opts: NONE },
+    Prim { name: "barrier", sig: "barrier()", doc: "Wait until every rank of the job gets here (bounded by TARPO_DIST_TIMEOUT).", opts: NONE },
+    Prim { name: "draw_seed", sig: "draw_seed(m) -> int", doc: "The next rollout seed of m's generator (what rollout_group draws without `seed`); the same on every rank.", opts: NONE },
+    Prim { name: "bytes_reduced", sig: "bytes_reduced() -> int", doc: "Bytes this process has sent into all-reduces so far (gradients, loss sums).", opts: NONE },
     Prim { name: "env", sig: "env(name) -> string | ()", doc: "An environment variable, or () when unset.", opts: NONE },
     Prim { name: "help", sig: "help() / help(name)", doc: "List the primitives, or show one with its options and defaults.", opts: NONE },
 ];
