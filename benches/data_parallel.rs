@@ -6,6 +6,7 @@
 //!   - 1 process with 1 thread,
 //!   - 1 process with 2 threads,
 //!   - 2 processes with 1 thread each (`tarpo run --nproc 2`, Gloo on loopback),
+//!
 //! the three alternating round by round (the order rotates). A run's step
 //! time is the median of its logged `time_s` after the first (warm-up) step.
 //! Prints every run, the medians, the ratios against both one-process

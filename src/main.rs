@@ -387,6 +387,16 @@ fn run(cli: Cli) -> Result<()> {
                 (Some(path), None) => s.run_file(&path),
                 (None, None) => bail!("give a script file or -e CODE"),
             };
+            // A job ends together: a rank that finished waits for the others
+            // (and fails when one of them failed instead).
+            let out = out.and_then(|v| {
+                let w = tarpo::dist::world();
+                if w.launched() {
+                    w.barrier("the end of the job")
+                        .map_err(|e| format!("{e:#}"))?;
+                }
+                Ok(v)
+            });
             match out {
                 Ok(v) if !v.is_unit() && tarpo::dist::world().is_main() => {
                     println!("{}", s.show(&v))

@@ -54,7 +54,7 @@ fn all_reduce(x: Dynamic, op: &str) -> Result<Dynamic> {
     Ok(if scalar {
         Dynamic::from_float(xs[0])
     } else {
-        float_array(xs.into_iter()).into()
+        float_array(xs).into()
     })
 }
 
