@@ -134,8 +134,13 @@ fn same_job_on_one_and_two(name: &str, sets: &[(&str, &str)], two: fn(usize) -> 
     // Only rank 0 prints: one line, not two.
     let printed = text(&o2.stdout).matches("done on 2 process(es)").count();
     assert_eq!(printed, 1, "{}", text(&o2.stdout));
+    // Checkpoints are named by optimizer steps: `epochs` of them per loop step.
+    let epochs: usize = sets
+        .iter()
+        .find(|s| s.0 == "epochs")
+        .map_or(1, |s| s.1.parse().unwrap());
     let mut worst = 0.0f64;
-    for step in 1..=3 {
+    for step in (1..=3).map(|s| s * epochs) {
         let d = max_weight_diff(&checkpoint(&one_dir, step), &checkpoint(&two_dir, step));
         assert!(
             d <= 1e-5,
@@ -144,7 +149,10 @@ fn same_job_on_one_and_two(name: &str, sets: &[(&str, &str)], two: fn(usize) -> 
         worst = worst.max(d);
     }
     // The weights moved far more than the two runs differ.
-    let moved = max_weight_diff(&checkpoint(&one_dir, 1), &checkpoint(&one_dir, 3));
+    let moved = max_weight_diff(
+        &checkpoint(&one_dir, epochs),
+        &checkpoint(&one_dir, 3 * epochs),
+    );
     assert!(
         moved > 1e3 * worst.max(1e-9),
         "{name}: moved {moved}, runs differ by {worst}"
@@ -181,6 +189,53 @@ fn grpo_on_two_processes_with_token_mean_and_two_chunks_each_matches_one() {
         ],
         nproc,
     );
+}
+
+#[test]
+fn aapo_with_ppo_epochs_and_held_out_evaluation_on_two_processes_matches_one() {
+    same_job_on_one_and_two(
+        "dp-aapo",
+        &[
+            ("method", "tarpo"),
+            ("estimator", "aapo"),
+            ("epochs", "2"),
+            ("clip_low", "0.2"),
+            ("eval_every", "2"),
+        ],
+        nproc,
+    );
+    let rows = metrics(&common::scratch("dp-aapo").join("two"));
+    assert!(
+        rows[1].contains_key("eval_pass1") && rows[1].contains_key("ref_reward"),
+        "{:?}",
+        rows[1]
+    );
+}
+
+#[test]
+fn a_job_the_ranks_cannot_share_exactly_is_refused_before_it_starts() {
+    let out = common::empty_scratch("dp-refused");
+    for (sets, needle) in [
+        (
+            vec![("accumulation", "1")],
+            "accumulation (1) must be a multiple of the world size (2)",
+        ),
+        (vec![("dynamic", "true")], "dynamic sampling"),
+    ] {
+        let mut cmd = nproc(2);
+        cmd.arg(common::root().join("tests/scripts/data_parallel.rhai"))
+            .args(["--set", &format!("data={}", data().display())])
+            .args(["--set", &format!("run={}", out.join("r").display())])
+            .args(["--set", "method=grpo", "--set", "steps=1"]);
+        for (k, v) in sets {
+            cmd.args(["--set", &format!("{k}={v}")]);
+        }
+        let o = cmd.output().unwrap();
+        assert!(!o.status.success());
+        let err = text(&o.stderr);
+        assert!(err.contains(needle), "{needle}: {err}");
+        assert!(!out.join("r/metrics.jsonl").exists(), "a step ran");
+    }
 }
 
 /// One rank of a job started by hand (as a launcher would), on `port`.
@@ -338,6 +393,14 @@ fn a_wrong_launch_fails_within_seconds_naming_the_variable() {
     refused(&outs, "WORLD_SIZE=\"two\" is not a process count");
     let (outs, _) = launch(&[(0, "2")], &[("MASTER_PORT", "")]);
     refused(&outs, "MASTER_PORT is not set");
+    // The backend: NCCL needs this rank's GPU (none here), and the name is checked.
+    let (outs, _) = launch(&[(0, "1")], &[("TARPO_DIST_BACKEND", "nccl")]);
+    refused(&outs, "TARPO_DIST_BACKEND=nccl: no CUDA device 0");
+    let (outs, _) = launch(&[(0, "1")], &[("TARPO_DIST_BACKEND", "mpi")]);
+    refused(
+        &outs,
+        "TARPO_DIST_BACKEND=\"mpi\" is not gloo, nccl or auto",
+    );
 }
 
 #[test]

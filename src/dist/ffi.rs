@@ -41,6 +41,15 @@ extern "C" {
         err: *mut c_char,
         len: usize,
     ) -> *mut RawPg;
+    #[cfg(tarpo_nccl)]
+    fn tarpo_pg_nccl(
+        s: *mut RawStore,
+        rank: i32,
+        size: i32,
+        timeout_ms: i64,
+        err: *mut c_char,
+        len: usize,
+    ) -> *mut RawPg;
     fn tarpo_pg_free(pg: *mut RawPg);
     fn tarpo_pg_allreduce(
         pg: *mut RawPg,
@@ -173,6 +182,27 @@ impl Group {
             bail!("{}", e.text());
         }
         Ok(Group(p))
+    }
+
+    /// NCCL (CUDA tensors only), when this build has it.
+    pub fn nccl(store: &Store, rank: usize, size: usize, timeout_ms: i64) -> Result<Group> {
+        #[cfg(tarpo_nccl)]
+        {
+            let mut e = ErrBuf::new();
+            // SAFETY: live store and buffer; null on error.
+            let p = unsafe {
+                tarpo_pg_nccl(store.0, rank as i32, size as i32, timeout_ms, e.ptr(), 2048)
+            };
+            if p.is_null() {
+                bail!("{}", e.text());
+            }
+            Ok(Group(p))
+        }
+        #[cfg(not(tarpo_nccl))]
+        {
+            let _ = (store, rank, size, timeout_ms);
+            bail!("this tarpo was built without NCCL (build.rs compiles it when torch has CUDA and the nvidia-nccl and CUDA header wheels of requirements.txt are installed)")
+        }
     }
 
     /// In place, on contiguous dense tensors of one device.

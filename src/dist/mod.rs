@@ -22,6 +22,8 @@ pub struct World {
     pub local_rank: usize,
     /// The process group (None when not launched).
     group: Option<ffi::Group>,
+    /// Where the collectives' buffers live (host for Gloo, the GPU for NCCL).
+    device: Device,
     /// Collective timeout (for messages).
     timeout_s: f64,
     _store: Option<ffi::Store>,
@@ -42,8 +44,9 @@ pub fn init_from_env() -> Result<&'static World> {
     let w = match rendezvous::Env::read()? {
         None => World::single(),
         Some(env) => {
-            let (store, group) = env.join()?;
+            let (store, group, device) = env.join()?;
             World {
+                device,
                 rank: env.rank,
                 size: env.size,
                 local_rank: env.local_rank,
@@ -72,6 +75,7 @@ impl World {
             rank: 0,
             size: 1,
             local_rank: 0,
+            device: Device::Cpu,
             group: None,
             timeout_s: 0.0,
             _store: None,
@@ -103,12 +107,12 @@ impl World {
         ))
     }
 
-    /// Reduces `ts` in place across ranks (flattened into host buckets, so
-    /// any device and float kind works).
+    /// Reduces `ts` in place across ranks (flattened into buckets on the
+    /// backend's device, so any device and float kind works).
     pub fn all_reduce(&self, what: &str, ts: &[Tensor], op: Op) -> Result<()> {
         let g = self.group(what)?;
         for bucket in buckets(ts) {
-            let flat = flatten(&bucket)?;
+            let flat = flatten(&bucket, self.device)?;
             BYTES.fetch_add(
                 (flat.numel() * flat.kind().elt_size_in_bytes()) as u64,
                 Ordering::Relaxed,
@@ -124,7 +128,7 @@ impl World {
     pub fn broadcast(&self, what: &str, ts: &[Tensor], root: usize) -> Result<()> {
         let g = self.group(what)?;
         for bucket in buckets(ts) {
-            let flat = flatten(&bucket)?;
+            let flat = flatten(&bucket, self.device)?;
             g.broadcast(&flat, root).map_err(|e| self.failed(what, e))?;
             unflatten(&flat, &bucket)?;
         }
@@ -143,9 +147,12 @@ impl World {
     pub fn all_gather_bytes(&self, what: &str, data: &[u8]) -> Result<Vec<Vec<u8>>> {
         let g = self.group(what)?;
         let gather = |t: &Tensor| -> Result<Vec<Tensor>> {
+            let t = t.f_to_device(self.device)?;
             let outs: Vec<Tensor> = (0..self.size).map(|_| t.empty_like()).collect();
-            g.all_gather(t, &outs).map_err(|e| self.failed(what, e))?;
-            Ok(outs)
+            g.all_gather(&t, &outs).map_err(|e| self.failed(what, e))?;
+            outs.iter()
+                .map(|o| Ok(o.f_to_device(Device::Cpu)?))
+                .collect()
         };
         let lens = gather(&Tensor::from_slice(&[data.len() as i64]))?;
         let lens: Vec<usize> = lens.iter().map(|t| t.int64_value(&[0]) as usize).collect();
@@ -190,13 +197,13 @@ fn buckets(ts: &[Tensor]) -> Vec<Vec<Tensor>> {
 }
 
 /// One contiguous host buffer holding the bucket's values.
-fn flatten(bucket: &[Tensor]) -> Result<Tensor> {
-    let views: Vec<Tensor> = bucket.iter().map(|t| t.reshape([-1])).collect();
+fn flatten(bucket: &[Tensor], device: Device) -> Result<Tensor> {
+    let views: Vec<Tensor> = bucket
+        .iter()
+        .map(|t| t.reshape([-1]).to_device(device))
+        .collect();
     let kind = bucket.first().map_or(Kind::Float, |t| t.kind());
-    Ok(Tensor::f_cat(&views, 0)?
-        .f_to_device(Device::Cpu)?
-        .f_to_kind(kind)?
-        .contiguous())
+    Ok(Tensor::f_cat(&views, 0)?.f_to_kind(kind)?.contiguous())
 }
 
 /// Writes the reduced buffer back into the bucket's tensors.

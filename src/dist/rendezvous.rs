@@ -4,6 +4,12 @@
 use super::ffi::{Group, Store};
 use anyhow::{bail, Context, Result};
 use std::time::{Duration, Instant};
+use tch::Device;
+
+enum Backend {
+    Gloo,
+    Nccl,
+}
 
 /// What torchrun (or `tarpo run --nproc`) puts in the environment.
 pub struct Env {
@@ -96,7 +102,7 @@ impl Env {
     }
 
     /// Connects, checks the job's shape, and makes the Gloo group.
-    pub fn join(&self) -> Result<(Store, Group)> {
+    pub fn join(&self) -> Result<(Store, Group, Device)> {
         let secs = self.init_ms as f64 / 1e3;
         let server = self.rank == 0 && !self.agent_store;
         let store = Store::connect(&self.addr, self.port, server, self.init_ms).map_err(|e| {
@@ -116,14 +122,41 @@ impl Env {
                 String::new()
             }
         });
-        let group =
-            Group::gloo(&store, &host, self.rank, self.size, self.timeout_ms).map_err(|e| {
-                e.context(format!(
-                    "rank {}: the Gloo process group did not form",
-                    self.rank
-                ))
-            })?;
-        Ok((store, group))
+        let (group, device) = match self.backend()? {
+            Backend::Gloo => (
+                Group::gloo(&store, &host, self.rank, self.size, self.timeout_ms),
+                Device::Cpu,
+            ),
+            Backend::Nccl => (
+                Group::nccl(&store, self.rank, self.size, self.timeout_ms),
+                Device::Cuda(self.local_rank),
+            ),
+        };
+        let group = group.map_err(|e| {
+            e.context(format!(
+                "rank {}: the process group did not form",
+                self.rank
+            ))
+        })?;
+        Ok((store, group, device))
+    }
+
+    /// TARPO_DIST_BACKEND: `nccl` on this rank's GPU, `gloo` (host buffers:
+    /// any device), or `auto` (default): NCCL when built and a GPU is there.
+    fn backend(&self) -> Result<Backend> {
+        let gpu = tch::Cuda::device_count() as usize > self.local_rank;
+        let v = var("TARPO_DIST_BACKEND").unwrap_or_else(|| "auto".into());
+        Ok(match v.as_str() {
+            "gloo" => Backend::Gloo,
+            "nccl" if !gpu => bail!(
+                "TARPO_DIST_BACKEND=nccl: no CUDA device {} on this machine (LOCAL_RANK={}); use gloo",
+                self.local_rank, self.local_rank
+            ),
+            "nccl" => Backend::Nccl,
+            "auto" if gpu && cfg!(tarpo_nccl) => Backend::Nccl,
+            "auto" => Backend::Gloo,
+            _ => bail!("TARPO_DIST_BACKEND={v:?} is not gloo, nccl or auto"),
+        })
     }
 
     /// Every rank registers once with its WORLD_SIZE; waits until WORLD_SIZE

@@ -2,11 +2,12 @@
 use anyhow::{bail, Result};
 use tch::{Device, Kind};
 
-/// "cpu", "cuda" or "cuda:N".
+/// "cpu", "cuda" or "cuda:N" ("cuda" is GPU LOCAL_RANK in a job).
 pub fn parse_device(s: &str) -> Result<Device> {
     let device = match s {
         "cpu" => Device::Cpu,
-        "cuda" => Device::Cuda(0),
+        // In a data-parallel job, each rank's own GPU.
+        "cuda" => Device::Cuda(crate::dist::world().local_rank),
         _ => match s
             .strip_prefix("cuda:")
             .and_then(|n| n.parse::<usize>().ok())
