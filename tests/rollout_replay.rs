@@ -326,3 +326,33 @@ fn shared_prompt_scoring_equals_plain_scoring() {
     );
     assert!(rd < 1e-4, "router log-probs differ by {rd}");
 }
+
+#[test]
+fn a_decode_step_copies_to_the_host_once() {
+    // One copy per token step, whatever the rows do: the sampled ids, the
+    // stats, the router's log-probs and the mixtures travel together.
+    let m = model();
+    let router = Router::new(m.net.cfg.hidden_size, 0.5, 1.0, 3, Device::Cpu).unwrap();
+    let mut o = options(5);
+    o.keep_inputs = false;
+    for (r, name) in [(Some(&router), "router"), (None, "plain")] {
+        let before = tarpo::policy::rollout::host_copies();
+        let ro = rollout(&m.net, r, None, &prompts(), &o).unwrap();
+        let copies = tarpo::policy::rollout::host_copies() - before;
+        let steps = ro.records.iter().map(Vec::len).max().unwrap() as u64;
+        assert!(steps > 1, "{name}: {steps} steps");
+        assert_eq!(
+            copies, steps,
+            "{name}: {copies} host copies for {steps} steps"
+        );
+        if r.is_some() {
+            let soft = ro
+                .records
+                .iter()
+                .flatten()
+                .filter(|x| x.mode == SOFT)
+                .count();
+            assert!(soft > 0, "the soft path ran");
+        }
+    }
+}

@@ -21,6 +21,77 @@ use crate::model::{left_pad, KvCache, Llama, Tokenizer};
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
 
+thread_local! {
+    static HOST_COPIES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Device-to-host copies the decode loops of this thread have made: one per
+/// token step for TARPO and plain sampling (each a synchronisation on a GPU),
+/// a second at steps where Soft Thinking or HRPO record their inputs, one per
+/// Coconut thought.
+pub fn host_copies() -> u64 {
+    HOST_COPIES.with(|c| c.get())
+}
+
+/// A decode step's tensor brought to the host (and counted).
+fn to_host(t: &Tensor) -> Result<Tensor> {
+    HOST_COPIES.with(|c| c.set(c.get() + 1));
+    Ok(t.f_to_device(Device::Cpu)?)
+}
+
+/// What a token step reads on the host, from one copy: the sampled ids, the
+/// per-row stats, and with a router its log-probs and the top-k mixtures.
+struct StepHost {
+    ids: Vec<i64>,
+    stats: Vec<Vec<f32>>,
+    soft_lp: Vec<Vec<f32>>,
+    mix: Option<(Vec<Vec<i64>>, Vec<Vec<f32>>)>,
+}
+
+impl StepHost {
+    fn fetch(
+        next: &Tensor,
+        stats: &[&Tensor],
+        router: Option<(&Tensor, &Tensor, &Tensor)>,
+    ) -> Result<StepHost> {
+        // f64 holds the ids and the f32 values exactly.
+        let col = |t: &Tensor| t.f_to_kind(Kind::Double);
+        let mut cols = vec![col(next)?.f_unsqueeze(1)?];
+        for s in stats {
+            cols.push(col(s)?.f_unsqueeze(1)?);
+        }
+        let k = match router {
+            Some((lp, ids, w)) => {
+                cols.extend([col(lp)?, col(ids)?, col(w)?]);
+                ids.size()[1] as usize
+            }
+            None => 0,
+        };
+        let rows = Vec::<Vec<f64>>::try_from(&to_host(&Tensor::f_cat(&cols, 1)?)?)?;
+        let n = stats.len();
+        let f32s = |r: &[f64]| r.iter().map(|&x| x as f32).collect::<Vec<f32>>();
+        let b = rows.len();
+        Ok(StepHost {
+            ids: rows.iter().map(|r| r[0] as i64).collect(),
+            stats: rows.iter().map(|r| f32s(&r[1..1 + n])).collect(),
+            soft_lp: match router {
+                Some(_) => rows.iter().map(|r| f32s(&r[1 + n..3 + n])).collect(),
+                None => vec![vec![0.0, f32::NEG_INFINITY]; b],
+            },
+            // The mixtures come along only when a router may pick them.
+            mix: router.map(|_| {
+                let at = 3 + n;
+                (
+                    rows.iter()
+                        .map(|r| r[at..at + k].iter().map(|&x| x as i64).collect())
+                        .collect(),
+                    rows.iter().map(|r| f32s(&r[at + k..at + 2 * k])).collect(),
+                )
+            }),
+        })
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct RolloutOptions {
     /// Tokens of text per completion at most (Coconut's thoughts come on top).
@@ -308,7 +379,7 @@ pub fn rollout_observed(
 
 /// One LATENT record per row: the hidden state is the next input.
 fn thought_records(h: &Tensor, records: &mut [Vec<TokenRecord>]) -> Result<()> {
-    let rows = Vec::<Vec<f32>>::try_from(&h.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?)?;
+    let rows = Vec::<Vec<f32>>::try_from(&to_host(&h.f_to_kind(Kind::Float)?)?)?;
     for (recs, v) in records.iter_mut().zip(rows) {
         recs.push(TokenRecord {
             token: -1,
@@ -375,22 +446,12 @@ impl Decode<'_> {
         // stream does not depend on which rows are forced (nor on the mode).
         let u_mode: Vec<f64> = (0..b).map(|_| rng.next_f64()).collect();
 
-        let next_ids = Vec::<i64>::try_from(&next)?;
-        let stats =
-            Tensor::f_stack(&[&logp, &entropy, &mix_entropy], 1)?.f_to_device(Device::Cpu)?;
-        let stats = Vec::<Vec<f32>>::try_from(&stats)?;
-        let soft_lp = match &router_lp {
-            Some(lp) => Vec::<Vec<f32>>::try_from(&lp.f_to_device(Device::Cpu)?)?,
-            None => vec![vec![0.0, f32::NEG_INFINITY]; b],
-        };
-        // The mixtures come to the host once per step, and only when a router may pick them.
-        let mix_host = match self.router {
-            Some(_) => Some((
-                Vec::<Vec<i64>>::try_from(&mix_ids.f_to_device(Device::Cpu)?)?,
-                Vec::<Vec<f32>>::try_from(&mix_w.f_to_device(Device::Cpu)?)?,
-            )),
-            None => None,
-        };
+        let host = StepHost::fetch(
+            &next,
+            &[&logp, &entropy, &mix_entropy],
+            router_lp.as_ref().map(|lp| (lp, &mix_ids, &mix_w)),
+        )?;
+        let (next_ids, stats, soft_lp, mix_host) = (host.ids, host.stats, host.soft_lp, host.mix);
         let mut modes = vec![HARD; b];
         for i in 0..b {
             if done[i] {
@@ -446,8 +507,7 @@ impl Decode<'_> {
         };
         let (soft, recorded) = rules.soft_input(net, &view)?;
         if let Some(rec) = recorded {
-            let rows =
-                Vec::<Vec<f32>>::try_from(&rec.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?)?;
+            let rows = Vec::<Vec<f32>>::try_from(&to_host(&rec.f_to_kind(Kind::Float)?)?)?;
             let hrpo = opts.latent == Latent::Hrpo;
             for (i, v) in rows.into_iter().enumerate() {
                 if let (SOFT, Some(r)) = (modes[i], records[i].last_mut()) {
