@@ -16,28 +16,10 @@ pub fn all_reduce_step(params: &[Tensor], sums: &mut LossSums) -> Result<()> {
     }
     same_parameters(params)?;
     // The sums, then per parameter whether any rank has its gradient.
-    let mut xs = vec![
-        sums.loss,
-        sums.denominator,
-        sums.kl_token,
-        sums.tokens,
-        sums.kl_router,
-        sums.decisions,
-        sums.clipped,
-        sums.grad_h_sq,
-    ];
+    let mut xs = sums.values().to_vec();
     xs.extend(params.iter().map(|p| p.grad().defined() as u8 as f64));
     w.reduce_f64("the step's loss sums", &mut xs, Op::Sum)?;
-    [
-        sums.loss,
-        sums.denominator,
-        sums.kl_token,
-        sums.tokens,
-        sums.kl_router,
-        sums.decisions,
-        sums.clipped,
-        sums.grad_h_sq,
-    ] = xs[..8].try_into()?;
+    sums.set_values(xs[..8].try_into()?);
     let mut grads = Vec::new();
     for (p, &any) in params.iter().zip(&xs[8..]) {
         if any == 0.0 {

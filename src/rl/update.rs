@@ -114,6 +114,34 @@ impl LossSums {
         Ok(())
     }
 
+    /// The sums, in a fixed order (what ranks add up).
+    pub fn values(&self) -> [f64; 8] {
+        [
+            self.loss,
+            self.denominator,
+            self.kl_token,
+            self.tokens,
+            self.kl_router,
+            self.decisions,
+            self.clipped,
+            self.grad_h_sq,
+        ]
+    }
+
+    /// Sets the sums from `values()`'s order.
+    pub fn set_values(&mut self, v: [f64; 8]) {
+        [
+            self.loss,
+            self.denominator,
+            self.kl_token,
+            self.tokens,
+            self.kl_router,
+            self.decisions,
+            self.clipped,
+            self.grad_h_sq,
+        ] = v;
+    }
+
     /// What the gradient is divided by (at least 1: a batch without tokens gives 0).
     pub fn scale(&self) -> f64 {
         self.denominator.max(1.0)
