@@ -6,7 +6,8 @@
 //! side, the ratio, and the memory-bandwidth ceiling for this decode.
 //!
 //! Run: ./dev.sh bench   (or `cargo bench --bench rollout` with the env of ./dev.sh)
-//! Env: TARPO_BENCH_THREADS (default 2), TARPO_BENCH_RUNS (default 5).
+//! Env: TARPO_BENCH_THREADS (default 2), TARPO_BENCH_RUNS (default 5),
+//! TARPO_BENCH_PEER=0 (tarpo alone, to profile: `perf record` the bench binary).
 mod common;
 use anyhow::Result;
 use common::{env_or, median};
@@ -39,6 +40,14 @@ fn main() -> Result<()> {
     let peer = common::HfGenerate::new(&dir, &prompts, threads, NEW, common::SAMPLING)?;
 
     common::generate_rate(&m.net, &prompts, 8, 0)?; // warm-up
+    if std::env::var("TARPO_BENCH_PEER").as_deref() == Ok("0") {
+        // tarpo alone, for a profiler (`perf record`): no peer, no ratio.
+        for r in 0..runs {
+            let rate = common::generate_rate(&m.net, &prompts, NEW, r as u64)?;
+            println!("run {}: tarpo {rate:.1} tok/s", r + 1);
+        }
+        return Ok(());
+    }
     let (ours, hf) = common::side_by_side(
         runs,
         |r| common::generate_rate(&m.net, &prompts, NEW, r as u64),
