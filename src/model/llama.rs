@@ -84,6 +84,38 @@ pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
     Ok(small_matmul::matmul(x, w, b)?.f_reshape(out_shape.as_slice())?)
 }
 
+/// `l.forward_with(x, lora)` for each of `ls`, which share x: the few-row
+/// CPU products take one pass of the streaming kernel together.
+fn linear_many(x: &Tensor, ls: &[&Linear], lora: LoraUse) -> Result<Vec<Tensor>> {
+    let inp = ls[0].weight.size()[1];
+    let rows = if inp == 0 { 0 } else { x.numel() as i64 / inp };
+    if !ls.iter().all(|l| small_matmul::applies(x, &l.weight, rows)) {
+        return ls.iter().map(|l| l.forward_with(x, lora)).collect();
+    }
+    let pairs: Vec<_> = ls.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
+    let ys = small_matmul::matmul_many(x, &pairs, small_matmul::has_avx512())?;
+    let mut shape = x.size();
+    ls.iter()
+        .zip(ys)
+        .map(|(l, y)| {
+            if let Some(last) = shape.last_mut() {
+                *last = l.weight.size()[0];
+            }
+            let y = y.f_reshape(shape.as_slice())?;
+            match l
+                .lora
+                .as_ref()
+                .map(|ad| ad.delta(x, lora))
+                .transpose()?
+                .flatten()
+            {
+                Some(d) => Ok(y.f_add(&d)?),
+                None => Ok(y),
+            }
+        })
+        .collect()
+}
+
 /// HF module path of a linear layer of block `i`.
 fn module_path(i: usize, short: &str) -> String {
     let group = if ["gate_proj", "up_proj", "down_proj"].contains(&short) {
@@ -180,9 +212,12 @@ impl Attention {
         let split = |y: Tensor, n: i64| -> Result<Tensor> {
             Ok(y.f_reshape([b, t, n, self.head_dim])?.f_transpose(1, 2)?) // (B, n, T, D)
         };
-        let q = rot.apply(&split(self.q.forward_with(x, lora)?, self.heads)?)?;
-        let k = rot.apply(&split(self.k.forward_with(x, lora)?, self.kv_heads)?)?;
-        let v = split(self.v.forward_with(x, lora)?, self.kv_heads)?;
+        let [q, k, v]: [Tensor; 3] = linear_many(x, &[&self.q, &self.k, &self.v], lora)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("q, k, v: three products"))?;
+        let q = rot.apply(&split(q, self.heads)?)?;
+        let k = rot.apply(&split(k, self.kv_heads)?)?;
+        let v = split(v, self.kv_heads)?;
         let (k, v) = match (cache, step.write_at) {
             (Some((c, layer)), Some(at)) => c.append(layer, at, &k, &v)?,
             _ => (k, v),
@@ -230,9 +265,10 @@ impl Mlp {
     }
 
     fn forward(&self, x: &Tensor, lora: LoraUse) -> Result<Tensor> {
-        let g = self.gate.forward_with(x, lora)?.f_silu()?;
-        self.down
-            .forward_with(&g.f_mul(&self.up.forward_with(x, lora)?)?, lora)
+        let [g, u]: [Tensor; 2] = linear_many(x, &[&self.gate, &self.up], lora)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("gate, up: two products"))?;
+        self.down.forward_with(&g.f_silu()?.f_mul(&u)?, lora)
     }
 }
 

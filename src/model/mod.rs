@@ -10,6 +10,7 @@ pub mod peft;
 pub mod rope;
 pub mod scratch;
 pub mod small_matmul;
+pub mod spin_pool;
 pub mod tokenizer;
 pub mod trainable;
 pub mod weights;

@@ -4,18 +4,18 @@
 //! then reaches a small fraction of memory bandwidth (it packs W for a big GEMM
 //! that never comes), and that matmul is most of a decode step. This kernel
 //! streams every row of W once, dots it with all rows of x (which sit in L1),
-//! and splits the rows of W across threads. Only for contiguous f32 CPU tensors
+//! and splits the rows of W across the threads of `spin_pool`. Only for contiguous f32 CPU tensors
 //! that autograd does not track; everything else goes to libtorch.
+use super::spin_pool::SpinPool;
 use anyhow::Result;
-use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
 /// Most rows of x this kernel takes; more is a real GEMM, better left to MKL.
 pub const MAX_ROWS: i64 = 16;
 /// Rows of x handled per pass over a row of W (accumulators kept in registers).
 const GROUP: usize = 8;
-/// Rows of W per parallel task.
-const TASK: usize = 32;
+/// Rows of W per pass with AVX-512 (3 x 8 accumulators of the 32 registers).
+const WB: usize = 3;
 
 /// Whether `x (.., in) @ w (out, in)^T` can take this path.
 pub fn applies(x: &Tensor, w: &Tensor, rows: i64) -> bool {
@@ -50,67 +50,171 @@ fn has_fma() -> bool {
     false
 }
 
+/// Whether the AVX-512 kernel can run here.
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx512() -> bool {
+    std::is_x86_feature_detected!("avx512f")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub fn has_avx512() -> bool {
+    false
+}
+
 /// Computes `x (rows, in) @ w (out, in)^T + b` into a new (rows, out) tensor.
 /// Callers check `applies` first.
 pub fn matmul(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let (n, k) = (w.size()[0] as usize, w.size()[1] as usize);
-    let x = x.f_contiguous()?;
-    let rows = x.numel() / k;
-    // SAFETY: both tensors are contiguous f32 on the CPU with the numel used
-    // here, and outlive these borrows (no other handle writes to them meanwhile).
-    let (xs, ws) = unsafe {
-        (
-            std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * k),
-            std::slice::from_raw_parts(w.data_ptr() as *const f32, n * k),
-        )
-    };
-    // Transposed result (out, rows): each task writes whole rows of it.
-    let mut yt = vec![0f32; n * rows];
-    yt.par_chunks_mut(TASK * rows)
-        .enumerate()
-        .for_each(|(t, chunk)| {
-            for (i, y) in chunk.chunks_mut(rows).enumerate() {
-                let o = t * TASK + i;
-                dot_rows(&ws[o * k..(o + 1) * k], xs, rows, y);
-            }
-        });
-    let mut y = Tensor::f_empty([rows as i64, n as i64], (Kind::Float, Device::Cpu))?;
-    // SAFETY: a fresh contiguous (rows, n) f32 tensor that nothing else holds.
-    let ys = unsafe { std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, rows * n) };
-    for o in 0..n {
-        for r in 0..rows {
-            ys[r * n + o] = yt[o * rows + r];
-        }
-    }
-    if let Some(b) = b {
-        y = y.f_add(b)?;
-    }
-    Ok(y)
+    let mut y = matmul_many(x, &[(w, b)], has_avx512())?;
+    Ok(y.remove(0))
 }
 
-/// y[r] = w . x[r] for every row r of x (rows x k, row-major).
-fn dot_rows(w: &[f32], x: &[f32], rows: usize, y: &mut [f32]) {
-    let k = w.len();
-    let mut r = 0;
-    while r < rows {
-        let g = GROUP.min(rows - r);
-        let xg = &x[r * k..(r + g) * k];
-        let yg = &mut y[r..r + g];
-        // SAFETY: `applies` checked AVX2 and FMA; slices have g*k and k floats.
-        #[cfg(target_arch = "x86_64")]
+/// One product per (W, b) of `ws`, all with the same x, in one pass of the
+/// pool (q, k and v of a layer; its gate and up). Callers check `applies`
+/// for each W; `wide` picks the AVX-512 kernel over the AVX2 one.
+pub fn matmul_many(
+    x: &Tensor,
+    ws: &[(&Tensor, Option<&Tensor>)],
+    wide: bool,
+) -> Result<Vec<Tensor>> {
+    let k = ws[0].0.size()[1] as usize;
+    let x = x.f_contiguous()?;
+    let rows = x.numel() / k;
+    // SAFETY: x is contiguous f32 on the CPU with rows * k elements and
+    // outlives this borrow (no other handle writes to it meanwhile).
+    let xs = unsafe { std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * k) };
+    let mut outs = Vec::with_capacity(ws.len());
+    let mut jobs = Vec::with_capacity(ws.len());
+    for (w, b) in ws {
+        let n = w.size()[0] as usize;
+        anyhow::ensure!(w.size()[1] as usize == k, "matmul_many: widths differ");
+        let b = b.map(|b| b.f_contiguous()).transpose()?;
+        let y = Tensor::f_empty([rows as i64, n as i64], (Kind::Float, Device::Cpu))?;
+        // SAFETY: W and b are contiguous f32 CPU tensors of n * k and n
+        // elements (`applies`), held by the caller or `outs` until we return.
+        jobs.push(unsafe {
+            Job {
+                w: std::slice::from_raw_parts(w.data_ptr() as *const f32, n * k),
+                b: b.as_ref()
+                    .map(|b| std::slice::from_raw_parts(b.data_ptr() as *const f32, n)),
+                out: OutPtr(y.data_ptr() as *mut f32),
+                n,
+            }
+        });
+        outs.push((y, b));
+    }
+    let total: usize = jobs.iter().map(|j| j.n).sum();
+    SpinPool::global().run(&|part, parts| {
+        // Contiguous rows of all the Ws per part, in blocks of 48 (whole cache
+        // lines of y, whole blocks of the kernel).
+        let per = total.div_ceil(parts).div_ceil(48) * 48;
+        let (lo, hi) = ((part * per).min(total), ((part + 1) * per).min(total));
+        let mut start = 0;
+        for job in &jobs {
+            let (a, z) = (
+                lo.max(start) - start,
+                hi.min(start + job.n).max(start) - start,
+            );
+            if a < z {
+                job.rows(xs, rows, k, a..z, wide);
+            }
+            start += job.n;
+        }
+    });
+    Ok(outs.into_iter().map(|(y, _)| y).collect())
+}
+
+/// One product of `matmul_many`: W (n, k), its bias and where y goes.
+struct Job<'a> {
+    w: &'a [f32],
+    b: Option<&'a [f32]>,
+    out: OutPtr,
+    n: usize,
+}
+
+impl Job<'_> {
+    /// y[r][o] = x[r] . W[o] + b[o] for the rows `os` of W and all rows of x.
+    fn rows(&self, xs: &[f32], rows: usize, k: usize, os: std::ops::Range<usize>, wide: bool) {
+        let mut o = os.start;
+        while o < os.end {
+            let wb = if wide { WB.min(os.end - o) } else { 1 };
+            let mut r = 0;
+            while r < rows {
+                let g = GROUP.min(rows - r);
+                let mut acc = [[0f32; GROUP]; WB];
+                let (w, x) = (&self.w[o * k..(o + wb) * k], &xs[r * k..(r + g) * k]);
+                dot_block(w, x, g, &mut acc, wide);
+                for (c, accs) in acc[..wb].iter().enumerate() {
+                    let bias = self.b.map_or(0.0, |b| b[o + c]);
+                    for (i, v) in accs[..g].iter().enumerate() {
+                        // SAFETY: y is a fresh (rows, n) f32 tensor; parts
+                        // write disjoint columns, and run() returns after all.
+                        unsafe { self.out.write((r + i) * self.n + o + c, v + bias) };
+                    }
+                }
+                r += g;
+            }
+            o += wb;
+        }
+    }
+}
+
+/// The output of a matmul, written by every part of the pool at once.
+struct OutPtr(*mut f32);
+// SAFETY: the parts write disjoint elements (see `matmul`).
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// # Safety
+    /// `i` is in bounds and no other part writes element `i`.
+    unsafe fn write(&self, i: usize, v: f32) {
+        unsafe { *self.0.add(i) = v }
+    }
+}
+
+/// acc[b][r] = w[b] . x[r] for the wb = w.len() / k rows of W and the g rows
+/// of x (both row-major with k = x.len() / g columns).
+fn dot_block(w: &[f32], x: &[f32], g: usize, acc: &mut [[f32; GROUP]; WB], wide: bool) {
+    let k = x.len() / g;
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! pick {
+            ($wb:literal) => {
+                // SAFETY: `has_avx512` held; w has $wb*k floats, x g*k.
+                unsafe {
+                    match g {
+                        8 => avx512::dots::<$wb, 8>(w, x, k, acc),
+                        7 => avx512::dots::<$wb, 7>(w, x, k, acc),
+                        6 => avx512::dots::<$wb, 6>(w, x, k, acc),
+                        5 => avx512::dots::<$wb, 5>(w, x, k, acc),
+                        4 => avx512::dots::<$wb, 4>(w, x, k, acc),
+                        3 => avx512::dots::<$wb, 3>(w, x, k, acc),
+                        2 => avx512::dots::<$wb, 2>(w, x, k, acc),
+                        _ => avx512::dots::<$wb, 1>(w, x, k, acc),
+                    }
+                }
+            };
+        }
+        if wide {
+            return match w.len() / k {
+                3 => pick!(3),
+                2 => pick!(2),
+                _ => pick!(1),
+            };
+        }
+        let y = &mut acc[0][..g];
+        // SAFETY: `applies` checked AVX2 and FMA; x holds g*k floats, w k.
         unsafe {
             match g {
-                8 => fma::dots::<8>(w, xg, yg),
-                7 => fma::dots::<7>(w, xg, yg),
-                6 => fma::dots::<6>(w, xg, yg),
-                5 => fma::dots::<5>(w, xg, yg),
-                4 => fma::dots::<4>(w, xg, yg),
-                3 => fma::dots::<3>(w, xg, yg),
-                2 => fma::dots::<2>(w, xg, yg),
-                _ => fma::dots::<1>(w, xg, yg),
+                8 => fma::dots::<8>(w, x, y),
+                7 => fma::dots::<7>(w, x, y),
+                6 => fma::dots::<6>(w, x, y),
+                5 => fma::dots::<5>(w, x, y),
+                4 => fma::dots::<4>(w, x, y),
+                3 => fma::dots::<3>(w, x, y),
+                2 => fma::dots::<2>(w, x, y),
+                _ => fma::dots::<1>(w, x, y),
             }
         }
-        r += g;
     }
 }
 
@@ -150,9 +254,81 @@ mod fma {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{GROUP, WB};
+    use std::arch::x86_64::*;
+
+    /// acc[b][r] = w[b] . x[r] for the B rows of `w` (B x k) and the R rows
+    /// of `x` (R x k): each 16-float slice of W meets all R rows of x.
+    #[target_feature(enable = "avx512f")]
+    pub unsafe fn dots<const B: usize, const R: usize>(
+        w: &[f32],
+        x: &[f32],
+        k: usize,
+        out: &mut [[f32; GROUP]; WB],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); R]; B];
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let mut step = |i: usize, mask: __mmask16| {
+            let mut wv = [_mm512_setzero_ps(); B];
+            for (b, v) in wv.iter_mut().enumerate() {
+                // The same place in the next block of W (see `fma::dots`).
+                _mm_prefetch::<_MM_HINT_T0>(wp.add((B + b) * k + i) as *const i8);
+                *v = _mm512_maskz_loadu_ps(mask, wp.add(b * k + i));
+            }
+            for r in 0..R {
+                let xv = _mm512_maskz_loadu_ps(mask, xp.add(r * k + i));
+                for b in 0..B {
+                    acc[b][r] = _mm512_fmadd_ps(wv[b], xv, acc[b][r]);
+                }
+            }
+        };
+        let full = k / 16 * 16;
+        let mut i = 0;
+        while i < full {
+            step(i, !0);
+            i += 16;
+        }
+        if i < k {
+            step(i, (1u16 << (k - i)) - 1);
+        }
+        for b in 0..B {
+            for r in 0..R {
+                out[b][r] = _mm512_reduce_add_ps(acc[b][r]);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn many_products_match_one_at_a_time() {
+        let _g = tch::no_grad_guard();
+        let x = Tensor::randn([8, 1, 96], (Kind::Float, Device::Cpu));
+        let ws: Vec<Tensor> = [200, 64, 7]
+            .iter()
+            .map(|&n| Tensor::randn([n, 96], (Kind::Float, Device::Cpu)))
+            .collect();
+        let b = Tensor::randn([64], (Kind::Float, Device::Cpu));
+        let bias = [None, Some(&b), None];
+        if !ws.iter().all(|w| applies(&x, w, 8)) {
+            return; // no AVX2/FMA on this machine: nothing to compare
+        }
+        let pairs: Vec<_> = ws.iter().zip(bias).collect();
+        for wide in [false, has_avx512()] {
+            let got = matmul_many(&x, &pairs, wide).unwrap();
+            for ((w, b), y) in pairs.iter().zip(&got) {
+                let want = x.reshape([8, 96]).linear(w, *b);
+                assert_eq!(y.size(), want.size());
+                let diff = (y - &want).abs().max().double_value(&[]);
+                assert!(diff < 1e-3, "{:?} wide={wide}: {diff}", w.size());
+            }
+        }
+    }
 
     #[test]
     fn matches_libtorch_linear() {
@@ -171,9 +347,17 @@ mod tests {
                 return; // no AVX2/FMA on this machine: nothing to compare
             }
             let want = x.linear(&w, Some(&b));
-            let got = matmul(&x, &w, Some(&b)).unwrap();
-            let diff = (&got - &want).abs().max().double_value(&[]);
-            assert!(diff < 1e-4 * (k as f64).sqrt(), "{rows}x{k}x{n}: {diff}");
+            for wide in [false, true] {
+                if wide && !has_avx512() {
+                    continue;
+                }
+                let got = matmul_many(&x, &[(&w, Some(&b))], wide).unwrap().remove(0);
+                let diff = (&got - &want).abs().max().double_value(&[]);
+                assert!(
+                    diff < 1e-4 * (k as f64).sqrt(),
+                    "{rows}x{k}x{n} {wide}: {diff}"
+                );
+            }
         }
     }
 }
