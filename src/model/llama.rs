@@ -5,6 +5,7 @@
 //!
 //! Shapes: B batch, T new tokens, S keys (cache + new), H hidden, D head dim.
 use super::config::{Arch, ModelConfig};
+use super::decode_attention;
 use super::kv_cache::{KvCache, Step};
 use super::lora::{LoraAdapter, LoraConfig, LoraUse};
 use super::ouro::ExitGate;
@@ -223,6 +224,12 @@ impl Attention {
             _ => (k, v),
         };
         let scale = (self.head_dim as f64).powf(-0.5);
+        if decode_attention::applies(&q, &k, &v) {
+            let y = decode_attention::attend(&q, &k, &v, &step.mask, scale)?;
+            return self
+                .o
+                .forward_with(&y.f_reshape([b, t, self.heads * self.head_dim])?, lora);
+        }
         let y = Tensor::f_scaled_dot_product_attention(
             &q,
             &k,

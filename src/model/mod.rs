@@ -1,6 +1,7 @@
 //! Hugging Face checkpoints: config, weights, decoder, KV cache, tokenizer.
 pub mod batch;
 pub mod config;
+pub mod decode_attention;
 pub mod device;
 pub mod kv_cache;
 pub mod llama;

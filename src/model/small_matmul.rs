@@ -40,13 +40,14 @@ fn grad_enabled() -> bool {
     }
 }
 
+/// Whether the AVX2/FMA kernels can run here.
 #[cfg(target_arch = "x86_64")]
-fn has_fma() -> bool {
+pub fn has_fma() -> bool {
     std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
-fn has_fma() -> bool {
+pub fn has_fma() -> bool {
     false
 }
 
@@ -262,6 +263,7 @@ mod avx512 {
     /// acc[b][r] = w[b] . x[r] for the B rows of `w` (B x k) and the R rows
     /// of `x` (R x k): each 16-float slice of W meets all R rows of x.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)] // r indexes both x and acc
     pub unsafe fn dots<const B: usize, const R: usize>(
         w: &[f32],
         x: &[f32],

@@ -107,7 +107,7 @@ fn helper(s: &Shared, part: usize) {
             }
             spins = spins.wrapping_add(1);
             // Reading the clock costs more than a spin: look every 64th.
-            if spins % 64 != 0 || since.elapsed() < SPIN {
+            if !spins.is_multiple_of(64) || since.elapsed() < SPIN {
                 std::hint::spin_loop();
                 continue;
             }

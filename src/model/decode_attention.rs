@@ -1,0 +1,209 @@
+//! Attention of one new token per row over the KV cache: the decode step's.
+//!
+//! libtorch's fused CPU kernel is built for long query blocks; with one query
+//! it spends most of its time in per-call set-up and small GEMM calls, and its
+//! cost grows with the cache. This kernel reads each (row, kv head) slice of
+//! the cache once for all the query heads that share it, splits the pairs over
+//! `spin_pool`, and keeps the softmax exact (max-subtracted, then normalised).
+//! Only for f32 CPU tensors outside autograd; everything else goes to libtorch.
+use super::spin_pool::SpinPool;
+use anyhow::{ensure, Result};
+use tch::{Device, Kind, Tensor};
+
+/// Whether q (B, H, 1, D) over k, v (B, G, S, D) can take this path.
+pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
+    let (qs, ks) = (q.size(), k.size());
+    qs.len() == 4
+        && qs[2] == 1
+        && ks.len() == 4
+        && q.device() == Device::Cpu
+        && [q, k, v].iter().all(|t| t.kind() == Kind::Float)
+        && !(q.requires_grad() || k.requires_grad() || v.requires_grad())
+        && k.stride()[3] == 1
+        && v.stride()[3] == 1
+        && k.stride() == v.stride()
+        && qs[1] % ks[1] == 0
+        && super::small_matmul::has_fma()
+}
+
+/// softmax(scale q k^T, masked) v for q (B, H, 1, D), k and v (B, G, S, D)
+/// with G dividing H (grouped-query), `mask` (B, 1, 1, S) true where a key
+/// may be seen. Returns (B, H, 1, D). Callers check `applies` first.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    let (b, h, d) = (
+        q.size()[0] as usize,
+        q.size()[1] as usize,
+        q.size()[3] as usize,
+    );
+    let (g, s) = (k.size()[1] as usize, k.size()[2] as usize);
+    ensure!(
+        mask.size() == [b as i64, 1, 1, s as i64],
+        "decode attention: mask {:?} for {b} rows and {s} keys",
+        mask.size()
+    );
+    let q = q.f_contiguous()?;
+    let mask = mask.f_to_kind(Kind::Bool)?.f_contiguous()?;
+    let (row, head) = (k.stride()[0] as usize, k.stride()[1] as usize);
+    let y = Tensor::f_empty(
+        [b as i64, h as i64, 1, d as i64],
+        (Kind::Float, Device::Cpu),
+    )?;
+    let span = (b - 1) * row + (g - 1) * head + s * d;
+    // SAFETY: contiguous q, y and mask of the sizes used; k and v are views
+    // whose last element is at `span` - 1 from their start, with unit stride
+    // in D (`applies`); all outlive this call.
+    let (qs, ks, vs, ms) = unsafe {
+        (
+            std::slice::from_raw_parts(q.data_ptr() as *const f32, b * h * d),
+            std::slice::from_raw_parts(k.data_ptr() as *const f32, span),
+            std::slice::from_raw_parts(v.data_ptr() as *const f32, span),
+            std::slice::from_raw_parts(mask.data_ptr() as *const bool, b * s),
+        )
+    };
+    let out = Out(y.data_ptr() as *mut f32);
+    let per_group = h / g;
+    SpinPool::global().run(&|part, parts| {
+        let (mut scores, mut acc) = (vec![0f32; s], vec![0f32; d]);
+        for pair in (part..b * g).step_by(parts) {
+            let (r, kv) = (pair / g, pair % g);
+            let base = r * row + kv * head;
+            let (kr, vr) = (&ks[base..base + s * d], &vs[base..base + s * d]);
+            for j in kv * per_group..(kv + 1) * per_group {
+                let at = (r * h + j) * d;
+                acc.fill(0.0);
+                let (qh, mr) = (&qs[at..at + d], &ms[r * s..(r + 1) * s]);
+                // SAFETY: `applies` checked AVX2 and FMA.
+                unsafe { one_head_fma(qh, kr, vr, mr, scale as f32, &mut scores, &mut acc) };
+                // SAFETY: (r, j) is written by this part alone, inside y.
+                unsafe { out.write(at, &acc) };
+            }
+        }
+    });
+    Ok(y)
+}
+
+/// `one_head` compiled for AVX2 and FMA.
+#[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
+unsafe fn one_head_fma(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[bool],
+    scale: f32,
+    scores: &mut [f32],
+    acc: &mut [f32],
+) {
+    one_head(q, k, v, mask, scale, scores, acc)
+}
+
+/// One query head: scores, exact softmax over the visible keys, weighted V.
+#[inline(always)]
+fn one_head(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[bool],
+    scale: f32,
+    scores: &mut [f32],
+    acc: &mut [f32],
+) {
+    let d = q.len();
+    let mut max = f32::NEG_INFINITY;
+    for (i, sc) in scores.iter_mut().enumerate() {
+        *sc = if mask[i] {
+            scale * dot(q, &k[i * d..(i + 1) * d])
+        } else {
+            f32::NEG_INFINITY
+        };
+        max = max.max(*sc);
+    }
+    let mut total = 0f32;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        total += *sc;
+    }
+    for (i, &p) in scores.iter().enumerate() {
+        if p != 0.0 {
+            axpy(p / total, &v[i * d..(i + 1) * d], acc);
+        }
+    }
+}
+
+/// q . k in 16 independent lanes (so the compiler keeps it vectorised).
+#[inline(always)]
+fn dot(q: &[f32], k: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (qc, kc) = (q.chunks_exact(16), k.chunks_exact(16));
+    let tail: f32 = qc
+        .remainder()
+        .iter()
+        .zip(kc.remainder())
+        .map(|(a, b)| a * b)
+        .sum();
+    for (a, b) in qc.zip(kc) {
+        for l in 0..16 {
+            lanes[l] = a[l].mul_add(b[l], lanes[l]);
+        }
+    }
+    lanes.iter().sum::<f32>() + tail
+}
+
+/// acc += p v.
+#[inline(always)]
+fn axpy(p: f32, v: &[f32], acc: &mut [f32]) {
+    for (a, x) in acc.iter_mut().zip(v) {
+        *a = p.mul_add(*x, *a);
+    }
+}
+
+/// The output, written by every part of the pool at once.
+struct Out(*mut f32);
+// SAFETY: the parts write disjoint heads (see `attend`).
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// # Safety
+    /// `at..at + vals.len()` is inside the output and written by no other part.
+    unsafe fn write(&self, at: usize, vals: &[f32]) {
+        unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), self.0.add(at), vals.len()) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matches_libtorch_sdpa_with_a_mask_and_grouped_heads() {
+        let _g = tch::no_grad_guard();
+        let opts = (Kind::Float, Device::Cpu);
+        for (b, h, g, s, d, cap) in [
+            (8, 9, 3, 129, 64, 140),
+            (3, 4, 4, 5, 20, 5),
+            (2, 6, 1, 33, 7, 40),
+        ] {
+            let q = Tensor::randn([b, h, 1, d], opts);
+            let kc = Tensor::randn([b, g, cap, d], opts);
+            let vc = Tensor::randn([b, g, cap, d], opts);
+            let (k, v) = (kc.narrow(2, 0, s), vc.narrow(2, 0, s));
+            // Every other row sees only a suffix; key 0 hidden everywhere but row 0.
+            let mask = Tensor::rand([b, 1, 1, s], opts).gt(0.3);
+            let _ = mask.narrow(3, s - 1, 1).fill_(1);
+            assert!(applies(&q, &k, &v));
+            let scale = (d as f64).powf(-0.5);
+            let want = Tensor::scaled_dot_product_attention(
+                &q,
+                &k,
+                &v,
+                Some(&mask),
+                0.0,
+                false,
+                scale,
+                true,
+            );
+            let got = attend(&q, &k, &v, &mask, scale).unwrap();
+            let diff = (&got - &want).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "{b}x{h}/{g}x{s}x{d}: {diff}");
+        }
+    }
+}
