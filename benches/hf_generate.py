@@ -1,7 +1,8 @@
 """The peer side of benches/rollout.rs: transformers `generate` on the same model
 and settings. Prints one JSON line: {"tokens_per_s": [...per run...], "tokens": N}.
 
-Usage: python hf_generate.py MODEL_DIR PROMPTS_JSON THREADS NEW RUNS SEED TEMPERATURE TOP_K TOP_P
+Usage: python hf_generate.py MODEL_DIR PROMPTS_JSON THREADS NEW RUNS SEED TEMPERATURE TOP_K TOP_P [DTYPE]
+(DTYPE float32 by default, or bfloat16.)
 """
 import json
 import sys
@@ -14,10 +15,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 def main():
     model_dir, prompts_json, threads, new, runs = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
     seed, temperature, top_k, top_p = int(sys.argv[6]), float(sys.argv[7]), int(sys.argv[8]), float(sys.argv[9])
+    dtype = getattr(torch, sys.argv[10] if len(sys.argv) > 10 else "float32")
     torch.set_num_threads(threads)
     prompts = json.load(open(prompts_json))  # list of id lists
     tok = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     model.generation_config.eos_token_id = None  # exactly NEW tokens per sequence, as on our side
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     width = max(len(p) for p in prompts)

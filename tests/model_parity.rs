@@ -96,49 +96,78 @@ fn bf16_logits_match_transformers_bf16() {
     }
 }
 
+/// Logits from a prefill of all but the last 4 tokens, then one token at a
+/// time through the KV cache (the decode kernels' path).
+fn cached_logits(m: &Model, exp: &std::collections::HashMap<String, Tensor>) -> Tensor {
+    let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
+    let (b, l) = (ids.size()[0], ids.size()[1]);
+    let split = l - 4;
+    let mut cache = m.net.new_cache(b, l).unwrap();
+    let valid = mask.to_kind(Kind::Bool);
+    let mut outs = Vec::new();
+    for (at, n) in [(0, split)].into_iter().chain((split..l).map(|t| (t, 1))) {
+        let step = cache.step(&valid.narrow(1, at, n)).unwrap();
+        let x = m.net.embed(&ids.narrow(1, at, n)).unwrap();
+        outs.push(m.net.forward(&x, &step, Some(&cache)).unwrap());
+    }
+    assert_eq!(
+        cache.lengths().unwrap(),
+        Vec::<i64>::try_from(mask.sum_dim_intlist(1, false, Kind::Int64)).unwrap()
+    );
+    m.net.logits(&Tensor::cat(&outs, 1)).unwrap()
+}
+
 #[test]
 fn cached_decoding_matches_uncached_forward() {
     // Prefill + one token at a time through the KV cache gives the same logits
     // as one forward over the whole left-padded sequence.
     let _g = tch::no_grad_guard();
     let (m, exp) = load("llama_gqa_llama3_bias");
-    let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
-    let (b, l) = (ids.size()[0], ids.size()[1]);
-    let split = l - 4;
-    let mut cache = m.net.new_cache(b, l).unwrap();
-    let valid = mask.to_kind(Kind::Bool);
-    let step = cache.step(&valid.narrow(1, 0, split)).unwrap();
-    let mut outs = vec![m
-        .net
-        .forward(
-            &m.net.embed(&ids.narrow(1, 0, split)).unwrap(),
-            &step,
-            Some(&cache),
-        )
-        .unwrap()];
-    for t in split..l {
-        let step = cache.step(&valid.narrow(1, t, 1)).unwrap();
-        outs.push(
-            m.net
-                .forward(
-                    &m.net.embed(&ids.narrow(1, t, 1)).unwrap(),
-                    &step,
-                    Some(&cache),
-                )
-                .unwrap(),
-        );
-    }
-    let logits = m.net.logits(&Tensor::cat(&outs, 1)).unwrap();
-    let sel = valid.unsqueeze(-1).expand_as(&logits);
+    let logits = cached_logits(&m, &exp);
+    let sel = exp["attention_mask"]
+        .to_kind(Kind::Bool)
+        .unsqueeze(-1)
+        .expand_as(&logits);
     let diff = common::max_abs_diff(
         &logits.masked_select(&sel),
         &exp["logits"].masked_select(&sel),
     );
     assert!(diff < 1e-4, "cached vs transformers: {diff}");
-    assert_eq!(
-        cache.lengths().unwrap(),
-        Vec::<i64>::try_from(mask.sum_dim_intlist(1, false, Kind::Int64)).unwrap()
-    );
+}
+
+#[test]
+fn bf16_cached_decoding_matches_transformers_bf16() {
+    // The bf16 decode kernels (bf16 weights and cache widened, f32 sums) on
+    // the 4 decoded positions: as close to transformers' bf16 as transformers'
+    // bf16 is to its f32 (the bound of bf16_logits_match_transformers_bf16).
+    let _g = tch::no_grad_guard();
+    for name in common::TINY_NAMES {
+        let dir = common::tiny_models().join(name);
+        let m = Model::load(&dir, Device::Cpu, Kind::BFloat16).unwrap();
+        let exp = common::read_tensors(&dir.join("expected.safetensors"));
+        let logits = cached_logits(&m, &exp).to_kind(Kind::Float);
+        let l = logits.size()[1];
+        let last = |t: &Tensor| t.narrow(1, l - 4, 4);
+        let sel = last(&exp["attention_mask"].to_kind(Kind::Bool))
+            .unsqueeze(-1)
+            .expand_as(&last(&logits));
+        let pick = |t: &Tensor| last(t).masked_select(&sel);
+        let (ours, theirs, f32) = (
+            pick(&logits),
+            pick(&exp["logits_bf16"]),
+            pick(&exp["logits"]),
+        );
+        let mean = |a: &Tensor, b: &Tensor| (a - b).abs().mean(Kind::Float).double_value(&[]);
+        let (ours_vs_hf, hf_vs_f32) = (mean(&ours, &theirs), mean(&theirs, &f32));
+        eprintln!(
+            "{name}: decoded bf16 ours-vs-hf mean {ours_vs_hf:.5}; hf bf16-vs-f32 {hf_vs_f32:.5}"
+        );
+        assert!(hf_vs_f32 > 0.0, "bf16 really differs from f32");
+        assert!(
+            ours_vs_hf < hf_vs_f32,
+            "{name}: {ours_vs_hf} vs {hf_vs_f32}"
+        );
+    }
 }
 
 #[test]

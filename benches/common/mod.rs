@@ -54,6 +54,8 @@ pub struct HfGenerate {
     pub threads: usize,
     pub new: usize,
     pub sampling: tarpo::policy::Sampling,
+    /// torch dtype name of the weights ("float32", "bfloat16").
+    pub dtype: &'static str,
 }
 
 impl HfGenerate {
@@ -73,6 +75,7 @@ impl HfGenerate {
             threads,
             new,
             sampling,
+            dtype: "float32",
         })
     }
 
@@ -96,6 +99,7 @@ impl HfGenerate {
                 s.temperature.to_string(),
                 s.top_k.to_string(),
                 s.top_p.to_string(),
+                self.dtype.to_string(),
             ])
             .env("HF_HUB_OFFLINE", "1")
             .output()
@@ -157,8 +161,9 @@ pub fn generate_rate(
     Ok(n as f64 / start.elapsed().as_secs_f64())
 }
 
-/// `runs` rounds of tarpo then the peer, alternating so both sides see the
-/// same machine conditions; prints each round. Returns (tarpo, peer) rates.
+/// `runs` rounds of both sides, tarpo first in even rounds and the peer first
+/// in odd ones, so both see the same machine conditions; prints each round.
+/// Returns (tarpo, peer) rates.
 pub fn side_by_side(
     runs: usize,
     mut ours: impl FnMut(usize) -> anyhow::Result<f64>,
@@ -166,8 +171,13 @@ pub fn side_by_side(
 ) -> anyhow::Result<(Vec<f64>, Vec<f64>)> {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     for r in 0..runs {
-        a.push(ours(r)?);
-        b.push(peer(r)?);
+        if r % 2 == 0 {
+            a.push(ours(r)?);
+            b.push(peer(r)?);
+        } else {
+            b.push(peer(r)?);
+            a.push(ours(r)?);
+        }
         eprintln!(
             "run {}: tarpo {:.1} tok/s, transformers {:.1} tok/s",
             r + 1,

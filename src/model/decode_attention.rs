@@ -5,7 +5,8 @@
 //! cost grows with the cache. This kernel reads each (row, kv head) slice of
 //! the cache once for all the query heads that share it, splits the pairs over
 //! `spin_pool`, and keeps the softmax exact (max-subtracted, then normalised).
-//! Only for f32 CPU tensors outside autograd; everything else goes to libtorch.
+//! Only for f32 or bf16 CPU tensors outside autograd (bf16 keys and values
+//! are read as stored and widened; sums in f32); the rest goes to libtorch.
 use super::spin_pool::SpinPool;
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
@@ -17,7 +18,8 @@ pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
         && qs[2] == 1
         && ks.len() == 4
         && q.device() == Device::Cpu
-        && [q, k, v].iter().all(|t| t.kind() == Kind::Float)
+        && (k.kind() == Kind::Float || k.kind() == Kind::BFloat16)
+        && [q, v].iter().all(|t| t.kind() == k.kind())
         && !(q.requires_grad() || k.requires_grad() || v.requires_grad())
         && k.stride()[3] == 1
         && v.stride()[3] == 1
@@ -28,20 +30,18 @@ pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 
 /// softmax(scale q k^T, masked) v for q (B, H, 1, D), k and v (B, G, S, D)
 /// with G dividing H (grouped-query), `mask` (B, 1, 1, S) true where a key
-/// may be seen. Returns (B, H, 1, D). Callers check `applies` first.
+/// may be seen. Returns (B, H, 1, D) in q's dtype. Callers check `applies`.
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    let (b, h, d) = (
-        q.size()[0] as usize,
-        q.size()[1] as usize,
-        q.size()[3] as usize,
-    );
-    let (g, s) = (k.size()[1] as usize, k.size()[2] as usize);
+    let (qs, ks) = (q.size(), k.size());
+    let (b, h, d) = (qs[0] as usize, qs[1] as usize, qs[3] as usize);
+    let (g, s) = (ks[1] as usize, ks[2] as usize);
     ensure!(
         mask.size() == [b as i64, 1, 1, s as i64],
         "decode attention: mask {:?} for {b} rows and {s} keys",
         mask.size()
     );
-    let q = q.f_contiguous()?;
+    let kind = q.kind();
+    let q = q.f_to_kind(Kind::Float)?.f_contiguous()?;
     let mask = mask.f_to_kind(Kind::Bool)?.f_contiguous()?;
     let (row, head) = (k.stride()[0] as usize, k.stride()[1] as usize);
     let y = Tensor::f_empty(
@@ -49,18 +49,76 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> 
         (Kind::Float, Device::Cpu),
     )?;
     let span = (b - 1) * row + (g - 1) * head + s * d;
-    // SAFETY: contiguous q, y and mask of the sizes used; k and v are views
-    // whose last element is at `span` - 1 from their start, with unit stride
-    // in D (`applies`); all outlive this call.
-    let (qs, ks, vs, ms) = unsafe {
-        (
-            std::slice::from_raw_parts(q.data_ptr() as *const f32, b * h * d),
-            std::slice::from_raw_parts(k.data_ptr() as *const f32, span),
-            std::slice::from_raw_parts(v.data_ptr() as *const f32, span),
-            std::slice::from_raw_parts(mask.data_ptr() as *const bool, b * s),
-        )
+    let sh = Shape {
+        b,
+        h,
+        g,
+        s,
+        d,
+        row,
+        head,
     };
     let out = Out(y.data_ptr() as *mut f32);
+    // SAFETY: contiguous q, y and mask of the sizes used; k and v are views
+    // whose last element is at `span` - 1 from their start, with unit stride
+    // in D (`applies`), read as f32 or as bf16 bit patterns; all outlive this.
+    unsafe {
+        let qs = std::slice::from_raw_parts(q.data_ptr() as *const f32, b * h * d);
+        let ms = std::slice::from_raw_parts(mask.data_ptr() as *const bool, b * s);
+        let (kp, vp) = (k.data_ptr(), v.data_ptr());
+        if kind == Kind::BFloat16 {
+            let kv = (kp as *const Bf16, vp as *const Bf16);
+            let kv = (
+                std::slice::from_raw_parts(kv.0, span),
+                std::slice::from_raw_parts(kv.1, span),
+            );
+            run(qs, kv, ms, scale as f32, &sh, &out);
+        } else {
+            let kv = (kp as *const f32, vp as *const f32);
+            let kv = (
+                std::slice::from_raw_parts(kv.0, span),
+                std::slice::from_raw_parts(kv.1, span),
+            );
+            run(qs, kv, ms, scale as f32, &sh, &out);
+        }
+    }
+    Ok(if kind == Kind::Float {
+        y
+    } else {
+        y.f_to_kind(kind)?
+    })
+}
+
+/// Sizes and cache strides (rows, kv heads) of one `attend` call.
+#[derive(Clone, Copy)]
+struct Shape {
+    b: usize,
+    h: usize,
+    g: usize,
+    s: usize,
+    d: usize,
+    row: usize,
+    head: usize,
+}
+
+/// `attend`'s work over the pool, for keys and values of element type E.
+fn run<E: Widen>(
+    qs: &[f32],
+    (ks, vs): (&[E], &[E]),
+    ms: &[bool],
+    scale: f32,
+    sh: &Shape,
+    out: &Out,
+) {
+    let Shape {
+        b,
+        h,
+        g,
+        s,
+        d,
+        row,
+        head,
+    } = *sh;
     let per_group = h / g;
     SpinPool::global().run(&|part, parts| {
         let (mut scores, mut acc) = (vec![0f32; s], vec![0f32; d]);
@@ -73,21 +131,44 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> 
                 acc.fill(0.0);
                 let (qh, mr) = (&qs[at..at + d], &ms[r * s..(r + 1) * s]);
                 // SAFETY: `applies` checked AVX2 and FMA.
-                unsafe { one_head_fma(qh, kr, vr, mr, scale as f32, &mut scores, &mut acc) };
+                unsafe { one_head_fma(qh, kr, vr, mr, scale, &mut scores, &mut acc) };
                 // SAFETY: (r, j) is written by this part alone, inside y.
                 unsafe { out.write(at, &acc) };
             }
         }
     });
-    Ok(y)
+}
+
+/// An element of the cache, read as f32.
+trait Widen: Copy + Sync {
+    fn widen(self) -> f32;
+}
+
+impl Widen for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+/// A bf16 bit pattern: the top half of an f32.
+#[derive(Clone, Copy)]
+#[repr(transparent)]
+struct Bf16(u16);
+
+impl Widen for Bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        f32::from_bits((self.0 as u32) << 16)
+    }
 }
 
 /// `one_head` compiled for AVX2 and FMA.
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-unsafe fn one_head_fma(
+unsafe fn one_head_fma<E: Widen>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     mask: &[bool],
     scale: f32,
     scores: &mut [f32],
@@ -98,10 +179,10 @@ unsafe fn one_head_fma(
 
 /// One query head: scores, exact softmax over the visible keys, weighted V.
 #[inline(always)]
-fn one_head(
+fn one_head<E: Widen>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     mask: &[bool],
     scale: f32,
     scores: &mut [f32],
@@ -131,18 +212,18 @@ fn one_head(
 
 /// q . k in 16 independent lanes (so the compiler keeps it vectorised).
 #[inline(always)]
-fn dot(q: &[f32], k: &[f32]) -> f32 {
+fn dot<E: Widen>(q: &[f32], k: &[E]) -> f32 {
     let mut lanes = [0f32; 16];
     let (qc, kc) = (q.chunks_exact(16), k.chunks_exact(16));
     let tail: f32 = qc
         .remainder()
         .iter()
         .zip(kc.remainder())
-        .map(|(a, b)| a * b)
+        .map(|(a, b)| a * b.widen())
         .sum();
     for (a, b) in qc.zip(kc) {
         for l in 0..16 {
-            lanes[l] = a[l].mul_add(b[l], lanes[l]);
+            lanes[l] = a[l].mul_add(b[l].widen(), lanes[l]);
         }
     }
     lanes.iter().sum::<f32>() + tail
@@ -150,9 +231,9 @@ fn dot(q: &[f32], k: &[f32]) -> f32 {
 
 /// acc += p v.
 #[inline(always)]
-fn axpy(p: f32, v: &[f32], acc: &mut [f32]) {
+fn axpy<E: Widen>(p: f32, v: &[E], acc: &mut [f32]) {
     for (a, x) in acc.iter_mut().zip(v) {
-        *a = p.mul_add(*x, *a);
+        *a = p.mul_add(x.widen(), *a);
     }
 }
 
@@ -205,5 +286,37 @@ mod tests {
             let diff = (&got - &want).abs().max().double_value(&[]);
             assert!(diff < 1e-5, "{b}x{h}/{g}x{s}x{d}: {diff}");
         }
+    }
+
+    #[test]
+    fn bf16_cache_is_read_as_stored() {
+        let _g = tch::no_grad_guard();
+        let bf = (Kind::BFloat16, Device::Cpu);
+        let (b, h, g, s, d) = (4, 6, 2, 50, 64);
+        let q = Tensor::randn([b, h, 1, d], bf);
+        let kc = Tensor::randn([b, g, s + 7, d], bf);
+        let vc = Tensor::randn([b, g, s + 7, d], bf);
+        let (k, v) = (kc.narrow(2, 0, s), vc.narrow(2, 0, s));
+        let mask = Tensor::rand([b, 1, 1, s], (Kind::Float, Device::Cpu)).gt(0.2);
+        let _ = mask.narrow(3, s - 1, 1).fill_(1);
+        assert!(applies(&q, &k, &v));
+        let f = |t: &Tensor| t.to_kind(Kind::Float);
+        let scale = 0.125;
+        let want = Tensor::scaled_dot_product_attention(
+            &f(&q),
+            &f(&k),
+            &f(&v),
+            Some(&mask),
+            0.0,
+            false,
+            scale,
+            true,
+        );
+        let got = attend(&q, &k, &v, &mask, scale).unwrap();
+        assert_eq!(got.kind(), Kind::BFloat16);
+        // f32 sums, one bf16 rounding at the end (2^-8 relative).
+        let diff = (f(&got) - &want).abs().max().double_value(&[]);
+        let top = want.abs().max().double_value(&[]);
+        assert!(diff <= top / 128.0, "{diff} of {top}");
     }
 }

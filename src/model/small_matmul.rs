@@ -22,10 +22,13 @@ pub fn applies(x: &Tensor, w: &Tensor, rows: i64) -> bool {
     rows <= MAX_ROWS
         && rows > 0
         && x.device() == Device::Cpu
-        && x.kind() == Kind::Float
-        && w.kind() == Kind::Float
+        && x.kind() == w.kind()
+        && match w.kind() {
+            Kind::Float => has_fma(),
+            Kind::BFloat16 => has_avx512(),
+            _ => false,
+        }
         && w.is_contiguous()
-        && has_fma()
         && !((x.requires_grad() || w.requires_grad()) && grad_enabled())
 }
 
@@ -51,10 +54,12 @@ pub fn has_fma() -> bool {
     false
 }
 
-/// Whether the AVX-512 kernel can run here.
+/// Whether the AVX-512 kernels (f32, and bf16 with 16-bit lanes) can run here.
 #[cfg(target_arch = "x86_64")]
 pub fn has_avx512() -> bool {
     std::is_x86_feature_detected!("avx512f")
+        && std::is_x86_feature_detected!("avx512bw")
+        && std::is_x86_feature_detected!("avx512vl")
 }
 
 #[cfg(not(target_arch = "x86_64"))]
@@ -71,14 +76,17 @@ pub fn matmul(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
 
 /// One product per (W, b) of `ws`, all with the same x, in one pass of the
 /// pool (q, k and v of a layer; its gate and up). Callers check `applies`
-/// for each W; `wide` picks the AVX-512 kernel over the AVX2 one.
+/// for each W; `wide` picks the AVX-512 kernel over the AVX2 one (bf16
+/// weights always take it). bf16 x and W give bf16 y, accumulated in f32.
 pub fn matmul_many(
     x: &Tensor,
     ws: &[(&Tensor, Option<&Tensor>)],
     wide: bool,
 ) -> Result<Vec<Tensor>> {
     let k = ws[0].0.size()[1] as usize;
-    let x = x.f_contiguous()?;
+    let bf16 = x.kind() == Kind::BFloat16;
+    let wide = wide || bf16;
+    let x = x.f_to_kind(Kind::Float)?.f_contiguous()?;
     let rows = x.numel() / k;
     // SAFETY: x is contiguous f32 on the CPU with rows * k elements and
     // outlives this borrow (no other handle writes to it meanwhile).
@@ -88,13 +96,25 @@ pub fn matmul_many(
     for (w, b) in ws {
         let n = w.size()[0] as usize;
         anyhow::ensure!(w.size()[1] as usize == k, "matmul_many: widths differ");
-        let b = b.map(|b| b.f_contiguous()).transpose()?;
+        let b = b
+            .map(|b| b.f_to_kind(Kind::Float)?.f_contiguous())
+            .transpose()?;
         let y = Tensor::f_empty([rows as i64, n as i64], (Kind::Float, Device::Cpu))?;
-        // SAFETY: W and b are contiguous f32 CPU tensors of n * k and n
-        // elements (`applies`), held by the caller or `outs` until we return.
+        // SAFETY: W is a contiguous f32 or bf16 CPU tensor of n * k elements
+        // (`applies`), b f32 of n; the caller or `outs` holds them until we return.
         jobs.push(unsafe {
             Job {
-                w: std::slice::from_raw_parts(w.data_ptr() as *const f32, n * k),
+                w: if bf16 {
+                    Elems::Bf16(std::slice::from_raw_parts(
+                        w.data_ptr() as *const u16,
+                        n * k,
+                    ))
+                } else {
+                    Elems::F32(std::slice::from_raw_parts(
+                        w.data_ptr() as *const f32,
+                        n * k,
+                    ))
+                },
                 b: b.as_ref()
                     .map(|b| std::slice::from_raw_parts(b.data_ptr() as *const f32, n)),
                 out: OutPtr(y.data_ptr() as *mut f32),
@@ -121,12 +141,37 @@ pub fn matmul_many(
             start += job.n;
         }
     });
-    Ok(outs.into_iter().map(|(y, _)| y).collect())
+    outs.into_iter()
+        .map(|(y, _)| {
+            Ok(if bf16 {
+                y.f_to_kind(Kind::BFloat16)?
+            } else {
+                y
+            })
+        })
+        .collect()
+}
+
+/// The elements of a weight matrix: f32, or bf16 (widened in the kernel).
+#[derive(Clone, Copy)]
+enum Elems<'a> {
+    F32(&'a [f32]),
+    Bf16(&'a [u16]),
+}
+
+impl<'a> Elems<'a> {
+    /// Rows lo..hi of a matrix with k columns.
+    fn rows(self, lo: usize, hi: usize, k: usize) -> Elems<'a> {
+        match self {
+            Elems::F32(w) => Elems::F32(&w[lo * k..hi * k]),
+            Elems::Bf16(w) => Elems::Bf16(&w[lo * k..hi * k]),
+        }
+    }
 }
 
 /// One product of `matmul_many`: W (n, k), its bias and where y goes.
 struct Job<'a> {
-    w: &'a [f32],
+    w: Elems<'a>,
     b: Option<&'a [f32]>,
     out: OutPtr,
     n: usize,
@@ -142,7 +187,7 @@ impl Job<'_> {
             while r < rows {
                 let g = GROUP.min(rows - r);
                 let mut acc = [[0f32; GROUP]; WB];
-                let (w, x) = (&self.w[o * k..(o + wb) * k], &xs[r * k..(r + g) * k]);
+                let (w, x) = (self.w.rows(o, o + wb, k), &xs[r * k..(r + g) * k]);
                 dot_block(w, x, g, &mut acc, wide);
                 for (c, accs) in acc[..wb].iter().enumerate() {
                     let bias = self.b.map_or(0.0, |b| b[o + c]);
@@ -173,35 +218,47 @@ impl OutPtr {
 }
 
 /// acc[b][r] = w[b] . x[r] for the wb = w.len() / k rows of W and the g rows
-/// of x (both row-major with k = x.len() / g columns).
-fn dot_block(w: &[f32], x: &[f32], g: usize, acc: &mut [[f32; GROUP]; WB], wide: bool) {
+/// of x (both row-major with k = x.len() / g columns). bf16 W needs `wide`.
+fn dot_block(w: Elems, x: &[f32], g: usize, acc: &mut [[f32; GROUP]; WB], wide: bool) {
     let k = x.len() / g;
     #[cfg(target_arch = "x86_64")]
     {
         macro_rules! pick {
-            ($wb:literal) => {
-                // SAFETY: `has_avx512` held; w has $wb*k floats, x g*k.
+            ($wb:literal, $bf:literal, $w:expr) => {
+                // SAFETY: `has_avx512` (and avx512bw for bf16) held; w has
+                // $wb*k elements, x g*k.
                 unsafe {
+                    let w = $w.as_ptr() as *const u8;
                     match g {
-                        8 => avx512::dots::<$wb, 8>(w, x, k, acc),
-                        7 => avx512::dots::<$wb, 7>(w, x, k, acc),
-                        6 => avx512::dots::<$wb, 6>(w, x, k, acc),
-                        5 => avx512::dots::<$wb, 5>(w, x, k, acc),
-                        4 => avx512::dots::<$wb, 4>(w, x, k, acc),
-                        3 => avx512::dots::<$wb, 3>(w, x, k, acc),
-                        2 => avx512::dots::<$wb, 2>(w, x, k, acc),
-                        _ => avx512::dots::<$wb, 1>(w, x, k, acc),
+                        8 => avx512::dots::<$wb, 8, $bf>(w, x, k, acc),
+                        7 => avx512::dots::<$wb, 7, $bf>(w, x, k, acc),
+                        6 => avx512::dots::<$wb, 6, $bf>(w, x, k, acc),
+                        5 => avx512::dots::<$wb, 5, $bf>(w, x, k, acc),
+                        4 => avx512::dots::<$wb, 4, $bf>(w, x, k, acc),
+                        3 => avx512::dots::<$wb, 3, $bf>(w, x, k, acc),
+                        2 => avx512::dots::<$wb, 2, $bf>(w, x, k, acc),
+                        _ => avx512::dots::<$wb, 1, $bf>(w, x, k, acc),
                     }
                 }
             };
         }
-        if wide {
-            return match w.len() / k {
-                3 => pick!(3),
-                2 => pick!(2),
-                _ => pick!(1),
-            };
-        }
+        let w = match (w, wide) {
+            (Elems::Bf16(w), _) => {
+                return match w.len() / k {
+                    3 => pick!(3, true, w),
+                    2 => pick!(2, true, w),
+                    _ => pick!(1, true, w),
+                };
+            }
+            (Elems::F32(w), true) => {
+                return match w.len() / k {
+                    3 => pick!(3, false, w),
+                    2 => pick!(2, false, w),
+                    _ => pick!(1, false, w),
+                };
+            }
+            (Elems::F32(w), false) => w,
+        };
         let y = &mut acc[0][..g];
         // SAFETY: `applies` checked AVX2 and FMA; x holds g*k floats, w k.
         unsafe {
@@ -260,40 +317,59 @@ mod avx512 {
     use super::{GROUP, WB};
     use std::arch::x86_64::*;
 
-    /// acc[b][r] = w[b] . x[r] for the B rows of `w` (B x k) and the R rows
-    /// of `x` (R x k): each 16-float slice of W meets all R rows of x.
-    #[target_feature(enable = "avx512f")]
+    /// acc[b][r] = w[b] . x[r] for the B rows of `w` (B x k, f32 or with
+    /// BF16 bf16) and the R rows of `x` (R x k): each 16-element slice of W
+    /// meets all R rows of x.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     #[allow(clippy::needless_range_loop)] // r indexes both x and acc
-    pub unsafe fn dots<const B: usize, const R: usize>(
-        w: &[f32],
+    pub unsafe fn dots<const B: usize, const R: usize, const BF16: bool>(
+        w: *const u8,
         x: &[f32],
         k: usize,
         out: &mut [[f32; GROUP]; WB],
     ) {
         let mut acc = [[_mm512_setzero_ps(); R]; B];
-        let (wp, xp) = (w.as_ptr(), x.as_ptr());
-        let mut step = |i: usize, mask: __mmask16| {
-            let mut wv = [_mm512_setzero_ps(); B];
-            for (b, v) in wv.iter_mut().enumerate() {
-                // The same place in the next block of W (see `fma::dots`).
-                _mm_prefetch::<_MM_HINT_T0>(wp.add((B + b) * k + i) as *const i8);
-                *v = _mm512_maskz_loadu_ps(mask, wp.add(b * k + i));
-            }
-            for r in 0..R {
-                let xv = _mm512_maskz_loadu_ps(mask, xp.add(r * k + i));
-                for b in 0..B {
-                    acc[b][r] = _mm512_fmadd_ps(wv[b], xv, acc[b][r]);
+        let xp = x.as_ptr();
+        let size = if BF16 { 2 } else { 4 };
+        // 16 elements of W from element `at`, widened to f32 (bf16 is the top
+        // half of an f32: shift it up). Macros, not closures: a closure is
+        // not always inlined here, and then the accumulators live in memory.
+        macro_rules! load {
+            ($at:expr, $mask:expr) => {
+                if BF16 {
+                    let h = _mm256_maskz_loadu_epi16($mask, w.add($at * 2) as *const i16);
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+                } else {
+                    _mm512_maskz_loadu_ps($mask, w.add($at * 4) as *const f32)
                 }
-            }
-        };
+            };
+        }
+        // One 16-element slice of the B rows of W against all R rows of x.
+        macro_rules! step {
+            ($i:expr, $mask:expr) => {{
+                let (i, mask): (usize, __mmask16) = ($i, $mask);
+                let mut wv = [_mm512_setzero_ps(); B];
+                for (b, v) in wv.iter_mut().enumerate() {
+                    // The same place in the next block of W (see `fma::dots`).
+                    _mm_prefetch::<_MM_HINT_T0>(w.add(((B + b) * k + i) * size) as *const i8);
+                    *v = load!(b * k + i, mask);
+                }
+                for r in 0..R {
+                    let xv = _mm512_maskz_loadu_ps(mask, xp.add(r * k + i));
+                    for b in 0..B {
+                        acc[b][r] = _mm512_fmadd_ps(wv[b], xv, acc[b][r]);
+                    }
+                }
+            }};
+        }
         let full = k / 16 * 16;
         let mut i = 0;
         while i < full {
-            step(i, !0);
+            step!(i, !0);
             i += 16;
         }
         if i < k {
-            step(i, (1u16 << (k - i)) - 1);
+            step!(i, (1u16 << (k - i)) - 1);
         }
         for b in 0..B {
             for r in 0..R {
@@ -329,6 +405,32 @@ mod tests {
                 let diff = (y - &want).abs().max().double_value(&[]);
                 assert!(diff < 1e-3, "{:?} wide={wide}: {diff}", w.size());
             }
+        }
+    }
+
+    #[test]
+    fn bf16_weights_accumulate_in_f32() {
+        let _g = tch::no_grad_guard();
+        let bf = (Kind::BFloat16, Device::Cpu);
+        for (rows, k, n) in [(8, 576, 200), (3, 77, 5), (16, 40, 33)] {
+            let x = Tensor::randn([rows, k], bf);
+            let w = Tensor::randn([n, k], bf);
+            let b = Tensor::randn([n], bf);
+            if !applies(&x, &w, rows) {
+                assert!(!has_avx512(), "bf16 takes the kernel with AVX-512");
+                return;
+            }
+            let f = |t: &Tensor| t.to_kind(Kind::Float);
+            let want = f(&x).linear(&f(&w), Some(&f(&b))).to_kind(Kind::BFloat16);
+            let got = matmul(&x, &w, Some(&b)).unwrap();
+            assert_eq!(got.kind(), Kind::BFloat16);
+            // One bf16 rounding of an f32 sum: at most one ulp (2^-7 relative).
+            let diff = (f(&got) - f(&want)).abs().max().double_value(&[]);
+            let scale = f(&want).abs().max().double_value(&[]);
+            assert!(diff <= scale / 128.0, "{rows}x{k}x{n}: {diff} of {scale}");
+            let torch = x.linear(&w, Some(&b));
+            let off = (f(&got) - f(&torch)).abs().max().double_value(&[]);
+            assert!(off <= scale / 64.0, "{rows}x{k}x{n} vs libtorch: {off}");
         }
     }
 

@@ -149,3 +149,68 @@ mod tests {
         }
     }
 }
+#[cfg(test)]
+mod optime {
+    use tch::{Device, Kind, Tensor};
+    #[test]
+    #[ignore]
+    fn op_cost() {
+        let _g = tch::no_grad_guard();
+        tch::set_num_threads(1);
+        let a = Tensor::randn([8, 1, 576], (Kind::Float, Device::Cpu));
+        let b = Tensor::randn([8, 1, 576], (Kind::Float, Device::Cpu));
+        let w = Tensor::randn([576], (Kind::Float, Device::Cpu));
+        let q = Tensor::randn([8, 9, 1, 64], (Kind::Float, Device::Cpu));
+        let c = Tensor::randn([8, 1, 1, 64], (Kind::Float, Device::Cpu));
+        let perm = Tensor::arange(64, (Kind::Int64, Device::Cpu));
+        for _ in 0..3 {
+            let t = std::time::Instant::now();
+            for _ in 0..10000 {
+                let _ = a.f_mul(&b).unwrap();
+            }
+            println!("mul {:.2} us", t.elapsed().as_secs_f64() * 100.0);
+            let t = std::time::Instant::now();
+            for _ in 0..10000 {
+                let _ = a.f_rms_norm([576].as_slice(), Some(&w), 1e-5).unwrap();
+            }
+            println!("rms_norm {:.2} us", t.elapsed().as_secs_f64() * 100.0);
+            let t = std::time::Instant::now();
+            for _ in 0..10000 {
+                let _ = q.f_mul(&c).unwrap();
+            }
+            println!("q*cos {:.2} us", t.elapsed().as_secs_f64() * 100.0);
+            let t = std::time::Instant::now();
+            for _ in 0..10000 {
+                let _ = q.f_index_select(3, &perm).unwrap();
+            }
+            println!("index_select {:.2} us", t.elapsed().as_secs_f64() * 100.0);
+            let t = std::time::Instant::now();
+            for _ in 0..10000 {
+                let _ = a.f_silu().unwrap();
+            }
+            println!("silu {:.2} us", t.elapsed().as_secs_f64() * 100.0);
+            let t = std::time::Instant::now();
+            for _ in 0..10000 {
+                let _ = Tensor::f_empty([8, 576], (Kind::Float, Device::Cpu)).unwrap();
+            }
+            println!("empty {:.2} us", t.elapsed().as_secs_f64() * 100.0);
+            let t = std::time::Instant::now();
+            for _ in 0..10000 {
+                let _ = a
+                    .f_reshape([8, 1, 9, 64])
+                    .unwrap()
+                    .f_transpose(1, 2)
+                    .unwrap();
+            }
+            println!(
+                "reshape+transpose {:.2} us",
+                t.elapsed().as_secs_f64() * 100.0
+            );
+            let t = std::time::Instant::now();
+            for _ in 0..10000 {
+                crate::model::spin_pool::SpinPool::global().run(&|_, _| {});
+            }
+            println!("pool run {:.2} us", t.elapsed().as_secs_f64() * 100.0);
+        }
+    }
+}
