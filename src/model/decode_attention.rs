@@ -9,6 +9,7 @@
 //! are read as stored and widened; sums in f32); the rest goes to libtorch.
 use super::spin_pool::SpinPool;
 use anyhow::{ensure, Result};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tch::{Device, Kind, Tensor};
 
 /// Whether q (B, H, 1, D) over k, v (B, G, S, D) can take this path.
@@ -120,9 +121,15 @@ fn run<E: Widen>(
         head,
     } = *sh;
     let per_group = h / g;
-    SpinPool::global().run(&|part, parts| {
+    // Parts take (row, kv head) pairs as they go, so a late one takes fewer.
+    let next = AtomicUsize::new(0);
+    SpinPool::global().run(&|_, _| {
         let (mut scores, mut acc) = (vec![0f32; s], vec![0f32; d]);
-        for pair in (part..b * g).step_by(parts) {
+        loop {
+            let pair = next.fetch_add(1, Ordering::Relaxed);
+            if pair >= b * g {
+                break;
+            }
             let (r, kv) = (pair / g, pair % g);
             let base = r * row + kv * head;
             let (kr, vr) = (&ks[base..base + s * d], &vs[base..base + s * d]);

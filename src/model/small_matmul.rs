@@ -8,6 +8,7 @@
 //! that autograd does not track; everything else goes to libtorch.
 use super::spin_pool::SpinPool;
 use anyhow::Result;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use tch::{Device, Kind, Tensor};
 
 /// Most rows of x this kernel takes; more is a real GEMM, better left to MKL.
@@ -18,6 +19,9 @@ pub const MAX_ROWS: i64 = 32;
 const GROUP: usize = 8;
 /// Rows of W per pass with AVX-512 (3 x 8 accumulators of the 32 registers).
 const WB: usize = 3;
+/// Rows of W a thread takes at a time: whole blocks of the kernel and whole
+/// cache lines of y (no two threads write one line).
+const CHUNK: usize = 96;
 
 /// Whether `x (.., in) @ w (out, in)^T` can take this path.
 pub fn applies(x: &Tensor, w: &Tensor, rows: i64) -> bool {
@@ -126,11 +130,15 @@ pub fn matmul_many(
         outs.push((y, b));
     }
     let total: usize = jobs.iter().map(|j| j.n).sum();
-    SpinPool::global().run(&|part, parts| {
-        // Contiguous rows of all the Ws per part, in blocks of 48 (whole cache
-        // lines of y, whole blocks of the kernel).
-        let per = total.div_ceil(parts).div_ceil(48) * 48;
-        let (lo, hi) = ((part * per).min(total), ((part + 1) * per).min(total));
+    // The parts take chunks of rows of all the Ws as they go (one that falls
+    // behind, woken late or slowed by the other core's traffic, takes fewer).
+    let next = AtomicUsize::new(0);
+    SpinPool::global().run(&|_, _| loop {
+        let lo = next.fetch_add(CHUNK, Ordering::Relaxed);
+        if lo >= total {
+            break;
+        }
+        let hi = (lo + CHUNK).min(total);
         let mut start = 0;
         for job in &jobs {
             let (a, z) = (
