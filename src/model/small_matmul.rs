@@ -60,6 +60,17 @@ pub fn has_fma() -> bool {
     false
 }
 
+/// Whether the bf16 pair-dot kernel (AVX512_BF16) can run here.
+#[cfg(target_arch = "x86_64")]
+fn has_avx512_bf16() -> bool {
+    has_avx512() && std::is_x86_feature_detected!("avx512bf16")
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+fn has_avx512_bf16() -> bool {
+    false
+}
+
 /// Whether the AVX-512 kernels (f32, and bf16 with 16-bit lanes) can run here.
 #[cfg(target_arch = "x86_64")]
 pub fn has_avx512() -> bool {
@@ -89,14 +100,41 @@ pub fn matmul_many(
     ws: &[(&Tensor, Option<&Tensor>)],
     wide: bool,
 ) -> Result<Vec<Tensor>> {
+    matmul_kernels(x, ws, wide, has_avx512_bf16())
+}
+
+/// `matmul_many`; `pairs` takes bf16 x and W through the bf16 pair-dot
+/// instruction (else x is widened to f32 and W in registers).
+fn matmul_kernels(
+    x: &Tensor,
+    ws: &[(&Tensor, Option<&Tensor>)],
+    wide: bool,
+    pairs: bool,
+) -> Result<Vec<Tensor>> {
     let k = ws[0].0.size()[1] as usize;
     let bf16 = x.kind() == Kind::BFloat16;
-    let wide = wide || bf16;
-    let x = x.f_to_kind(Kind::Float)?.f_contiguous()?;
+    let (wide, pairs) = (wide || bf16, pairs && bf16);
+    let x = if pairs {
+        x.f_contiguous()?
+    } else {
+        x.f_to_kind(Kind::Float)?.f_contiguous()?
+    };
     let rows = x.numel() / k;
-    // SAFETY: x is contiguous f32 on the CPU with rows * k elements and
-    // outlives this borrow (no other handle writes to it meanwhile).
-    let xs = unsafe { std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * k) };
+    // SAFETY: x is contiguous (bf16 with `pairs`, else f32) on the CPU with
+    // rows * k elements and outlives this borrow (nothing writes to it).
+    let xs = unsafe {
+        if pairs {
+            Elems::Bf16(std::slice::from_raw_parts(
+                x.data_ptr() as *const u16,
+                rows * k,
+            ))
+        } else {
+            Elems::F32(std::slice::from_raw_parts(
+                x.data_ptr() as *const f32,
+                rows * k,
+            ))
+        }
+    };
     let mut outs = Vec::with_capacity(ws.len());
     let mut jobs = Vec::with_capacity(ws.len());
     for (w, b) in ws {
@@ -189,7 +227,7 @@ struct Job<'a> {
 
 impl Job<'_> {
     /// y[r][o] = x[r] . W[o] + b[o] for the rows `os` of W and all rows of x.
-    fn rows(&self, xs: &[f32], rows: usize, k: usize, os: std::ops::Range<usize>, wide: bool) {
+    fn rows(&self, xs: Elems, rows: usize, k: usize, os: std::ops::Range<usize>, wide: bool) {
         let mut o = os.start;
         while o < os.end {
             let wb = if wide { WB.min(os.end - o) } else { 1 };
@@ -197,8 +235,8 @@ impl Job<'_> {
             while r < rows {
                 let g = GROUP.min(rows - r);
                 let mut acc = [[0f32; GROUP]; WB];
-                let (w, x) = (self.w.rows(o, o + wb, k), &xs[r * k..(r + g) * k]);
-                dot_block(w, x, g, &mut acc, wide);
+                let (w, x) = (self.w.rows(o, o + wb, k), xs.rows(r, r + g, k));
+                dot_block(w, x, g, k, &mut acc, wide);
                 for (c, accs) in acc[..wb].iter().enumerate() {
                     let bias = self.b.map_or(0.0, |b| b[o + c]);
                     for (i, v) in accs[..g].iter().enumerate() {
@@ -227,12 +265,43 @@ impl OutPtr {
     }
 }
 
-/// acc[b][r] = w[b] . x[r] for the wb = w.len() / k rows of W and the g rows
-/// of x (both row-major with k = x.len() / g columns). bf16 W needs `wide`.
-fn dot_block(w: Elems, x: &[f32], g: usize, acc: &mut [[f32; GROUP]; WB], wide: bool) {
-    let k = x.len() / g;
+/// acc[b][r] = w[b] . x[r] for the rows of W and the g rows of x (both
+/// row-major with k columns). bf16 W needs `wide`; bf16 x needs bf16 W.
+fn dot_block(w: Elems, x: Elems, g: usize, k: usize, acc: &mut [[f32; GROUP]; WB], wide: bool) {
     #[cfg(target_arch = "x86_64")]
     {
+        macro_rules! pairs {
+            ($wb:literal, $w:expr, $x:expr) => {
+                // SAFETY: `has_avx512_bf16` held; w has $wb*k elements, x g*k.
+                unsafe {
+                    let (w, x) = ($w.as_ptr(), $x.as_ptr());
+                    match g {
+                        8 => avx512_pairs::pair_dots::<$wb, 8>(w, x, k, acc),
+                        7 => avx512_pairs::pair_dots::<$wb, 7>(w, x, k, acc),
+                        6 => avx512_pairs::pair_dots::<$wb, 6>(w, x, k, acc),
+                        5 => avx512_pairs::pair_dots::<$wb, 5>(w, x, k, acc),
+                        4 => avx512_pairs::pair_dots::<$wb, 4>(w, x, k, acc),
+                        3 => avx512_pairs::pair_dots::<$wb, 3>(w, x, k, acc),
+                        2 => avx512_pairs::pair_dots::<$wb, 2>(w, x, k, acc),
+                        _ => avx512_pairs::pair_dots::<$wb, 1>(w, x, k, acc),
+                    }
+                }
+            };
+        }
+        let x = match (w, x) {
+            (Elems::Bf16(w), Elems::Bf16(x)) => {
+                return match w.len() / k {
+                    3 => pairs!(3, w, x),
+                    2 => pairs!(2, w, x),
+                    _ => pairs!(1, w, x),
+                };
+            }
+            (_, Elems::F32(x)) => x,
+            (Elems::F32(_), Elems::Bf16(_)) => {
+                debug_assert!(false, "bf16 x with f32 W");
+                return;
+            }
+        };
         macro_rules! pick {
             ($wb:literal, $bf:literal, $w:expr) => {
                 // SAFETY: `has_avx512` (and avx512bw for bf16) held; w has
@@ -389,6 +458,58 @@ mod avx512 {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod avx512_pairs {
+    use super::{GROUP, WB};
+    use std::arch::x86_64::*;
+
+    /// acc[b][r] = w[b] . x[r] for B rows of bf16 `w` and R rows of bf16 `x`
+    /// (each k long): one instruction multiplies 32 bf16 pairs and adds each
+    /// pair's sum into 16 f32 lanes, half the instructions of widening W.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
+    #[allow(clippy::needless_range_loop)] // r indexes both x and acc
+    pub unsafe fn pair_dots<const B: usize, const R: usize>(
+        w: *const u16,
+        x: *const u16,
+        k: usize,
+        out: &mut [[f32; GROUP]; WB],
+    ) {
+        let mut acc = [[_mm512_setzero_ps(); R]; B];
+        macro_rules! step {
+            ($i:expr, $mask:expr) => {{
+                let (i, mask): (usize, __mmask32) = ($i, $mask);
+                let mut wv = [_mm512_setzero_si512(); B];
+                for (b, v) in wv.iter_mut().enumerate() {
+                    _mm_prefetch::<_MM_HINT_T0>(w.add((B + b) * k + i) as *const i8);
+                    *v = _mm512_maskz_loadu_epi16(mask, w.add(b * k + i) as *const i16);
+                }
+                for r in 0..R {
+                    let xv = _mm512_maskz_loadu_epi16(mask, x.add(r * k + i) as *const i16);
+                    let xv: __m512bh = std::mem::transmute(xv);
+                    for b in 0..B {
+                        let wb: __m512bh = std::mem::transmute(wv[b]);
+                        acc[b][r] = _mm512_dpbf16_ps(acc[b][r], wb, xv);
+                    }
+                }
+            }};
+        }
+        let full = k / 32 * 32;
+        let mut i = 0;
+        while i < full {
+            step!(i, !0);
+            i += 32;
+        }
+        if i < k {
+            step!(i, (1u32 << (k - i)) - 1);
+        }
+        for b in 0..B {
+            for r in 0..R {
+                out[b][r] = _mm512_reduce_add_ps(acc[b][r]);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -432,15 +553,28 @@ mod tests {
             }
             let f = |t: &Tensor| t.to_kind(Kind::Float);
             let want = f(&x).linear(&f(&w), Some(&f(&b))).to_kind(Kind::BFloat16);
-            let got = matmul(&x, &w, Some(&b)).unwrap();
-            assert_eq!(got.kind(), Kind::BFloat16);
-            // One bf16 rounding of an f32 sum: at most one ulp (2^-7 relative).
-            let diff = (f(&got) - f(&want)).abs().max().double_value(&[]);
-            let scale = f(&want).abs().max().double_value(&[]);
-            assert!(diff <= scale / 128.0, "{rows}x{k}x{n}: {diff} of {scale}");
-            let torch = x.linear(&w, Some(&b));
-            let off = (f(&got) - f(&torch)).abs().max().double_value(&[]);
-            assert!(off <= scale / 64.0, "{rows}x{k}x{n} vs libtorch: {off}");
+            for pairs in [false, true] {
+                if pairs && !has_avx512_bf16() {
+                    continue;
+                }
+                let got = matmul_kernels(&x, &[(&w, Some(&b))], true, pairs)
+                    .unwrap()
+                    .remove(0);
+                assert_eq!(got.kind(), Kind::BFloat16);
+                // One bf16 rounding of an f32 sum: at most one ulp (2^-7 relative).
+                let diff = (f(&got) - f(&want)).abs().max().double_value(&[]);
+                let scale = f(&want).abs().max().double_value(&[]);
+                assert!(
+                    diff <= scale / 128.0,
+                    "{rows}x{k}x{n} {pairs}: {diff} of {scale}"
+                );
+                let torch = x.linear(&w, Some(&b));
+                let off = (f(&got) - f(&torch)).abs().max().double_value(&[]);
+                assert!(
+                    off <= scale / 64.0,
+                    "{rows}x{k}x{n} {pairs} vs libtorch: {off}"
+                );
+            }
         }
     }
 
