@@ -10,6 +10,7 @@ pub mod ouro;
 pub mod peft;
 pub mod rope;
 pub mod scratch;
+mod simd_dots;
 pub mod small_matmul;
 pub mod spin_pool;
 pub mod tokenizer;
