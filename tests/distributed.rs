@@ -139,11 +139,15 @@ fn same_job_on_one_and_two(name: &str, sets: &[(&str, &str)], two: fn(usize) -> 
         .iter()
         .find(|s| s.0 == "epochs")
         .map_or(1, |s| s.1.parse().unwrap());
+    // Float noise in the sums (ranks reduce in another order) is ~1e-8 after
+    // step 1; AdamW's normalised update can lift an entry whose gradient is
+    // that noise to a step's size. Measured: TARPO 1.3e-5, GRPO 3.3e-6, AAPO
+    // 4.4e-6, against weights that move ~2e-2 (checked below).
     let mut worst = 0.0f64;
     for step in (1..=3).map(|s| s * epochs) {
         let d = max_weight_diff(&checkpoint(&one_dir, step), &checkpoint(&two_dir, step));
         assert!(
-            d <= 1e-5,
+            d <= 2e-5,
             "{name}: LoRA/router weights differ by {d} after step {step}"
         );
         worst = worst.max(d);
