@@ -116,9 +116,10 @@ fn main() -> Result<()> {
         (Kind::Float, Device::Cpu),
     );
     let mask = Tensor::ones([rows as i64, 1, 1, s], (Kind::Bool, Device::Cpu));
+    let scale = (cfg.head_dim as f64).powf(-0.5);
     let attention_ms = time_ms(reps, || {
         for _ in 0..cfg.num_hidden_layers {
-            let _ = attention(&q, &kv, &mask)?;
+            let _ = tarpo::model::llama::attention(&q, &kv, &kv, &mask, scale)?;
         }
         Ok(())
     })?;
@@ -155,22 +156,4 @@ fn main() -> Result<()> {
         weight_mb / step_ms
     );
     Ok(())
-}
-
-/// The attention a decode step runs: tarpo's own kernel where it applies.
-fn attention(q: &Tensor, kv: &Tensor, mask: &Tensor) -> Result<Tensor> {
-    let scale = (q.size()[3] as f64).powf(-0.5);
-    if tarpo::model::decode_attention::applies(q, kv, kv) {
-        return tarpo::model::decode_attention::attend(q, kv, kv, mask, scale);
-    }
-    Ok(Tensor::f_scaled_dot_product_attention(
-        q,
-        kv,
-        kv,
-        Some(mask),
-        0.0,
-        false,
-        scale,
-        true,
-    )?)
 }

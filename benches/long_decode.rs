@@ -13,19 +13,14 @@ mod common;
 use anyhow::Result;
 use common::{env_or, median};
 use tarpo::model::Model;
-use tch::{Device, Kind};
+use tch::Device;
 
 const LENGTHS: [usize; 4] = [128, 256, 512, 1024];
 
 fn main() -> Result<()> {
     let threads = env_or("TARPO_BENCH_THREADS", 2);
     let passes = env_or("TARPO_BENCH_RUNS", 2);
-    let dtype = std::env::var("TARPO_BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
-    let kind = match dtype.as_str() {
-        "f32" => Kind::Float,
-        "bf16" => Kind::BFloat16,
-        other => anyhow::bail!("TARPO_BENCH_DTYPE={other}: f32 or bf16"),
-    };
+    let (dtype, kind, _) = common::bench_dtype()?;
     tch::set_num_threads(threads as i32);
     let m = Model::load(&common::smollm2_dir()?, Device::Cpu, kind)?;
     let prompts = common::chat_prompts(&m, &common::QUESTIONS)?;

@@ -38,12 +38,7 @@ fn main() -> Result<()> {
     let runs = env_or("TARPO_BENCH_RUNS", 5);
     let dir = common::smollm2_dir()?;
     tch::set_num_threads(threads as i32);
-    let dtype = std::env::var("TARPO_BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
-    let (kind, torch_dtype) = match dtype.as_str() {
-        "f32" => (Kind::Float, "float32"),
-        "bf16" => (Kind::BFloat16, "bfloat16"),
-        other => anyhow::bail!("TARPO_BENCH_DTYPE={other}: f32 or bf16"),
-    };
+    let (dtype, kind, torch_dtype) = common::bench_dtype()?;
     let m = Model::load(&dir, Device::Cpu, kind)?;
     let prompts = common::chat_prompts(&m, &common::QUESTIONS)?;
     let mut peer = common::HfGenerate::new(&dir, &prompts, threads, NEW, common::SAMPLING)?;

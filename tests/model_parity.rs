@@ -8,12 +8,21 @@ use tarpo::policy::{generate, GenerateOptions, Sampling};
 use tch::{Device, Kind, Tensor};
 
 fn load(name: &str) -> (Model, std::collections::HashMap<String, Tensor>) {
+    load_as(name, Kind::Float)
+}
+
+/// A tiny model in `kind` and what transformers computed on it.
+fn load_as(name: &str, kind: Kind) -> (Model, std::collections::HashMap<String, Tensor>) {
     let dir = common::tiny_models().join(name);
-    let model = Model::load(&dir, Device::Cpu, Kind::Float).unwrap();
+    let model = Model::load(&dir, Device::Cpu, kind).unwrap();
     (
         model,
         common::read_tensors(&dir.join("expected.safetensors")),
     )
+}
+
+fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a - b).abs().mean(Kind::Float).double_value(&[])
 }
 
 fn rows(ids: &Tensor, mask: &Tensor) -> Vec<Vec<i64>> {
@@ -64,9 +73,7 @@ fn bf16_logits_match_transformers_bf16() {
     // matmuls, so the bound is in units of the logits' scale, not 1e-4.
     let _g = tch::no_grad_guard();
     for name in common::TINY_NAMES {
-        let dir = common::tiny_models().join(name);
-        let m = Model::load(&dir, Device::Cpu, Kind::BFloat16).unwrap();
-        let exp = common::read_tensors(&dir.join("expected.safetensors"));
+        let (m, exp) = load_as(name, Kind::BFloat16);
         let valid = exp["attention_mask"].to_kind(Kind::Bool);
         let h = m
             .net
@@ -86,8 +93,7 @@ fn bf16_logits_match_transformers_bf16() {
         );
         // Self-calibrated bound: we may differ from transformers' bf16 by no
         // more than transformers' own bf16 differs from its f32.
-        let mean = |a: &Tensor, b: &Tensor| (a - b).abs().mean(Kind::Float).double_value(&[]);
-        let (ours_vs_hf, hf_vs_f32) = (mean(&ours, &theirs), mean(&theirs, &f32));
+        let (ours_vs_hf, hf_vs_f32) = (mean_abs_diff(&ours, &theirs), mean_abs_diff(&theirs, &f32));
         let max = common::max_abs_diff(&ours, &theirs);
         let max_hf = common::max_abs_diff(&theirs, &f32);
         eprintln!("{name}: bf16 ours-vs-hf mean {ours_vs_hf:.5} max {max:.4}; hf bf16-vs-f32 mean {hf_vs_f32:.5} max {max_hf:.4}");
@@ -142,9 +148,7 @@ fn bf16_cached_decoding_matches_transformers_bf16() {
     // bf16 is to its f32 (the bound of bf16_logits_match_transformers_bf16).
     let _g = tch::no_grad_guard();
     for name in common::TINY_NAMES {
-        let dir = common::tiny_models().join(name);
-        let m = Model::load(&dir, Device::Cpu, Kind::BFloat16).unwrap();
-        let exp = common::read_tensors(&dir.join("expected.safetensors"));
+        let (m, exp) = load_as(name, Kind::BFloat16);
         let logits = cached_logits(&m, &exp).to_kind(Kind::Float);
         let l = logits.size()[1];
         let last = |t: &Tensor| t.narrow(1, l - 4, 4);
@@ -157,8 +161,7 @@ fn bf16_cached_decoding_matches_transformers_bf16() {
             pick(&exp["logits_bf16"]),
             pick(&exp["logits"]),
         );
-        let mean = |a: &Tensor, b: &Tensor| (a - b).abs().mean(Kind::Float).double_value(&[]);
-        let (ours_vs_hf, hf_vs_f32) = (mean(&ours, &theirs), mean(&theirs, &f32));
+        let (ours_vs_hf, hf_vs_f32) = (mean_abs_diff(&ours, &theirs), mean_abs_diff(&theirs, &f32));
         eprintln!(
             "{name}: decoded bf16 ours-vs-hf mean {ours_vs_hf:.5}; hf bf16-vs-f32 {hf_vs_f32:.5}"
         );

@@ -117,6 +117,18 @@ impl HfGenerate {
     }
 }
 
+/// The weights' dtype of a bench, from TARPO_BENCH_DTYPE (f32, the default,
+/// or bf16): its name, its kind, and torch's name for the peer.
+pub fn bench_dtype() -> anyhow::Result<(String, tch::Kind, &'static str)> {
+    let name = std::env::var("TARPO_BENCH_DTYPE").unwrap_or_else(|_| "f32".into());
+    let (kind, torch) = match name.as_str() {
+        "f32" => (tch::Kind::Float, "float32"),
+        "bf16" => (tch::Kind::BFloat16, "bfloat16"),
+        other => anyhow::bail!("TARPO_BENCH_DTYPE={other}: f32 or bf16"),
+    };
+    Ok((name, kind, torch))
+}
+
 /// Eight chat questions, the group of the rollout benchmarks.
 pub const QUESTIONS: [&str; 8] = [
     "What is 12 times 7?",

@@ -7,9 +7,8 @@
 //! `spin_pool`, and keeps the softmax exact (max-subtracted, then normalised).
 //! Only for f32 or bf16 CPU tensors outside autograd (bf16 keys and values
 //! are read as stored and widened; sums in f32); the rest goes to libtorch.
-use super::spin_pool::SpinPool;
+use super::spin_pool::{SharedOut, SpinPool};
 use anyhow::{ensure, Result};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use tch::{Device, Kind, Tensor};
 
 /// Whether q (B, H, 1, D) over k, v (B, G, S, D) can take this path.
@@ -44,42 +43,31 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> 
     let kind = q.kind();
     let q = q.f_to_kind(Kind::Float)?.f_contiguous()?;
     let mask = mask.f_to_kind(Kind::Bool)?.f_contiguous()?;
-    let (row, head) = (k.stride()[0] as usize, k.stride()[1] as usize);
     let y = Tensor::f_empty(
         [b as i64, h as i64, 1, d as i64],
         (Kind::Float, Device::Cpu),
     )?;
-    let span = (b - 1) * row + (g - 1) * head + s * d;
     let sh = Shape {
         b,
         h,
         g,
         s,
         d,
-        row,
-        head,
+        row: k.stride()[0] as usize,
+        head: k.stride()[1] as usize,
     };
-    let out = Out(y.data_ptr() as *mut f32);
     // SAFETY: contiguous q, y and mask of the sizes used; k and v are views
-    // whose last element is at `span` - 1 from their start, with unit stride
-    // in D (`applies`), read as f32 or as bf16 bit patterns; all outlive this.
+    // with unit stride in D (`applies`), read as f32 or as bf16 bit patterns
+    // (`cache`); all outlive this call.
     unsafe {
         let qs = std::slice::from_raw_parts(q.data_ptr() as *const f32, b * h * d);
         let ms = std::slice::from_raw_parts(mask.data_ptr() as *const bool, b * s);
-        let (kp, vp) = (k.data_ptr(), v.data_ptr());
+        let out = SharedOut::new(y.data_ptr() as *mut f32);
         if kind == Kind::BFloat16 {
-            let kv = (kp as *const Bf16, vp as *const Bf16);
-            let kv = (
-                std::slice::from_raw_parts(kv.0, span),
-                std::slice::from_raw_parts(kv.1, span),
-            );
+            let kv = (cache::<Bf16>(k, &sh), cache::<Bf16>(v, &sh));
             run(qs, kv, ms, scale as f32, &sh, &out);
         } else {
-            let kv = (kp as *const f32, vp as *const f32);
-            let kv = (
-                std::slice::from_raw_parts(kv.0, span),
-                std::slice::from_raw_parts(kv.1, span),
-            );
+            let kv = (cache::<f32>(k, &sh), cache::<f32>(v, &sh));
             run(qs, kv, ms, scale as f32, &sh, &out);
         }
     }
@@ -91,7 +79,6 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> 
 }
 
 /// Sizes and cache strides (rows, kv heads) of one `attend` call.
-#[derive(Clone, Copy)]
 struct Shape {
     b: usize,
     h: usize,
@@ -102,45 +89,43 @@ struct Shape {
     head: usize,
 }
 
-/// `attend`'s work over the pool, for keys and values of element type E.
+/// The elements of a cache view `t` (B, G, S, D) with `sh`'s strides, from
+/// its first to its last.
+/// # Safety
+/// `t` holds elements of type E and outlives the slice.
+unsafe fn cache<'a, E>(t: &'a Tensor, sh: &Shape) -> &'a [E] {
+    let span = (sh.b - 1) * sh.row + (sh.g - 1) * sh.head + sh.s * sh.d;
+    unsafe { std::slice::from_raw_parts(t.data_ptr() as *const E, span) }
+}
+
+/// `attend`'s work over the pool, for keys and values of element type E:
+/// the parts take (row, kv head) pairs as they go.
 fn run<E: Widen>(
     qs: &[f32],
     (ks, vs): (&[E], &[E]),
     ms: &[bool],
     scale: f32,
     sh: &Shape,
-    out: &Out,
+    out: &SharedOut,
 ) {
-    let Shape {
-        b,
-        h,
-        g,
-        s,
-        d,
-        row,
-        head,
-    } = *sh;
+    let (h, g, s, d) = (sh.h, sh.g, sh.s, sh.d);
     let per_group = h / g;
-    // Parts take (row, kv head) pairs as they go, so a late one takes fewer.
-    let next = AtomicUsize::new(0);
-    SpinPool::global().run(&|_, _| {
+    SpinPool::global().share(sh.b * g, 1, &|pairs| {
         let (mut scores, mut acc) = (vec![0f32; s], vec![0f32; d]);
-        loop {
-            let pair = next.fetch_add(1, Ordering::Relaxed);
-            if pair >= b * g {
-                break;
-            }
+        for pair in pairs.flatten() {
             let (r, kv) = (pair / g, pair % g);
-            let base = r * row + kv * head;
+            let base = r * sh.row + kv * sh.head;
             let (kr, vr) = (&ks[base..base + s * d], &vs[base..base + s * d]);
             for j in kv * per_group..(kv + 1) * per_group {
                 let at = (r * h + j) * d;
                 acc.fill(0.0);
                 let (qh, mr) = (&qs[at..at + d], &ms[r * s..(r + 1) * s]);
-                // SAFETY: `applies` checked AVX2 and FMA.
-                unsafe { one_head_fma(qh, kr, vr, mr, scale, &mut scores, &mut acc) };
-                // SAFETY: (r, j) is written by this part alone, inside y.
-                unsafe { out.write(at, &acc) };
+                // SAFETY: `applies` checked AVX2 and FMA; (r, j) is written
+                // by this part alone, inside y.
+                unsafe {
+                    one_head(qh, kr, vr, mr, scale, &mut scores, &mut acc);
+                    out.write(at, &acc);
+                }
             }
         }
     });
@@ -170,23 +155,10 @@ impl Widen for Bf16 {
     }
 }
 
-/// `one_head` compiled for AVX2 and FMA.
+/// One query head: scores, exact softmax over the visible keys, weighted V
+/// (compiled for AVX2 and FMA; `dot` and `axpy` inline into it).
 #[cfg_attr(target_arch = "x86_64", target_feature(enable = "avx2,fma"))]
-unsafe fn one_head_fma<E: Widen>(
-    q: &[f32],
-    k: &[E],
-    v: &[E],
-    mask: &[bool],
-    scale: f32,
-    scores: &mut [f32],
-    acc: &mut [f32],
-) {
-    one_head(q, k, v, mask, scale, scores, acc)
-}
-
-/// One query head: scores, exact softmax over the visible keys, weighted V.
-#[inline(always)]
-fn one_head<E: Widen>(
+unsafe fn one_head<E: Widen>(
     q: &[f32],
     k: &[E],
     v: &[E],
@@ -241,19 +213,6 @@ fn dot<E: Widen>(q: &[f32], k: &[E]) -> f32 {
 fn axpy<E: Widen>(p: f32, v: &[E], acc: &mut [f32]) {
     for (a, x) in acc.iter_mut().zip(v) {
         *a = p.mul_add(x.widen(), *a);
-    }
-}
-
-/// The output, written by every part of the pool at once.
-struct Out(*mut f32);
-// SAFETY: the parts write disjoint heads (see `attend`).
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// # Safety
-    /// `at..at + vals.len()` is inside the output and written by no other part.
-    unsafe fn write(&self, at: usize, vals: &[f32]) {
-        unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), self.0.add(at), vals.len()) }
     }
 }
 

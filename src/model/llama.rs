@@ -55,7 +55,11 @@ impl Linear {
     /// Like `forward`, with the adapter `lora` says. The base product keeps
     /// `linear`'s fast path; the update is plain libtorch (autograd).
     pub fn forward_with(&self, x: &Tensor, lora: LoraUse) -> Result<Tensor> {
-        let y = linear(x, &self.weight, self.bias.as_ref())?;
+        self.add_lora(x, linear(x, &self.weight, self.bias.as_ref())?, lora)
+    }
+
+    /// y (this layer's base product of x) plus the update `lora` says.
+    fn add_lora(&self, x: &Tensor, y: Tensor, lora: LoraUse) -> Result<Tensor> {
         match self
             .lora
             .as_ref()
@@ -72,49 +76,57 @@ impl Linear {
 /// x W^T + b for x (.., in) and W (out, in); few-row CPU products (decoding)
 /// go to the streaming kernel in `small_matmul`.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let size = x.size();
-    let (inp, out) = (w.size()[1], w.size()[0]);
-    let rows = if inp == 0 { 0 } else { x.numel() as i64 / inp };
-    if !small_matmul::applies(x, w, rows) {
-        return Ok(x.f_linear(w, b)?);
-    }
-    let mut out_shape = size;
-    if let Some(last) = out_shape.last_mut() {
-        *last = out;
-    }
-    Ok(small_matmul::matmul(x, w, b)?.f_reshape(out_shape.as_slice())?)
+    Ok(linears(x, &[(w, b)])?.remove(0))
 }
 
-/// `l.forward_with(x, lora)` for each of `ls`, which share x: the few-row
-/// CPU products take one pass of the streaming kernel together.
-fn linear_many(x: &Tensor, ls: &[&Linear], lora: LoraUse) -> Result<Vec<Tensor>> {
-    let inp = ls[0].weight.size()[1];
+/// `linear` for each (W, b) of `ws`, which share x: the few-row CPU products
+/// take one pass of the streaming kernel together.
+fn linears(x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)]) -> Result<Vec<Tensor>> {
+    let inp = ws[0].0.size()[1];
     let rows = if inp == 0 { 0 } else { x.numel() as i64 / inp };
-    if !ls.iter().all(|l| small_matmul::applies(x, &l.weight, rows)) {
-        return ls.iter().map(|l| l.forward_with(x, lora)).collect();
+    if !ws.iter().all(|(w, _)| small_matmul::applies(x, w, rows)) {
+        return ws.iter().map(|(w, b)| Ok(x.f_linear(w, *b)?)).collect();
     }
-    let pairs: Vec<_> = ls.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
-    let ys = small_matmul::matmul_many(x, &pairs, small_matmul::has_avx512())?;
     let mut shape = x.size();
-    ls.iter()
-        .zip(ys)
-        .map(|(l, y)| {
+    small_matmul::matmul_many(x, ws)?
+        .into_iter()
+        .zip(ws)
+        .map(|(y, (w, _))| {
             if let Some(last) = shape.last_mut() {
-                *last = l.weight.size()[0];
+                *last = w.size()[0];
             }
-            let y = y.f_reshape(shape.as_slice())?;
-            match l
-                .lora
-                .as_ref()
-                .map(|ad| ad.delta(x, lora))
-                .transpose()?
-                .flatten()
-            {
-                Some(d) => Ok(y.f_add(&d)?),
-                None => Ok(y),
-            }
+            Ok(y.f_reshape(shape.as_slice())?)
         })
         .collect()
+}
+
+/// `l.forward_with(x, lora)` for each of `ls`, which share x (see `linears`).
+fn linear_many(x: &Tensor, ls: &[&Linear], lora: LoraUse) -> Result<Vec<Tensor>> {
+    let ws: Vec<_> = ls.iter().map(|l| (&l.weight, l.bias.as_ref())).collect();
+    linears(x, &ws)?
+        .into_iter()
+        .zip(ls)
+        .map(|(y, l)| l.add_lora(x, y, lora))
+        .collect()
+}
+
+/// softmax(scale q k^T, masked) v for q (B, H, T, D) over k, v (B, G, S, D):
+/// one query per row on the CPU takes `decode_attention`, the rest
+/// libtorch's fused kernel.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    if decode_attention::applies(q, k, v) {
+        return decode_attention::attend(q, k, v, mask, scale);
+    }
+    Ok(Tensor::f_scaled_dot_product_attention(
+        q,
+        k,
+        v,
+        Some(mask),
+        0.0,
+        false,
+        scale,
+        true,
+    )?)
 }
 
 /// HF module path of a linear layer of block `i`.
@@ -224,22 +236,7 @@ impl Attention {
             _ => (k, v),
         };
         let scale = (self.head_dim as f64).powf(-0.5);
-        if decode_attention::applies(&q, &k, &v) {
-            let y = decode_attention::attend(&q, &k, &v, &step.mask, scale)?;
-            return self
-                .o
-                .forward_with(&y.f_reshape([b, t, self.heads * self.head_dim])?, lora);
-        }
-        let y = Tensor::f_scaled_dot_product_attention(
-            &q,
-            &k,
-            &v,
-            Some(&step.mask),
-            0.0,
-            false,
-            scale,
-            true,
-        )?;
+        let y = attention(&q, &k, &v, &step.mask, scale)?;
         let y = y
             .f_transpose(1, 2)?
             .f_reshape([b, t, self.heads * self.head_dim])?;

@@ -3,6 +3,24 @@
 //! bf16 W widened in registers) and AVX512_BF16 (bf16 W and x, pair dots).
 //! Callers check the CPU features (`small_matmul::has_fma` and friends).
 #[cfg(target_arch = "x86_64")]
+use super::small_matmul::{GROUP, WB};
+
+/// out[b][r] = the sum of the 16 lanes of acc[b][r] (the AVX-512 kernels' end).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn reduce<const B: usize, const R: usize>(
+    acc: &[[std::arch::x86_64::__m512; R]; B],
+    out: &mut [[f32; GROUP]; WB],
+) {
+    for (o, a) in out.iter_mut().zip(acc) {
+        for (o, a) in o.iter_mut().zip(a) {
+            *o = std::arch::x86_64::_mm512_reduce_add_ps(*a);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
 pub mod fma {
     use std::arch::x86_64::*;
 
@@ -40,7 +58,7 @@ pub mod fma {
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx512 {
-    use super::super::small_matmul::{GROUP, WB};
+    use super::{GROUP, WB};
     use std::arch::x86_64::*;
 
     /// acc[b][r] = w[b] . x[r] for the B rows of `w` (B x k, f32 or with
@@ -97,17 +115,13 @@ pub mod avx512 {
         if i < k {
             step!(i, (1u16 << (k - i)) - 1);
         }
-        for b in 0..B {
-            for r in 0..R {
-                out[b][r] = _mm512_reduce_add_ps(acc[b][r]);
-            }
-        }
+        super::reduce(&acc, out);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 pub mod avx512_pairs {
-    use super::super::small_matmul::{GROUP, WB};
+    use super::{GROUP, WB};
     use std::arch::x86_64::*;
 
     /// acc[b][r] = w[b] . x[r] for B rows of bf16 `w` and R rows of bf16 `x`
@@ -149,10 +163,6 @@ pub mod avx512_pairs {
         if i < k {
             step!(i, (1u32 << (k - i)) - 1);
         }
-        for b in 0..B {
-            for r in 0..R {
-                out[b][r] = _mm512_reduce_add_ps(acc[b][r]);
-            }
-        }
+        super::reduce(&acc, out);
     }
 }

@@ -9,9 +9,8 @@
 //! autograd does not track; everything else goes to libtorch.
 #[cfg(target_arch = "x86_64")]
 use super::simd_dots::{avx512, avx512_pairs, fma};
-use super::spin_pool::SpinPool;
+use super::spin_pool::{SharedOut, SpinPool};
 use anyhow::Result;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use tch::{Device, Kind, Tensor};
 
 /// Most rows of x this kernel takes; more is a real GEMM, better left to MKL.
@@ -87,27 +86,17 @@ pub fn has_avx512() -> bool {
     false
 }
 
-/// Computes `x (rows, in) @ w (out, in)^T + b` into a new (rows, out) tensor.
-/// Callers check `applies` first.
-pub fn matmul(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
-    let mut y = matmul_many(x, &[(w, b)], has_avx512())?;
-    Ok(y.remove(0))
+/// One product `x (rows, in) @ W (out, in)^T + b` per (W, b) of `ws`, each
+/// a new (rows, out) tensor, in one pass of the pool (q, k and v of a layer;
+/// its gate and up). Callers check `applies` for each W. bf16 x and W give
+/// bf16 y, accumulated in f32.
+pub fn matmul_many(x: &Tensor, ws: &[(&Tensor, Option<&Tensor>)]) -> Result<Vec<Tensor>> {
+    matmul_kernels(x, ws, has_avx512(), has_avx512_bf16())
 }
 
-/// One product per (W, b) of `ws`, all with the same x, in one pass of the
-/// pool (q, k and v of a layer; its gate and up). Callers check `applies`
-/// for each W; `wide` picks the AVX-512 kernel over the AVX2 one (bf16
-/// weights always take it). bf16 x and W give bf16 y, accumulated in f32.
-pub fn matmul_many(
-    x: &Tensor,
-    ws: &[(&Tensor, Option<&Tensor>)],
-    wide: bool,
-) -> Result<Vec<Tensor>> {
-    matmul_kernels(x, ws, wide, has_avx512_bf16())
-}
-
-/// `matmul_many`; `pairs` takes bf16 x and W through the bf16 pair-dot
-/// instruction (else x is widened to f32 and W in registers).
+/// `matmul_many` with the kernels picked: `wide` takes f32 W through AVX-512
+/// (else AVX2; bf16 W always takes AVX-512), `pairs` bf16 x and W through the
+/// bf16 pair-dot instruction (else x is widened to f32, and W in registers).
 fn matmul_kernels(
     x: &Tensor,
     ws: &[(&Tensor, Option<&Tensor>)],
@@ -116,28 +105,16 @@ fn matmul_kernels(
 ) -> Result<Vec<Tensor>> {
     let k = ws[0].0.size()[1] as usize;
     let bf16 = x.kind() == Kind::BFloat16;
-    let (wide, pairs) = (wide || bf16, pairs && bf16);
-    let x = if pairs {
+    let wide = wide || bf16;
+    let x = if pairs && bf16 {
         x.f_contiguous()?
     } else {
         x.f_to_kind(Kind::Float)?.f_contiguous()?
     };
     let rows = x.numel() / k;
-    // SAFETY: x is contiguous (bf16 with `pairs`, else f32) on the CPU with
-    // rows * k elements and outlives this borrow (nothing writes to it).
-    let xs = unsafe {
-        if pairs {
-            Elems::Bf16(std::slice::from_raw_parts(
-                x.data_ptr() as *const u16,
-                rows * k,
-            ))
-        } else {
-            Elems::F32(std::slice::from_raw_parts(
-                x.data_ptr() as *const f32,
-                rows * k,
-            ))
-        }
-    };
+    // SAFETY: x is contiguous on the CPU with rows * k elements and outlives
+    // this borrow (nothing writes to it meanwhile).
+    let xs = unsafe { Elems::of(&x, rows * k) };
     let mut outs = Vec::with_capacity(ws.len());
     let mut jobs = Vec::with_capacity(ws.len());
     for (w, b) in ws {
@@ -148,48 +125,31 @@ fn matmul_kernels(
             .transpose()?;
         let y = Tensor::f_empty([rows as i64, n as i64], (Kind::Float, Device::Cpu))?;
         // SAFETY: W is a contiguous f32 or bf16 CPU tensor of n * k elements
-        // (`applies`), b f32 of n; the caller or `outs` holds them until we return.
+        // (`applies`), b f32 of n, y a fresh (rows, n) f32 tensor; the caller
+        // or `outs` holds them until we return.
         jobs.push(unsafe {
             Job {
-                w: if bf16 {
-                    Elems::Bf16(std::slice::from_raw_parts(
-                        w.data_ptr() as *const u16,
-                        n * k,
-                    ))
-                } else {
-                    Elems::F32(std::slice::from_raw_parts(
-                        w.data_ptr() as *const f32,
-                        n * k,
-                    ))
-                },
+                w: Elems::of(w, n * k),
                 b: b.as_ref()
                     .map(|b| std::slice::from_raw_parts(b.data_ptr() as *const f32, n)),
-                out: OutPtr(y.data_ptr() as *mut f32),
+                out: SharedOut::new(y.data_ptr() as *mut f32),
                 n,
             }
         });
         outs.push((y, b));
     }
+    // Chunks of rows of all the Ws, one after the other.
     let total: usize = jobs.iter().map(|j| j.n).sum();
-    // The parts take chunks of rows of all the Ws as they go (one that falls
-    // behind, woken late or slowed by the other core's traffic, takes fewer).
-    let next = AtomicUsize::new(0);
-    SpinPool::global().run(&|_, _| loop {
-        let lo = next.fetch_add(CHUNK, Ordering::Relaxed);
-        if lo >= total {
-            break;
-        }
-        let hi = (lo + CHUNK).min(total);
-        let mut start = 0;
-        for job in &jobs {
-            let (a, z) = (
-                lo.max(start) - start,
-                hi.min(start + job.n).max(start) - start,
-            );
-            if a < z {
-                job.rows(xs, rows, k, a..z, wide);
+    SpinPool::global().share(total, CHUNK, &|chunks| {
+        for chunk in chunks {
+            let mut start = 0;
+            for job in &jobs {
+                let (a, z) = (chunk.start.max(start), chunk.end.min(start + job.n));
+                if a < z {
+                    job.rows(xs, rows, k, a - start..z - start, wide);
+                }
+                start += job.n;
             }
-            start += job.n;
         }
     });
     outs.into_iter()
@@ -203,7 +163,7 @@ fn matmul_kernels(
         .collect()
 }
 
-/// The elements of a weight matrix: f32, or bf16 (widened in the kernel).
+/// The elements of a matrix: f32, or bf16 (widened or pair-dotted).
 #[derive(Clone, Copy)]
 enum Elems<'a> {
     F32(&'a [f32]),
@@ -211,11 +171,32 @@ enum Elems<'a> {
 }
 
 impl<'a> Elems<'a> {
+    /// The first `len` elements of a contiguous f32 or bf16 tensor.
+    /// # Safety
+    /// `t` holds at least `len` elements and outlives the borrow.
+    unsafe fn of(t: &'a Tensor, len: usize) -> Elems<'a> {
+        let at = t.data_ptr();
+        unsafe {
+            if t.kind() == Kind::BFloat16 {
+                Elems::Bf16(std::slice::from_raw_parts(at as *const u16, len))
+            } else {
+                Elems::F32(std::slice::from_raw_parts(at as *const f32, len))
+            }
+        }
+    }
+
     /// Rows lo..hi of a matrix with k columns.
     fn rows(self, lo: usize, hi: usize, k: usize) -> Elems<'a> {
         match self {
             Elems::F32(w) => Elems::F32(&w[lo * k..hi * k]),
             Elems::Bf16(w) => Elems::Bf16(&w[lo * k..hi * k]),
+        }
+    }
+
+    fn len(self) -> usize {
+        match self {
+            Elems::F32(w) => w.len(),
+            Elems::Bf16(w) => w.len(),
         }
     }
 }
@@ -224,7 +205,7 @@ impl<'a> Elems<'a> {
 struct Job<'a> {
     w: Elems<'a>,
     b: Option<&'a [f32]>,
-    out: OutPtr,
+    out: SharedOut,
     n: usize,
 }
 
@@ -243,9 +224,9 @@ impl Job<'_> {
                 for (c, accs) in acc[..wb].iter().enumerate() {
                     let bias = self.b.map_or(0.0, |b| b[o + c]);
                     for (i, v) in accs[..g].iter().enumerate() {
-                        // SAFETY: y is a fresh (rows, n) f32 tensor; parts
-                        // write disjoint columns, and run() returns after all.
-                        unsafe { self.out.write((r + i) * self.n + o + c, v + bias) };
+                        // SAFETY: inside y (rows, n); each W row is in one
+                        // chunk, so one part writes column o + c.
+                        unsafe { self.out.write((r + i) * self.n + o + c, &[v + bias]) };
                     }
                 }
                 r += g;
@@ -255,105 +236,68 @@ impl Job<'_> {
     }
 }
 
-/// The output of a matmul, written by every part of the pool at once.
-struct OutPtr(*mut f32);
-// SAFETY: the parts write disjoint elements (see `matmul`).
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// # Safety
-    /// `i` is in bounds and no other part writes element `i`.
-    unsafe fn write(&self, i: usize, v: f32) {
-        unsafe { *self.0.add(i) = v }
-    }
+/// `$body` with the const `$name` = `$n` (1..=8): kernels take their block
+/// sizes as const generics (accumulators in registers).
+#[cfg(target_arch = "x86_64")]
+macro_rules! with_const {
+    ($n:expr, $name:ident => $body:expr) => {
+        match $n {
+            8 => {
+                const $name: usize = 8;
+                $body
+            }
+            7 => {
+                const $name: usize = 7;
+                $body
+            }
+            6 => {
+                const $name: usize = 6;
+                $body
+            }
+            5 => {
+                const $name: usize = 5;
+                $body
+            }
+            4 => {
+                const $name: usize = 4;
+                $body
+            }
+            3 => {
+                const $name: usize = 3;
+                $body
+            }
+            2 => {
+                const $name: usize = 2;
+                $body
+            }
+            _ => {
+                const $name: usize = 1;
+                $body
+            }
+        }
+    };
 }
 
-/// acc[b][r] = w[b] . x[r] for the rows of W and the g rows of x (both
-/// row-major with k columns). bf16 W needs `wide`; bf16 x needs bf16 W.
+/// acc[b][r] = w[b] . x[r] for the rows of W (at most WB) and the g rows of x
+/// (both row-major with k columns). bf16 W needs `wide`; bf16 x needs bf16 W.
 fn dot_block(w: Elems, x: Elems, g: usize, k: usize, acc: &mut [[f32; GROUP]; WB], wide: bool) {
     #[cfg(target_arch = "x86_64")]
-    {
-        macro_rules! pairs {
-            ($wb:literal, $w:expr, $x:expr) => {
-                // SAFETY: `has_avx512_bf16` held; w has $wb*k elements, x g*k.
-                unsafe {
-                    let (w, x) = ($w.as_ptr(), $x.as_ptr());
-                    match g {
-                        8 => avx512_pairs::pair_dots::<$wb, 8>(w, x, k, acc),
-                        7 => avx512_pairs::pair_dots::<$wb, 7>(w, x, k, acc),
-                        6 => avx512_pairs::pair_dots::<$wb, 6>(w, x, k, acc),
-                        5 => avx512_pairs::pair_dots::<$wb, 5>(w, x, k, acc),
-                        4 => avx512_pairs::pair_dots::<$wb, 4>(w, x, k, acc),
-                        3 => avx512_pairs::pair_dots::<$wb, 3>(w, x, k, acc),
-                        2 => avx512_pairs::pair_dots::<$wb, 2>(w, x, k, acc),
-                        _ => avx512_pairs::pair_dots::<$wb, 1>(w, x, k, acc),
-                    }
-                }
-            };
-        }
-        let x = match (w, x) {
-            (Elems::Bf16(w), Elems::Bf16(x)) => {
-                return match w.len() / k {
-                    3 => pairs!(3, w, x),
-                    2 => pairs!(2, w, x),
-                    _ => pairs!(1, w, x),
-                };
+    // SAFETY: the features each kernel needs were checked (`applies` for
+    // AVX2/FMA and bf16's AVX-512, `has_avx512` for `wide`, `has_avx512_bf16`
+    // for bf16 x); w holds wb * k elements and x g * k.
+    unsafe {
+        let wb = w.len() / k;
+        match (w, x) {
+            (Elems::Bf16(w), Elems::Bf16(x)) => with_const!(wb, B => with_const!(g, R =>
+                avx512_pairs::pair_dots::<B, R>(w.as_ptr(), x.as_ptr(), k, acc))),
+            (Elems::Bf16(w), Elems::F32(x)) => with_const!(wb, B => with_const!(g, R =>
+                avx512::dots::<B, R, true>(w.as_ptr() as *const u8, x, k, acc))),
+            (Elems::F32(w), Elems::F32(x)) if wide => with_const!(wb, B => with_const!(g, R =>
+                avx512::dots::<B, R, false>(w.as_ptr() as *const u8, x, k, acc))),
+            (Elems::F32(w), Elems::F32(x)) => {
+                with_const!(g, R => fma::dots::<R>(w, x, &mut acc[0][..g]))
             }
-            (_, Elems::F32(x)) => x,
-            (Elems::F32(_), Elems::Bf16(_)) => {
-                debug_assert!(false, "bf16 x with f32 W");
-                return;
-            }
-        };
-        macro_rules! pick {
-            ($wb:literal, $bf:literal, $w:expr) => {
-                // SAFETY: `has_avx512` (and avx512bw for bf16) held; w has
-                // $wb*k elements, x g*k.
-                unsafe {
-                    let w = $w.as_ptr() as *const u8;
-                    match g {
-                        8 => avx512::dots::<$wb, 8, $bf>(w, x, k, acc),
-                        7 => avx512::dots::<$wb, 7, $bf>(w, x, k, acc),
-                        6 => avx512::dots::<$wb, 6, $bf>(w, x, k, acc),
-                        5 => avx512::dots::<$wb, 5, $bf>(w, x, k, acc),
-                        4 => avx512::dots::<$wb, 4, $bf>(w, x, k, acc),
-                        3 => avx512::dots::<$wb, 3, $bf>(w, x, k, acc),
-                        2 => avx512::dots::<$wb, 2, $bf>(w, x, k, acc),
-                        _ => avx512::dots::<$wb, 1, $bf>(w, x, k, acc),
-                    }
-                }
-            };
-        }
-        let w = match (w, wide) {
-            (Elems::Bf16(w), _) => {
-                return match w.len() / k {
-                    3 => pick!(3, true, w),
-                    2 => pick!(2, true, w),
-                    _ => pick!(1, true, w),
-                };
-            }
-            (Elems::F32(w), true) => {
-                return match w.len() / k {
-                    3 => pick!(3, false, w),
-                    2 => pick!(2, false, w),
-                    _ => pick!(1, false, w),
-                };
-            }
-            (Elems::F32(w), false) => w,
-        };
-        let y = &mut acc[0][..g];
-        // SAFETY: `applies` checked AVX2 and FMA; x holds g*k floats, w k.
-        unsafe {
-            match g {
-                8 => fma::dots::<8>(w, x, y),
-                7 => fma::dots::<7>(w, x, y),
-                6 => fma::dots::<6>(w, x, y),
-                5 => fma::dots::<5>(w, x, y),
-                4 => fma::dots::<4>(w, x, y),
-                3 => fma::dots::<3>(w, x, y),
-                2 => fma::dots::<2>(w, x, y),
-                _ => fma::dots::<1>(w, x, y),
-            }
+            (Elems::F32(_), Elems::Bf16(_)) => debug_assert!(false, "bf16 x with f32 W"),
         }
     }
 }
@@ -377,7 +321,7 @@ mod tests {
         }
         let pairs: Vec<_> = ws.iter().zip(bias).collect();
         for wide in [false, has_avx512()] {
-            let got = matmul_many(&x, &pairs, wide).unwrap();
+            let got = matmul_kernels(&x, &pairs, wide, false).unwrap();
             for ((w, b), y) in pairs.iter().zip(&got) {
                 let want = x.reshape([8, 96]).linear(w, *b);
                 assert_eq!(y.size(), want.size());
@@ -448,7 +392,9 @@ mod tests {
                 if wide && !has_avx512() {
                     continue;
                 }
-                let got = matmul_many(&x, &[(&w, Some(&b))], wide).unwrap().remove(0);
+                let got = matmul_kernels(&x, &[(&w, Some(&b))], wide, false)
+                    .unwrap()
+                    .remove(0);
                 let diff = (&got - &want).abs().max().double_value(&[]);
                 assert!(
                     diff < 1e-4 * (k as f64).sqrt(),

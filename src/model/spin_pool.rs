@@ -71,7 +71,7 @@ impl SpinPool {
 
     /// Runs `f(part)` for every part in 0..parts() (part 0 on this thread)
     /// and returns when all are done; `f(0)` alone if another job is running.
-    pub fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
+    fn run(&self, f: &(dyn Fn(usize, usize) + Sync)) {
         let Ok(_busy) = self.busy.try_lock() else {
             return f(0, 1);
         };
@@ -92,6 +92,57 @@ impl SpinPool {
             std::hint::spin_loop();
         }
         *self.shared.job.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    /// Runs `f` on every part with one shared supply of the ranges of
+    /// 0..total, `chunk` at a time: a part that starts late or runs slow
+    /// takes fewer. Returns when all ranges are done.
+    pub fn share(&self, total: usize, chunk: usize, f: &(dyn Fn(Chunks) + Sync)) {
+        let next = AtomicUsize::new(0);
+        self.run(&|_, _| {
+            f(Chunks {
+                next: &next,
+                total,
+                chunk,
+            })
+        });
+    }
+}
+
+/// The ranges one part takes from `SpinPool::share`'s supply.
+pub struct Chunks<'a> {
+    next: &'a AtomicUsize,
+    total: usize,
+    chunk: usize,
+}
+
+impl Iterator for Chunks<'_> {
+    type Item = std::ops::Range<usize>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let lo = self.next.fetch_add(self.chunk, Ordering::Relaxed);
+        (lo < self.total).then(|| lo..(lo + self.chunk).min(self.total))
+    }
+}
+
+/// An f32 output the parts of a job write at once, each its own elements.
+pub struct SharedOut(*mut f32);
+// SAFETY: writers promise disjoint elements (`write`), and the job that owns
+// the buffer outlives them (`run` returns after every part).
+unsafe impl Sync for SharedOut {}
+
+impl SharedOut {
+    /// # Safety
+    /// `at` points at a buffer of f32 that outlives the job.
+    pub unsafe fn new(at: *mut f32) -> SharedOut {
+        SharedOut(at)
+    }
+
+    /// Writes `vals` at element `at`.
+    /// # Safety
+    /// `at..at + vals.len()` is inside the buffer and no other part writes it.
+    pub unsafe fn write(&self, at: usize, vals: &[f32]) {
+        unsafe { std::ptr::copy_nonoverlapping(vals.as_ptr(), self.0.add(at), vals.len()) }
     }
 }
 
@@ -131,6 +182,24 @@ fn helper(s: &Shared, part: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn shared_ranges_cover_the_total_once() {
+        let pool = SpinPool::new(3);
+        for (total, chunk) in [(1000, 96), (7, 1), (5, 10), (0, 4)] {
+            let hits: Vec<AtomicUsize> = (0..total).map(|_| AtomicUsize::new(0)).collect();
+            pool.share(total, chunk, &|chunks| {
+                for r in chunks {
+                    assert!(r.len() <= chunk && r.end <= total, "{r:?}");
+                    r.for_each(|i| _ = hits[i].fetch_add(1, Ordering::Relaxed));
+                }
+            });
+            assert!(
+                hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+                "{total}/{chunk}"
+            );
+        }
+    }
 
     #[test]
     fn every_part_runs_once_per_job() {
