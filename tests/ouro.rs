@@ -69,6 +69,51 @@ fn every_loop_and_the_exit_match_pytorch() {
     );
 }
 
+/// The replay's shared prompts on a looped model with early exit: every
+/// loop's states, the exit states and their gradients equal one forward.
+#[test]
+fn shared_prompt_replay_of_every_loop_equals_one_forward() {
+    use tarpo::policy::{replay, rollout, RolloutOptions, Sampling};
+    for name in NAMES {
+        let mut m = Model::load(&models().join(name), Device::Cpu, Kind::Float).unwrap();
+        m.net
+            .attach_lora(&tarpo::model::LoraConfig::new(4, 8.0))
+            .unwrap();
+        tch::no_grad(|| {
+            for p in m.net.lora_parameters() {
+                let _ = p.shallow_clone().f_add_(&(p.randn_like() * 0.05));
+            }
+        });
+        let sampling = Sampling {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 1.0,
+        };
+        let prompts = vec![
+            vec![3, 8, 5],
+            vec![9],
+            vec![3, 8, 5],
+            vec![9],
+            vec![3, 8, 5],
+        ];
+        let o = RolloutOptions::new(6, sampling, 4, vec![]);
+        let ro = rollout(&m.net, None, None, &prompts, &o).unwrap();
+        let batch = replay::build(&m.net, &ro, &[1, 0, 2, 3, 4]).unwrap();
+        let params = m.net.lora_parameters();
+        let g = common::assert_shared_replay_is_one_forward(&m.net, &batch, &params);
+        assert!(g > 1e-6, "{name}: no gradient reached the adapters ({g})");
+        let _g = tch::no_grad_guard();
+        let exit = m
+            .net
+            .exit_state(common::one_forward_states(&m.net, &batch))
+            .unwrap();
+        let steps = batch.steps.to_kind(Kind::Float).unsqueeze(-1);
+        let shared = replay::hidden_states(&m.net, &batch).unwrap();
+        let d = common::max_abs_diff(&(&exit * &steps), &(&shared * &steps));
+        assert!(d < 1e-5, "{name}: exit states differ by {d}");
+    }
+}
+
 fn run(args: &[&str]) -> std::process::Output {
     common::tarpo().args(args).output().unwrap()
 }

@@ -296,11 +296,19 @@ fn split_backward_equals_plain_backward() {
     }
 }
 
-/// The KL reference prefills each distinct prompt once: its scores equal the
-/// plain replay's (soft inputs and a router included).
+/// The replay runs each distinct prompt once: its states and its gradients
+/// equal one forward over the padded rows (soft inputs, a router, LoRA,
+/// repeated prompts in any order, rows of different lengths).
 #[test]
-fn shared_prompt_scoring_equals_plain_scoring() {
-    let m = model();
+fn shared_prompt_replay_equals_one_forward() {
+    use tarpo::model::LoraConfig;
+    let mut m = model();
+    m.net.attach_lora(&LoraConfig::new(4, 8.0)).unwrap();
+    tch::no_grad(|| {
+        for p in m.net.lora_parameters() {
+            let _ = p.shallow_clone().f_add_(&(p.randn_like() * 0.02));
+        }
+    });
     let router = Router::new(m.net.cfg.hidden_size, 0.4, 1.0, 9, Device::Cpu).unwrap();
     let p = prompts();
     let grouped = vec![
@@ -309,22 +317,30 @@ fn shared_prompt_scoring_equals_plain_scoring() {
         p[3].clone(),
         p[1].clone(),
         p[3].clone(),
+        p[2].clone(),
     ];
-    let ro = rollout(&m.net, Some(&router), None, &grouped, &options(2)).unwrap();
+    let mut ro = rollout(&m.net, Some(&router), None, &grouped, &options(2)).unwrap();
     assert!(ro.records.iter().flatten().any(|r| r.mode == SOFT));
-    let rows: Vec<usize> = vec![4, 0, 1, 3];
-    let batch = replay::build(&m.net, &ro, &rows).unwrap();
+    // Rows that stopped early, as at an EOS.
+    ro.records[0].truncate(7);
+    ro.records[4].truncate(1);
+    let params = m.net.lora_parameters();
+    for rows in [vec![4, 0, 1, 3, 5], vec![2], vec![0, 1]] {
+        let batch = replay::build(&m.net, &ro, &rows).unwrap();
+        let g = common::assert_shared_replay_is_one_forward(&m.net, &batch, &params);
+        assert!(
+            g > 1e-6,
+            "rows {rows:?}: no gradient reached the adapters ({g})"
+        );
+    }
+    // And the scores the loss reads come from those states.
+    let batch = replay::build(&m.net, &ro, &[4, 0, 1, 3]).unwrap();
     let _g = tch::no_grad_guard();
-    let plain = replay::score(&m.net, Some(&router), &batch, ro.temperature).unwrap();
-    let shared =
-        replay::score_shared_prompts(&m.net, Some(&router), &ro, &batch, ro.temperature).unwrap();
-    let d = common::max_abs_diff(&(&plain.logp * &batch.mask), &(&shared.logp * &batch.mask));
+    let s = replay::score(&m.net, Some(&router), &batch, ro.temperature).unwrap();
+    let h = common::one_forward_states(&m.net, &batch).pop().unwrap();
+    let lp = replay::token_logp(&m.net, &h, &batch.tokens, ro.temperature).unwrap();
+    let d = common::max_abs_diff(&(&lp * &batch.mask), &(&s.logp * &batch.mask));
     assert!(d < 1e-4, "token log-probs differ by {d}");
-    let rd = common::max_abs_diff(
-        &(plain.router_logp.as_ref().unwrap() * &batch.mask),
-        &(shared.router_logp.as_ref().unwrap() * &batch.mask),
-    );
-    assert!(rd < 1e-4, "router log-probs differ by {rd}");
 }
 
 #[test]

@@ -453,7 +453,12 @@ impl Llama {
     /// router) reads. A looped model returns, per position, the state of the
     /// loop inference exits at (`ouro::exit_loops`).
     pub fn forward(&self, x: &Tensor, step: &Step, cache: Option<&KvCache>) -> Result<Tensor> {
-        let mut states = self.forward_loops(x, step, cache)?;
+        self.exit_state(self.forward_loops(x, step, cache)?)
+    }
+
+    /// Of every loop's states (`forward_loops`), per position the one
+    /// inference exits at: the last loop's unless the model exits early.
+    pub fn exit_state(&self, mut states: Vec<Tensor>) -> Result<Tensor> {
         match &self.exit_gate {
             Some(gate) if self.cfg.early_exit_threshold < 1.0 => {
                 let at = gate.exit_loops(&states, self.cfg.early_exit_threshold)?;

@@ -25,7 +25,7 @@ use super::hrpo::HrpoGate;
 use super::mix;
 use super::records::{LatentRecord, Rollout, LATENT, SOFT};
 use super::router::Router;
-use crate::model::{left_pad, Llama, Step};
+use crate::model::{left_pad, Llama};
 use anyhow::{bail, Result};
 use tch::{Kind, Tensor};
 
@@ -47,6 +47,8 @@ pub struct ReplayBatch {
     pub router_mask: Tensor,
     /// Width of the left-padded prompt block.
     pub prompt_width: i64,
+    /// Each row's prompt (what the forward runs once per distinct prompt).
+    pub prompts: Vec<Vec<i64>>,
 }
 
 /// Builds the replay inputs for `rows` of the rollout (no HRPO steps: those
@@ -230,6 +232,7 @@ pub fn build_with(
         mask: flags(&host.mask)?,
         router_mask: flags(&host.rmask)?,
         prompt_width: prompt_ids.size()[1],
+        prompts,
     })
 }
 
@@ -265,32 +268,6 @@ pub fn score(
     heads(net, router, batch, &hidden_states(net, batch)?, temperature)
 }
 
-/// `score` without autograd for the KL reference, prefilling each distinct
-/// prompt of the batch once (a group repeats its prompt, often more than half
-/// of every row) and running only the generated inputs per row over a copy of
-/// its prompt's cache. Equal to `score` up to float rounding.
-pub fn score_shared_prompts(
-    net: &Llama,
-    router: Option<&Router>,
-    ro: &Rollout,
-    batch: &ReplayBatch,
-    temperature: f64,
-) -> Result<Scores> {
-    check_temperature(temperature)?;
-    let _g = tch::no_grad_guard();
-    let prompts: Vec<Vec<i64>> = batch.rows.iter().map(|&r| ro.prompts[r].clone()).collect();
-    let (p, w) = (batch.prompt_width, batch.inputs.size()[1]);
-    let n = w - p; // generated inputs per row (T - 1)
-    let (last, mut cache) = super::rollout::prefill(net, &prompts, n)?;
-    let mut hidden = last.f_unsqueeze(1)?; // predicts token 0
-    if n > 0 {
-        let step = cache.step(&batch.valid.f_narrow(1, p, n)?)?;
-        let gen = net.forward(&batch.inputs.f_narrow(1, p, n)?, &step, Some(&cache))?;
-        hidden = Tensor::f_cat(&[&hidden, &gen], 1)?;
-    }
-    heads(net, router, batch, &hidden, temperature)
-}
-
 pub fn check_temperature(temperature: f64) -> Result<()> {
     if temperature.is_nan() || temperature <= 0.0 {
         bail!("scoring temperature must be > 0, got {temperature}");
@@ -300,25 +277,29 @@ pub fn check_temperature(temperature: f64) -> Result<()> {
 
 /// (B, T, H) final-normed hidden states at the positions that predict each token.
 pub fn hidden_states(net: &Llama, batch: &ReplayBatch) -> Result<Tensor> {
-    let h = net.forward(&batch.inputs, &Step::full(&batch.valid)?, None)?;
-    predicting(batch, &h)
+    net.exit_state(hidden_states_loops(net, batch)?)
 }
 
 /// `hidden_states` of every loop of a looped model (one for plain models).
+///
+/// Each distinct prompt of the batch runs once (a group repeats its prompt,
+/// often half of every row): the prompts go through the model into a cache,
+/// and each row's generated inputs then attend to a copy of its prompt's
+/// keys and values. Equal to one forward over the padded rows up to float
+/// rounding; under autograd the rows of a group backpropagate into their one
+/// prompt forward.
 pub fn hidden_states_loops(net: &Llama, batch: &ReplayBatch) -> Result<Vec<Tensor>> {
-    let hs = net.forward_loops(&batch.inputs, &Step::full(&batch.valid)?, None)?;
-    hs.iter().map(|h| predicting(batch, h)).collect()
-}
-
-/// The positions of `h` (B, W, H) that predict each generated token.
-fn predicting(batch: &ReplayBatch, h: &Tensor) -> Result<Tensor> {
-    let t = batch.tokens.size()[1];
-    let at = Tensor::f_arange_start(
-        batch.prompt_width - 1,
-        batch.prompt_width - 1 + t,
-        (Kind::Int64, h.device()),
-    )?;
-    Ok(h.f_index_select(1, &at)?)
+    let (p, w) = (batch.prompt_width, batch.inputs.size()[1]);
+    let n = w - p; // generated inputs per row (T - 1)
+    let (last, mut cache) = super::rollout::prefill_loops(net, &batch.prompts, n)?;
+    if n == 0 {
+        return Ok(last); // each predicts token 0
+    }
+    let step = cache.step(&batch.valid.f_narrow(1, p, n)?)?;
+    let gen = net.forward_loops(&batch.inputs.f_narrow(1, p, n)?, &step, Some(&cache))?;
+    (last.iter().zip(&gen))
+        .map(|(a, g)| Ok(Tensor::f_cat(&[a, g], 1)?))
+        .collect()
 }
 
 /// log p(y) = z_y - logsumexp(z), z = logits(hidden) / temperature, for hidden

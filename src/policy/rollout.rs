@@ -187,19 +187,33 @@ impl MarkerWatch<'_> {
 /// cache rows copied to every prompt that shares it. Returns the (B, H)
 /// final-normed hidden state at each prompt's last position, and the cache.
 pub(crate) fn prefill(net: &Llama, prompts: &[Vec<i64>], extra: i64) -> Result<(Tensor, KvCache)> {
+    let (states, cache) = prefill_loops(net, prompts, extra)?;
+    Ok((net.exit_state(states)?.f_squeeze_dim(1)?, cache))
+}
+
+/// `prefill` keeping every loop's state, (B, 1, H) each. Under autograd the
+/// gradients of every row sharing a prompt meet in its one forward.
+pub(crate) fn prefill_loops(
+    net: &Llama,
+    prompts: &[Vec<i64>],
+    extra: i64,
+) -> Result<(Vec<Tensor>, KvCache)> {
     let device = net.embed_tokens.device();
     let (distinct, of_row) = distinct_rows(prompts);
     let (ids, valid) = left_pad(&distinct, device)?;
     let l = ids.size()[1];
     let mut cache = net.new_cache(distinct.len() as i64, l + extra)?;
     let step = cache.step(&valid)?;
-    let h = net.forward(&net.embed(&ids)?, &step, Some(&cache))?;
-    let h = h.f_narrow(1, l - 1, 1)?.f_squeeze_dim(1)?;
-    if distinct.len() == prompts.len() {
-        return Ok((h, cache));
+    let states = net.forward_loops(&net.embed(&ids)?, &step, Some(&cache))?;
+    let last = (states.iter().map(|h| h.f_narrow(1, l - 1, 1))).collect::<Result<Vec<_>, _>>()?;
+    // Under autograd the cache is always copied: the prompt's attention saved
+    // its keys for the backward, and later steps write into the same buffer.
+    if distinct.len() == prompts.len() && !last[0].requires_grad() {
+        return Ok((last, cache));
     }
     let rows = Tensor::from_slice(&of_row).f_to_device(device)?;
-    Ok((h.f_index_select(0, &rows)?, cache.select_rows(&rows)?))
+    let last = (last.iter().map(|h| h.f_index_select(0, &rows))).collect::<Result<_, _>>()?;
+    Ok((last, cache.select_rows(&rows)?))
 }
 
 /// The distinct prompts (first-seen order) and, per prompt, its index among them.

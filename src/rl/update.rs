@@ -425,7 +425,7 @@ fn reference_scores(
             own = b;
             &own
         };
-        replay::score_shared_prompts(reference, p.router_ref.as_ref(), ro, rows, temp)
+        replay::score(reference, p.router_ref.as_ref(), rows, temp)
     };
     p.with_reference(score)
 }

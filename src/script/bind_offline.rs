@@ -70,7 +70,7 @@ pub fn seq_logps(p: &Policy, ro: &Rollout, reference: bool, micro: usize) -> Res
         // Each side embeds the inputs with its own table.
         let score = |net: &crate::model::Llama| -> Result<Vec<f64>> {
             let batch = replay::build(net, ro, chunk)?;
-            let s = replay::score_shared_prompts(net, None, ro, &batch, 1.0)?;
+            let s = replay::score(net, None, &batch, 1.0)?;
             let mask = batch.mask.f_to_kind(Kind::Float)?;
             let mean = s
                 .logp

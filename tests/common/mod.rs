@@ -156,3 +156,67 @@ pub fn shipped_script(script: &str, sets: &[String]) -> String {
     );
     stdout
 }
+
+/// The replay without prompt sharing: one forward over the whole padded rows,
+/// every loop's states at the positions that predict each token.
+pub fn one_forward_states(
+    net: &tarpo::model::Llama,
+    batch: &tarpo::policy::replay::ReplayBatch,
+) -> Vec<Tensor> {
+    let step = tarpo::model::Step::full(&batch.valid).unwrap();
+    let states = net.forward_loops(&batch.inputs, &step, None).unwrap();
+    let (p, t) = (batch.prompt_width, batch.tokens.size()[1]);
+    let at = Tensor::arange_start(p - 1, p - 1 + t, (tch::Kind::Int64, tch::Device::Cpu));
+    states.iter().map(|h| h.index_select(1, &at)).collect()
+}
+
+/// The shared-prompt replay (`replay::hidden_states_loops`) equals one forward
+/// over the rows: every loop's states at real steps, and the gradients of
+/// `params` under a fixed random linear loss of those states. Returns the
+/// largest gradient, so callers can check the loss reached the parameters.
+pub fn assert_shared_replay_is_one_forward(
+    net: &tarpo::model::Llama,
+    batch: &tarpo::policy::replay::ReplayBatch,
+    params: &[Tensor],
+) -> f64 {
+    use tch::Kind;
+    let steps = batch.steps.to_kind(Kind::Float).unsqueeze(-1);
+    let run = |states: Vec<Tensor>| -> (Vec<Tensor>, Vec<Tensor>) {
+        for p in params {
+            let mut g = p.grad();
+            if g.defined() {
+                let _ = g.zero_();
+            }
+        }
+        tch::manual_seed(7);
+        let mut loss = Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
+        for h in &states {
+            loss = loss + (h * &steps * h.randn_like()).sum(Kind::Float);
+        }
+        loss.backward();
+        let masked = states.iter().map(|h| (h * &steps).detach()).collect();
+        (masked, params.iter().map(|p| p.grad().copy()).collect())
+    };
+    let (shared, g_shared) = run(tarpo::policy::replay::hidden_states_loops(net, batch).unwrap());
+    let (full, g_full) = run(one_forward_states(net, batch));
+    assert_eq!(shared.len(), full.len(), "loops");
+    for (i, (a, b)) in shared.iter().zip(&full).enumerate() {
+        assert_eq!(a.size(), b.size(), "loop {i}: shapes");
+        let (d, scale) = (max_abs_diff(a, b), b.abs().max().double_value(&[]));
+        assert!(
+            d < 2e-5 * scale.max(1.0),
+            "loop {i}: states differ by {d} (scale {scale})"
+        );
+    }
+    let mut largest: f64 = 0.0;
+    for (i, (a, b)) in g_shared.iter().zip(&g_full).enumerate() {
+        let scale = b.abs().max().double_value(&[]);
+        let d = max_abs_diff(a, b);
+        assert!(
+            d <= 1e-4 * scale.max(1e-6),
+            "parameter {i}: gradient differs by {d} (scale {scale})"
+        );
+        largest = largest.max(scale);
+    }
+    largest
+}
