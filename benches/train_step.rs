@@ -25,7 +25,8 @@
 //!
 //! Run: ./dev.sh bench   (or `cargo bench --bench train_step` with the env of ./dev.sh)
 //! Env: TARPO_BENCH_THREADS (default 2), TARPO_BENCH_RUNS (default 3),
-//!      TARPO_BENCH_MICRO (our replay micro-batch, default 8 as in `tarpo_loss`).
+//!      TARPO_BENCH_MICRO (our replay micro-batch, default 8 as in `tarpo_loss`),
+//!      TARPO_BENCH_PEER=0 (tarpo alone, to profile: `perf record` the bench binary).
 mod common;
 use anyhow::{bail, Context, Result};
 use common::{env_or, median};
@@ -311,31 +312,6 @@ fn main() -> Result<()> {
         })
         .collect::<Result<_>>()?;
 
-    let tmp = std::env::temp_dir();
-    let questions_json = tmp.join("tarpo-bench-train-questions.json");
-    std::fs::write(&questions_json, serde_json::to_string(&questions)?)?;
-    let mut args = vec![
-        dir.display().to_string(),
-        questions_json.display().to_string(),
-    ];
-    args.extend(
-        [threads, runs + 1, SEED as usize, NEW, GROUP]
-            .iter()
-            .map(|v| v.to_string()),
-    );
-    let rank = if tiny { 0.0 } else { RANK as f64 };
-    args.extend([BETA, LR, rank, ALPHA].iter().map(|v| v.to_string()));
-    let mut trl = Peer::spawn(&args, &tmp.join("tarpo-bench-trl.log"))?;
-    let ready = trl.recv()?;
-    let trl_ids: Vec<Vec<i64>> = serde_json::from_value(ready["prompt_ids"].clone())?;
-    if trl_ids != prompts {
-        bail!("the two chat templates give different prompt ids:\n tarpo {prompts:?}\n TRL   {trl_ids:?}");
-    }
-    eprintln!(
-        "TRL ready ({} trainable parameters, {} threads; its default beta is {}, set to {BETA})",
-        ready["trainable"], ready["threads"], ready["beta_default"]
-    );
-
     let mut our_step = || -> Result<Sample> {
         // The first reward call marks the end of the rollout.
         let rollout_end = std::cell::Cell::new(None);
@@ -373,6 +349,14 @@ fn main() -> Result<()> {
         )
     };
 
+    if std::env::var("TARPO_BENCH_PEER").as_deref() == Ok("0") {
+        // tarpo alone, for a profiler: no peer, no ratio.
+        for r in 0..=runs {
+            eprintln!("step {r}: tarpo {}", show(&our_step()?));
+        }
+        return Ok(());
+    }
+    let mut trl = spawn_trl(&dir, &questions, threads, runs, tiny, &prompts)?;
     // Warm-up, then alternate which side goes first so both see the same conditions.
     let w = trl.step()?;
     let wo = our_step()?;
@@ -428,4 +412,40 @@ fn main() -> Result<()> {
         "  tarpo: replay micro-batch {micro}; TRL peak RSS includes the Python interpreter and the torch/transformers/trl imports"
     );
     Ok(())
+}
+
+/// Starts the TRL side and checks it tokenises the prompts as we do.
+fn spawn_trl(
+    dir: &Path,
+    questions: &[String],
+    threads: usize,
+    runs: usize,
+    tiny: bool,
+    prompts: &[Vec<i64>],
+) -> Result<Peer> {
+    let tmp = std::env::temp_dir();
+    let questions_json = tmp.join("tarpo-bench-train-questions.json");
+    std::fs::write(&questions_json, serde_json::to_string(&questions)?)?;
+    let mut args = vec![
+        dir.display().to_string(),
+        questions_json.display().to_string(),
+    ];
+    args.extend(
+        [threads, runs + 1, SEED as usize, NEW, GROUP]
+            .iter()
+            .map(|v| v.to_string()),
+    );
+    let rank = if tiny { 0.0 } else { RANK as f64 };
+    args.extend([BETA, LR, rank, ALPHA].iter().map(|v| v.to_string()));
+    let mut trl = Peer::spawn(&args, &tmp.join("tarpo-bench-trl.log"))?;
+    let ready = trl.recv()?;
+    let trl_ids: Vec<Vec<i64>> = serde_json::from_value(ready["prompt_ids"].clone())?;
+    if trl_ids != prompts {
+        bail!("the two chat templates give different prompt ids:\n tarpo {prompts:?}\n TRL   {trl_ids:?}");
+    }
+    eprintln!(
+        "TRL ready ({} trainable parameters, {} threads; its default beta is {}, set to {BETA})",
+        ready["trainable"], ready["threads"], ready["beta_default"]
+    );
+    Ok(trl)
 }

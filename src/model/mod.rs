@@ -3,6 +3,7 @@ pub mod batch;
 pub mod config;
 pub mod decode_attention;
 pub mod device;
+pub mod host_memory;
 pub mod kv_cache;
 pub mod llama;
 pub mod lora;
@@ -63,6 +64,7 @@ impl Model {
         if !dir.is_dir() {
             anyhow::bail!("{}: not a model directory", dir.display());
         }
+        host_memory::keep_freed_memory();
         let cfg = ModelConfig::load(dir)?;
         let tok = Tokenizer::load(dir)?;
         let weights = Weights::open(dir, device, dtype)?;
