@@ -5,8 +5,8 @@
 //! from the recorded top-k ids and weights with the current embedding matrix
 //! (soft), or its recorded vector (latent), with the rollout's positions and
 //! attention mask (the reference code dropped the mask in training). One
-//! forward gives every position's hidden state, from which token and router
-//! log-probs follow.
+//! forward (each distinct prompt once, `hidden_states_loops`) gives every
+//! position's hidden state, from which token and router log-probs follow.
 //!
 //! Latent steps of the other methods (`latent::Latent`): Soft Thinking's and
 //! Coconut's recorded input vectors are fed back as constants (no gradient
