@@ -76,14 +76,7 @@ fn shared_prompt_replay_of_every_loop_equals_one_forward() {
     use tarpo::policy::{replay, rollout, RolloutOptions, Sampling};
     for name in NAMES {
         let mut m = Model::load(&models().join(name), Device::Cpu, Kind::Float).unwrap();
-        m.net
-            .attach_lora(&tarpo::model::LoraConfig::new(4, 8.0))
-            .unwrap();
-        tch::no_grad(|| {
-            for p in m.net.lora_parameters() {
-                let _ = p.shallow_clone().f_add_(&(p.randn_like() * 0.05));
-            }
-        });
+        common::attach_moved_lora(&mut m.net, 0.05);
         let sampling = Sampling {
             temperature: 1.0,
             top_k: 0,

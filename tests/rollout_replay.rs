@@ -223,19 +223,12 @@ fn shared_prefill_equals_separate_prompts() {
 /// grad_hidden_norm equals ||dL/dh|| from autograd on the plain graph.
 #[test]
 fn split_backward_equals_plain_backward() {
-    use tarpo::model::LoraConfig;
     use tarpo::rl::loss::{policy_loss, LossConfig, LossInputs};
     use tarpo::rl::policy::Policy;
     use tarpo::rl::update::{accumulate_gradients, ReplayConfig};
     use tch::Tensor;
     let mut model = model();
-    model.net.attach_lora(&LoraConfig::new(4, 8.0)).unwrap();
-    // LoRA B starts at zero; move it so the adapters matter.
-    tch::no_grad(|| {
-        for p in model.net.lora_parameters() {
-            let _ = p.shallow_clone().f_add_(&(p.randn_like() * 0.02));
-        }
-    });
+    common::attach_moved_lora(&mut model.net, 0.02);
     let router = Router::new(model.net.cfg.hidden_size, 0.3, 1.0, 3, Device::Cpu).unwrap();
     let ro = rollout(&model.net, Some(&router), None, &prompts(), &options(5)).unwrap();
     let mut policy = Policy::new(model);
@@ -301,14 +294,8 @@ fn split_backward_equals_plain_backward() {
 /// repeated prompts in any order, rows of different lengths).
 #[test]
 fn shared_prompt_replay_equals_one_forward() {
-    use tarpo::model::LoraConfig;
     let mut m = model();
-    m.net.attach_lora(&LoraConfig::new(4, 8.0)).unwrap();
-    tch::no_grad(|| {
-        for p in m.net.lora_parameters() {
-            let _ = p.shallow_clone().f_add_(&(p.randn_like() * 0.02));
-        }
-    });
+    common::attach_moved_lora(&mut m.net, 0.02);
     let router = Router::new(m.net.cfg.hidden_size, 0.4, 1.0, 9, Device::Cpu).unwrap();
     let p = prompts();
     let grouped = vec![

@@ -3,7 +3,7 @@
 //! router-only training, the KL reference of a warm start, and Coconut's
 //! continuous thoughts in the loss.
 mod common;
-use tarpo::model::{LoraConfig, Model};
+use tarpo::model::Model;
 use tarpo::policy::{rollout, Latent, Rollout, RolloutOptions, Router, Sampling, LATENT};
 use tarpo::rl::advantage;
 use tarpo::rl::loss::LossConfig;
@@ -77,13 +77,8 @@ fn rel_diff(a: &[Tensor], b: &[Tensor]) -> f64 {
 /// reference differ and the KL is not 0).
 fn lora_policy() -> Policy {
     let mut m = model();
-    m.net.attach_lora(&LoraConfig::new(4, 8.0)).unwrap();
-    tch::no_grad(|| {
-        tch::manual_seed(11);
-        for p in m.net.lora_parameters() {
-            let _ = p.shallow_clone().f_add_(&(p.randn_like() * 0.05));
-        }
-    });
+    tch::manual_seed(11);
+    common::attach_moved_lora(&mut m.net, 0.05);
     let router = Router::new(m.net.cfg.hidden_size, 0.3, 1.0, 3, Device::Cpu).unwrap();
     let mut policy = Policy::new(m);
     policy.router_ref = Some(router.frozen_copy().unwrap());

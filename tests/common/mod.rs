@@ -220,3 +220,15 @@ pub fn assert_shared_replay_is_one_forward(
     }
     largest
 }
+
+/// Attaches LoRA r 4 / alpha 8 and moves every adapter weight by `scale`
+/// standard normals (B starts at zero: moved, the adapters matter).
+pub fn attach_moved_lora(net: &mut tarpo::model::Llama, scale: f64) {
+    net.attach_lora(&tarpo::model::LoraConfig::new(4, 8.0))
+        .unwrap();
+    tch::no_grad(|| {
+        for p in net.lora_parameters() {
+            let _ = p.shallow_clone().f_add_(&(p.randn_like() * scale));
+        }
+    });
+}
