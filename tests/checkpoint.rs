@@ -81,6 +81,7 @@ fn save(p: &Policy, opt: &AdamW, dir: &std::path::Path) -> std::path::PathBuf {
         policy: p,
         opt,
         step: opt.step_count(),
+        run_step: opt.step_count(),
         rng: 77,
         sampler: Some(&sampler),
     };
@@ -98,8 +99,8 @@ fn full_fine_tuning_resumes_exactly() {
     let straight = step(&p, &mut opt, 2);
 
     let (q, mut opt2) = setup();
-    let (n, rng, sampler) = checkpoint::load_parts(&q, &mut opt2, &ckpt).unwrap();
-    assert_eq!((n, rng, sampler.is_some()), (1, 77, true));
+    let got = checkpoint::load_parts(&q, &mut opt2, &ckpt).unwrap();
+    assert_eq!((got.step, got.rng, got.sampler.is_some()), (1, 77, true));
     let resumed = step(&q, &mut opt2, 2);
     assert_eq!(resumed, straight, "the step after resume");
     for (a, b) in weights(&p).iter().zip(&weights(&q)) {
@@ -114,20 +115,54 @@ fn a_damaged_checkpoint_is_a_clear_error() {
     let dir = common::scratch("checkpoint").join("damaged");
     let _ = std::fs::remove_dir_all(&dir);
     let ckpt = save(&p, &opt, &dir);
-    std::fs::write(ckpt.join("router.safetensors"), b"junk").unwrap();
     let (q, mut opt2) = setup();
-    let err = format!(
-        "{:#}",
-        checkpoint::load_parts(&q, &mut opt2, &ckpt).unwrap_err()
+    let before = weights(&q);
+    let load = |q: &Policy, opt: &mut AdamW| {
+        format!("{:#}", checkpoint::load_parts(q, opt, &ckpt).unwrap_err())
+    };
+    let router = std::fs::read(ckpt.join("router.safetensors")).unwrap();
+    std::fs::write(ckpt.join("router.safetensors"), b"junk").unwrap();
+    let err = load(&q, &mut opt2);
+    assert!(
+        err.contains("router.safetensors: 4 bytes, the manifest says"),
+        "{err}"
     );
-    assert!(err.contains("router.safetensors"), "{err}");
+    std::fs::write(ckpt.join("router.safetensors"), router).unwrap();
     std::fs::remove_file(ckpt.join("state.json")).unwrap();
+    let err = load(&q, &mut opt2);
+    assert!(
+        err.contains("state.json: missing (listed in manifest.json)"),
+        "{err}"
+    );
+    // Nothing was loaded from the damaged checkpoint (never half of one).
+    for (a, b) in before.iter().zip(&weights(&q)) {
+        assert!(a.equal(b), "a weight changed");
+    }
+    assert_eq!(opt2.step_count(), 0);
+}
+
+#[test]
+fn a_checkpoint_that_does_not_fit_loads_nothing() {
+    // The policy also has RLTT loop weights, which the checkpoint lacks:
+    // refused at the last file, after the weights and the router were read
+    // and before anything was copied.
+    let (p, mut opt) = setup();
+    step(&p, &mut opt, 1);
+    let dir = common::empty_scratch("checkpoint-mismatch");
+    let ckpt = save(&p, &opt, &dir);
+    let (mut q, mut opt2) = setup();
+    q.loop_logits = Some(Tensor::zeros([4], (Kind::Float, Device::Cpu)).set_requires_grad(true));
+    let before = weights(&q);
     let err = format!(
         "{:#}",
         checkpoint::load_parts(&q, &mut opt2, &ckpt).unwrap_err()
     );
     assert!(
-        err.contains("state.json") && err.contains("cannot read"),
+        err.contains("loop_weights.safetensors: cannot read"),
         "{err}"
     );
+    for (a, b) in before.iter().zip(&weights(&q)) {
+        assert!(a.equal(b), "a weight changed");
+    }
+    assert_eq!(opt2.step_count(), 0, "the optimizer state was not loaded");
 }

@@ -35,23 +35,6 @@ fn tiny() -> String {
         .to_string()
 }
 
-/// Deterministic word prompts: `n` rows of 2-4 short words.
-fn write_prompts(path: &Path, n: usize, seed: u64) {
-    let mut rng = tarpo::policy::Rng::new(seed);
-    let words = [
-        "the", "a", "cat", "sum", "of", "is", "to", "one", "and", "we",
-    ];
-    let mut s = String::new();
-    for _ in 0..n {
-        let k = 2 + rng.next_u64() % 3;
-        let p: Vec<&str> = (0..k)
-            .map(|_| words[(rng.next_u64() % words.len() as u64) as usize])
-            .collect();
-        s += &format!("{{\"prompt\": \"{}\", \"answer\": \"\"}}\n", p.join(" "));
-    }
-    std::fs::write(path, s).unwrap();
-}
-
 fn png_size(path: &Path) -> (u32, u32) {
     let b = std::fs::read(path).unwrap_or_else(|_| panic!("{} missing", path.display()));
     assert_eq!(
@@ -126,8 +109,8 @@ fn every_primitive_from_a_script() {
 fn train_toy(method: &str) -> (f64, f64) {
     let out = common::empty_scratch(&format!("script-train-{method}"));
     let (data, held) = (out.join("train.jsonl"), out.join("held.jsonl"));
-    write_prompts(&data, 64, 1);
-    write_prompts(&held, 16, 999);
+    common::write_prompts(&data, 64, 1);
+    common::write_prompts(&held, 16, 999);
     let o = run_script(
         "train_toy.rhai",
         &[
@@ -246,7 +229,7 @@ fn set_values_reach_the_script_as_args() {
 fn every_stdlib_method_runs_from_a_script() {
     let out = common::scratch("script-stdlib");
     let data = out.join("data.jsonl");
-    write_prompts(&data, 16, 5);
+    common::write_prompts(&data, 16, 5);
     let o = run_script(
         "stdlib_methods.rhai",
         &[("data", data.display().to_string())],
@@ -262,7 +245,7 @@ fn every_stdlib_method_runs_from_a_script() {
 fn aapo_samples_the_reference_and_trains_from_a_script() {
     let out = common::scratch("script-aapo");
     let data = out.join("data.jsonl");
-    write_prompts(&data, 16, 9);
+    common::write_prompts(&data, 16, 9);
     let o = run_script("aapo.rhai", &[("data", data.display().to_string())]);
     let (so, se) = (text(&o.stdout), text(&o.stderr));
     assert!(
@@ -360,7 +343,7 @@ fn the_training_loop_pieces_from_a_script() {
 fn a_stdlib_run_resumes_exactly_from_its_checkpoint() {
     let out = common::empty_scratch("script-resume");
     let data = out.join("data.jsonl");
-    write_prompts(&data, 16, 7);
+    common::write_prompts(&data, 16, 7);
     let go = |run: &str, steps: u32, resume: bool| -> String {
         let o = run_script(
             "resume.rhai",

@@ -1,48 +1,11 @@
 //! Frames as files: parquet and CSV, each written through a temporary
-//! sibling renamed into place, so a reader never sees half a file.
+//! sibling renamed into place (`fsio`), so a reader never sees half a file.
 use anyhow::{anyhow, bail, Context, Result};
 use polars::prelude::*;
 use std::fs::File;
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::Path;
 
-/// Writes `path` through a temporary file in the same directory, renamed into
-/// place once complete, so a reader never sees a half-written file.
-pub(crate) fn write_atomic(path: &Path, write: impl FnOnce(&mut File) -> Result<()>) -> Result<()> {
-    let tmp = temp_sibling(path)?;
-    let mut file =
-        File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let written = write(&mut file).and_then(|()| Ok(file.sync_all()?));
-    drop(file);
-    let done = written.and_then(|()| Ok(std::fs::rename(&tmp, path)?));
-    if done.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    done.with_context(|| format!("{}: cannot write", path.display()))
-}
-
-/// `dir/.name.tmp-PID-N.ext` beside `path` (its parent directories created),
-/// unique per process and call; the extension is kept because some writers
-/// pick the format from it.
-pub(crate) fn temp_sibling(path: &Path) -> Result<PathBuf> {
-    static NEXT: AtomicU64 = AtomicU64::new(0);
-    let name = path
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| anyhow!("{}: not a file path", path.display()))?;
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    std::fs::create_dir_all(dir)
-        .with_context(|| format!("{}: cannot create the directory", dir.display()))?;
-    let ext = path
-        .extension()
-        .and_then(|e| e.to_str())
-        .map_or(String::new(), |e| format!(".{e}"));
-    let n = NEXT.fetch_add(1, Ordering::Relaxed);
-    Ok(dir.join(format!(".{name}.tmp-{}-{n}{ext}", std::process::id())))
-}
+pub(crate) use crate::fsio::{temp_sibling, write_atomic};
 
 pub fn write_parquet(df: &mut DataFrame, path: &Path) -> Result<()> {
     write_atomic(path, |f| {

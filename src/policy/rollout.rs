@@ -345,6 +345,7 @@ pub fn rollout_observed(
             break;
         }
         crate::ctl::check()?;
+        crate::faults::point("rollout.step");
         bar.set(t as u64);
         let x = if t < thoughts {
             // Coconut: a continuous thought; h_t is the next input itself.

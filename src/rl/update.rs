@@ -294,7 +294,11 @@ fn micro_batch(
             router_mask: &rmask,
         };
         let terms = token_terms(&x, &cfg.loss)?;
-        let part = weighted_sum(&terms.loss, &mask, &cut(&weights)?)?;
+        let mut part = weighted_sum(&terms.loss, &mask, &cut(&weights)?)?;
+        if crate::faults::nan("loss") {
+            part = part.f_mul_scalar(f64::NAN)?;
+        }
+        crate::faults::point("replay.backward");
         part.f_backward()?;
         sums.loss += part.double_value(&[]);
         let (kl, n) = masked_sum(&terms.kl_token, &mask)?;

@@ -119,6 +119,15 @@ fn new_run(dir: &str, config: Map) -> Result<RunHandle> {
 }
 
 impl RunState {
+    /// The step of the last metrics row (0 before the first).
+    fn last_step(&self) -> u64 {
+        self.rows.last().map_or(0, |r| {
+            r.get("step")
+                .and_then(Value::as_u64)
+                .unwrap_or(self.rows.len() as u64)
+        })
+    }
+
     fn new(dir: PathBuf, rows: Vec<serde_json::Map<String, Value>>, writer: bool) -> RunState {
         RunState {
             dir,
@@ -170,21 +179,34 @@ pub(super) fn load_run(dir: &str) -> Result<RunHandle> {
             file.display()
         )
     })?;
-    let mut rows = Vec::new();
-    for (i, line) in text
-        .lines()
-        .enumerate()
-        .filter(|(_, l)| !l.trim().is_empty())
-    {
-        match serde_json::from_str::<Value>(line) {
-            Ok(Value::Object(m)) => rows.push(m),
-            _ => bail!("{}:{}: not a JSON object", file.display(), i + 1),
-        }
-    }
+    let rows = parse_rows(&file, &text)?;
     let writer = crate::dist::world().is_main();
     Ok(RunHandle(Rc::new(RefCell::new(RunState::new(
         path, rows, writer,
     )))))
+}
+
+/// The rows of metrics.jsonl. A last line without its newline that is not
+/// JSON was cut by a crash mid-append: it is dropped with a note (resume
+/// rewrites the file without it); any other bad line is an error.
+fn parse_rows(file: &Path, text: &str) -> Result<Vec<serde_json::Map<String, Value>>> {
+    let lines: Vec<&str> = text.split('\n').collect();
+    let mut rows = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        match serde_json::from_str::<Value>(line) {
+            Ok(Value::Object(m)) => rows.push(m),
+            _ if i + 1 == lines.len() => eprintln!(
+                "note: {}:{}: dropped a half-written last line (a crash during its append)",
+                file.display(),
+                i + 1
+            ),
+            _ => bail!("{}:{}: not a JSON object", file.display(), i + 1),
+        }
+    }
+    Ok(rows)
 }
 
 /// Appends a metrics row (metrics.jsonl, the handle's TensorBoard events
@@ -202,13 +224,7 @@ fn log(r: &RunHandle, m: Map) -> Result<()> {
         return Ok(());
     }
     let line = serde_json::to_string(&row)?;
-    let file = st.dir.join("metrics.jsonl");
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&file)
-        .with_context(|| format!("{}: cannot open", file.display()))?;
-    writeln!(f, "{line}").with_context(|| format!("{}: cannot write", file.display()))?;
+    crate::fsio::append_line(&st.dir.join("metrics.jsonl"), &line)?;
     if st.events.is_none() {
         st.events = Some(tensorboard::EventWriter::create(&st.dir)?);
     }
@@ -266,7 +282,8 @@ fn summary(row: &serde_json::Map<String, Value>) -> String {
         }
     }
     if row.get("skipped").and_then(Value::as_bool) == Some(true) {
-        s += "  SKIPPED (non-finite gradient)";
+        let what = row.get("nonfinite").and_then(Value::as_str);
+        s += &format!("  SKIPPED (non-finite {})", what.unwrap_or("gradients"));
     }
     if let Some(t) = f("time_s") {
         s += &format!("  {t:.1}s");
@@ -284,7 +301,7 @@ fn log_tokens(
     if !st.writer {
         return Ok(());
     }
-    let step = st.rows.len() as i64;
+    let step = st.last_step() as i64;
     let name = st
         .dir
         .file_name()
@@ -357,7 +374,7 @@ pub(super) fn read_step_frames(dir: &Path) -> Result<DataFrame> {
     let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
         .with_context(|| format!("{}: no records (run.log_tokens writes them)", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "parquet"))
+        .filter(|p| p.extension().is_some_and(|x| x == "parquet") && !crate::fsio::is_temp(p))
         .collect();
     files.sort();
     if files.is_empty() {
@@ -399,19 +416,26 @@ fn save_checkpoint(
     let st = m.0.borrow();
     super::bind_train::sync_params(&mut opt, &st.policy)?;
     let sampler = d.map(|d| *d.sampler.borrow());
+    let run = r.0.borrow();
+    let taken = opt.adamw.step_count() + opt.adamw.skipped_steps();
     let parts = checkpoint::Parts {
         policy: &st.policy,
         opt: &opt.adamw,
         step: opt.adamw.step_count(),
+        // A run that logs no rows counts its optimizer steps.
+        run_step: if run.rows.is_empty() {
+            taken
+        } else {
+            run.last_step()
+        },
         rng: st.rng.state,
         sampler: sampler.as_ref(),
     };
-    let run = r.0.borrow();
     let w = crate::dist::world();
     let dir = if run.writer {
         checkpoint::save_parts(&parts, &run.dir)?
     } else {
-        checkpoint::step_dir(&run.dir, parts.step)
+        checkpoint::step_dir(&run.dir, taken)
     };
     if w.launched() {
         // Every rank returns once the checkpoint is complete on disk.
@@ -420,9 +444,12 @@ fn save_checkpoint(
     Ok(dir.display().to_string())
 }
 
-/// Restores the run's latest checkpoint into a backbone, optimizer and data
-/// set built as before, drops metrics rows of later steps (they will be
-/// redone, identically), and returns the step to continue from (0: none).
+/// Restores the run's newest intact checkpoint (a damaged one is reported
+/// by file and skipped) into a backbone, optimizer and data set built as
+/// before, brings the run directory back to that step (metrics rows, token
+/// and sample records of later steps and what a crash left half-written are
+/// removed: they will be redone, identically), and returns the run's step
+/// to continue from (0: none).
 fn resume(
     r: &RunHandle,
     m: &Backbone,
@@ -430,18 +457,62 @@ fn resume(
     d: Option<&DatasetHandle>,
 ) -> Result<i64> {
     let mut run = r.0.borrow_mut();
-    let Some(dir) = checkpoint::latest(&run.dir)? else {
-        return Ok(0);
+    if run.writer {
+        checkpoint::clear_partial(&run.dir)?;
+    }
+    let (found, skipped) = checkpoint::newest_intact(&run.dir)?;
+    for s in &skipped {
+        eprintln!("warning: skipped a damaged checkpoint: {s}");
+    }
+    let step = match found {
+        Some(dir) => {
+            let step = restore(&dir, m, o, d)?;
+            if run.writer {
+                checkpoint::point_latest(&dir)?;
+            }
+            eprintln!("resumed from {} (step {step})", dir.display());
+            step
+        }
+        None => 0,
     };
+    let keep = |row: &serde_json::Map<String, Value>| {
+        row.get("step")
+            .and_then(Value::as_u64)
+            .is_none_or(|s| s <= step)
+    };
+    run.rows.retain(keep);
+    if run.writer {
+        rewind_files(&run, step).with_context(|| {
+            format!(
+                "{}: cannot rewind the run to step {step}",
+                run.dir.display()
+            )
+        })?;
+        // A new events file that tells TensorBoard to forget the redone steps.
+        let mut events = tensorboard::EventWriter::create(&run.dir)?;
+        events.restart(step as i64 + 1)?;
+        run.events = Some(events);
+    }
+    Ok(step as i64)
+}
+
+/// Loads checkpoint `dir` into the backbone, optimizer and data cursor;
+/// returns its run step.
+fn restore(
+    dir: &Path,
+    m: &Backbone,
+    o: &OptimizerHandle,
+    d: Option<&DatasetHandle>,
+) -> Result<u64> {
     let mut opt = o.0.borrow_mut();
     if !opt.backbone.same(m) {
         bail!("resume: the optimizer belongs to another backbone");
     }
     let mut st = m.0.borrow_mut();
     super::bind_train::sync_params(&mut opt, &st.policy)?;
-    let (step, rng, sampler) = checkpoint::load_parts(&st.policy, &mut opt.adamw, &dir)?;
-    st.rng.state = rng;
-    match (d, sampler) {
+    let got = checkpoint::load_parts(&st.policy, &mut opt.adamw, dir)?;
+    st.rng.state = got.rng;
+    match (d, got.sampler) {
         (Some(d), Some(s)) => *d.sampler.borrow_mut() = s,
         (Some(_), None) => bail!(
             "resume: {} has no data cursor (saved without the data set)",
@@ -449,32 +520,61 @@ fn resume(
         ),
         _ => {}
     }
-    let keep = |row: &serde_json::Map<String, Value>| {
-        row.get("step")
-            .and_then(Value::as_u64)
-            .is_none_or(|s| s <= step)
+    Ok(got.run_step)
+}
+
+/// The run directory's files as they were at run step `step`: metrics.jsonl
+/// and metrics.parquet hold the kept rows, token and sample records of
+/// later steps are gone, and so are temporary files a crash left.
+fn rewind_files(run: &RunState, step: u64) -> Result<()> {
+    let text: String = run
+        .rows
+        .iter()
+        .map(|row| serde_json::to_string(row).map(|l| l + "\n"))
+        .collect::<Result<_, _>>()?;
+    crate::fsio::remove_temp_files(&run.dir)?;
+    frame::write_atomic(&run.dir.join("metrics.jsonl"), |f| {
+        Ok(f.write_all(text.as_bytes())?)
+    })?;
+    let parquet = run.dir.join("metrics.parquet");
+    if run.rows.is_empty() {
+        if parquet.exists() {
+            std::fs::remove_file(&parquet)
+                .with_context(|| format!("{}: cannot remove", parquet.display()))?;
+        }
+    } else {
+        frame::write_parquet(&mut frame::frame_from_rows(&run.rows)?, &parquet)?;
+    }
+    for kind in ["tokens", "samples"] {
+        let dir = run.dir.join(kind);
+        crate::fsio::remove_temp_files(&dir)?;
+        for (n, path) in step_files(&dir) {
+            if n > step {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("{}: cannot remove", path.display()))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `step-N.parquet` files of a records directory, with their N.
+fn step_files(dir: &Path) -> Vec<(u64, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
     };
-    if !run.writer {
-        run.rows.retain(keep);
-        eprintln!("resumed from {} (step {step})", dir.display());
-        return Ok(step as i64);
-    }
-    if !run.rows.iter().all(keep) {
-        run.rows.retain(keep);
-        let text: String = run
-            .rows
-            .iter()
-            .map(|row| serde_json::to_string(row).map(|l| l + "\n"))
-            .collect::<Result<_, _>>()?;
-        let file = run.dir.join("metrics.jsonl");
-        frame::write_atomic(&file, |f| Ok(f.write_all(text.as_bytes())?))?;
-    }
-    // A new events file that tells TensorBoard to forget the redone steps.
-    let mut events = tensorboard::EventWriter::create(&run.dir)?;
-    events.restart(step as i64 + 1)?;
-    run.events = Some(events);
-    eprintln!("resumed from {} (step {step})", dir.display());
-    Ok(step as i64)
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n = name
+                .strip_prefix("step-")?
+                .strip_suffix(".parquet")?
+                .parse()
+                .ok()?;
+            Some((n, e.path()))
+        })
+        .collect()
 }
 
 /// Unbiased Pass@k (Chen et al. 2021): 1 - C(n - c, k) / C(n, k).

@@ -13,7 +13,7 @@ use super::types::*;
 use crate::rl::data_parallel::{all_reduce_step, broadcast_parameters};
 use crate::rl::loss::{LossConfig, LossMetrics};
 use crate::rl::loss_agg::Norm;
-use crate::rl::optim::{grad_norm, zero_grads, AdamW, AdamWConfig, Schedule};
+use crate::rl::optim::{describe_nonfinite, grad_norm, zero_grads, AdamW, AdamWConfig, Schedule};
 use crate::rl::policy::param_groups;
 use crate::rl::rltt::LoopWeighting;
 use crate::rl::update::{backward, finish, LossSums, RefInputs, ReplayConfig};
@@ -105,8 +105,8 @@ fn optimizer(m: &Backbone, o: Map) -> Result<OptimizerHandle> {
         betas: (o.float("beta1")?, o.float("beta2")?),
         eps: o.float("eps")?,
         max_grad_norm: (clip > 0.0).then_some(clip),
+        max_consecutive_skips: o.usize("max_skips")?,
         schedule,
-        ..AdamWConfig::default()
     };
     let (lr, router_lr, weight_decay) = (
         o.float("lr")?,
@@ -342,13 +342,24 @@ fn step(o: &OptimizerHandle, losses: &[LossHandle]) -> Result<rhai::Map> {
         None => 0.0,
     };
     drop(bb);
-    let report = st.adamw.step()?;
+    let report = st.adamw.step_guarded(metrics.loss.is_finite())?;
     st.adamw.zero_grad()?;
     let mut m = loss_map(&metrics);
     m.insert("grad_norm".into(), report.grad_norm.into());
     m.insert("grad_action_norm".into(), router_grad.into());
     m.insert("lr".into(), report.lr.into());
     m.insert("skipped".into(), report.skipped.into());
+    if report.skipped {
+        let what = describe_nonfinite(&report.nonfinite);
+        if crate::dist::world().is_main() {
+            eprintln!(
+                "warning: optimizer step {} skipped: non-finite {what} ({} in a row)",
+                st.adamw.step_count() + st.adamw.skipped_steps(),
+                st.adamw.consecutive_skips()
+            );
+        }
+        m.insert("nonfinite".into(), what.into());
+    }
     m.insert("step".into(), (st.adamw.step_count() as i64).into());
     Ok(m)
 }

@@ -158,6 +158,11 @@ pub const OPTIMIZER: &[Opt] = &[
     opt("beta1", Def::Float(0.9), "Adam beta1"),
     opt("beta2", Def::Float(0.99), "Adam beta2"),
     opt("eps", Def::Float(1e-8), "Adam epsilon"),
+    opt(
+        "max_skips",
+        Def::Int(3),
+        "non-finite steps (loss or gradients) in a row before opt.step fails (0: never)",
+    ),
 ];
 
 pub const TARPO_LOSS: &[Opt] = &[
@@ -436,8 +441,8 @@ pub const PRIMITIVES: &[Prim] = &[
     Prim { name: "new_run", sig: "new_run(dir, config?) -> Run", doc: "A run directory: config.json, run.log(metrics) rows (metrics.parquet; each printed unless config has quiet: true), run.log_tokens(ro, rw, adv).", opts: NONE },
     Prim { name: "load_run", sig: "load_run(dir) -> Run", doc: "Open an existing run directory for analysis.", opts: NONE },
     Prim { name: "open_run", sig: "open_run(dir, config) -> Run", doc: "The run in `dir` to continue (load_run), or a new one there (new_run).", opts: NONE },
-    Prim { name: "save_checkpoint", sig: "save_checkpoint(run, m, opt, ds?) -> path", doc: "RUN/checkpoints/step-N: adapter, router, HRPO gate, optimizer, seed generator, data cursor (atomic).", opts: NONE },
-    Prim { name: "resume", sig: "resume(run, m, opt, ds?) -> step", doc: "Restore the run's latest checkpoint (0 when none); continuing gives exactly the straight run.", opts: NONE },
+    Prim { name: "save_checkpoint", sig: "save_checkpoint(run, m, opt, ds?) -> path", doc: "RUN/checkpoints/step-N (N: optimizer steps taken): adapter, router, HRPO gate, optimizer, seed generator, data cursor, the run's step, and manifest.json (sizes, SHA-256); atomic and synced.", opts: NONE },
+    Prim { name: "resume", sig: "resume(run, m, opt, ds?) -> step", doc: "Restore the run's newest intact checkpoint (damaged ones are reported and skipped) and rewind the run's files to it; returns its run step (0 when none). Continuing gives exactly the straight run.", opts: NONE },
     Prim { name: "routing_frame", sig: "routing_frame(ro, rewards?, adv?) -> Frame", doc: "One row per generated token: mode, p_soft, logp, entropy, ... (a polars DataFrame).", opts: NONE },
     Prim { name: "read_parquet", sig: "read_parquet(path) -> Frame", doc: "Load a parquet file as a Frame.", opts: NONE },
     Prim { name: "plot_soft_ratio", sig: "plot_soft_ratio(run | [runs], path)", doc: "Soft ratio and reward over training steps, one line per run (.png or .svg).", opts: NONE },

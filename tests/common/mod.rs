@@ -232,3 +232,20 @@ pub fn attach_moved_lora(net: &mut tarpo::model::Llama, scale: f64) {
         }
     });
 }
+
+/// Deterministic word prompts: `n` rows of 2-4 short words.
+pub fn write_prompts(path: &Path, n: usize, seed: u64) {
+    let mut rng = tarpo::policy::Rng::new(seed);
+    let words = [
+        "the", "a", "cat", "sum", "of", "is", "to", "one", "and", "we",
+    ];
+    let mut s = String::new();
+    for _ in 0..n {
+        let k = 2 + rng.next_u64() % 3;
+        let p: Vec<&str> = (0..k)
+            .map(|_| words[(rng.next_u64() % words.len() as u64) as usize])
+            .collect();
+        s += &format!("{{\"prompt\": \"{}\", \"answer\": \"\"}}\n", p.join(" "));
+    }
+    std::fs::write(path, s).unwrap();
+}

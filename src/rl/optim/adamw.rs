@@ -59,14 +59,18 @@ impl Default for AdamWConfig {
 }
 
 /// What one call of [`AdamW::step`] did.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct StepReport {
     /// Total gradient 2-norm before clipping (non-finite when skipped).
     pub grad_norm: f64,
     /// Learning rate of the first group at this step (scheduled).
     pub lr: f64,
-    /// True when the gradients were non-finite and nothing was updated.
+    /// True when the loss or the gradients were non-finite and nothing was
+    /// updated.
     pub skipped: bool,
+    /// What was non-finite when skipped: "loss" and the names of the
+    /// parameter groups whose gradients were.
+    pub nonfinite: Vec<String>,
 }
 
 /// Per-parameter state, created the first time the parameter has a gradient
@@ -213,36 +217,35 @@ impl AdamW {
     }
 
     /// One optimizer step on the accumulated gradients: computes the total
-    /// gradient norm; if it is not finite, zeroes the gradients, updates
-    /// nothing (the schedule does not advance either) and reports a skipped
-    /// step, or fails after `max_consecutive_skips` such steps in a row.
-    /// Otherwise clips to `max_grad_norm`, applies AdamW with each group's
-    /// scheduled learning rate and advances the schedule. Gradients of an
-    /// applied step are left in place (call [`AdamW::zero_grad`]).
+    /// gradient norm; if it is not finite, skips the step (see
+    /// [`AdamW::step_guarded`]). Otherwise clips to `max_grad_norm`, applies
+    /// AdamW with each group's scheduled learning rate and advances the
+    /// schedule. Gradients of an applied step are left in place (call
+    /// [`AdamW::zero_grad`]).
     pub fn step(&mut self) -> Result<StepReport> {
+        self.step_guarded(true)
+    }
+
+    /// `step`, also skipped when the loss was not finite (`loss_finite`
+    /// false). A skipped step zeroes the gradients and updates nothing (the
+    /// schedule does not advance either); after `max_consecutive_skips` of
+    /// them in a row it fails, naming what was non-finite.
+    pub fn step_guarded(&mut self, loss_finite: bool) -> Result<StepReport> {
         let factor = self.lr_factor();
         let lr0 = self.groups.first().map(|g| g.lr * factor).unwrap_or(0.0);
+        self.inject_faults()?;
         let grads = grads_of(self.all_params())?;
         let total = tch::no_grad(|| total_norm_tensor(&grads))?;
         let norm = total.f_double_value(&[])?;
-        if !norm.is_finite() {
-            self.zero_grad()?;
-            self.consecutive_skips += 1;
-            self.skipped_steps += 1;
-            let max = self.config.max_consecutive_skips;
-            if max > 0 && self.consecutive_skips >= max {
-                bail!(
-                    "{} consecutive steps had non-finite gradients; stopping (last gradient norm \
-                     {norm}): lower the learning rate, check the data and the loss for NaN/inf, or resume \
-                     from an earlier checkpoint",
-                    self.consecutive_skips
-                );
+        if !loss_finite || !norm.is_finite() {
+            let mut what = Vec::new();
+            if !loss_finite {
+                what.push("loss".to_string());
             }
-            return Ok(StepReport {
-                grad_norm: norm,
-                lr: lr0,
-                skipped: true,
-            });
+            if !norm.is_finite() {
+                what.extend(self.nonfinite_groups()?);
+            }
+            return self.skip(norm, lr0, what);
         }
         tch::no_grad(|| -> Result<()> {
             if let Some(m) = clip_enabled(self.config.max_grad_norm) {
@@ -254,6 +257,7 @@ impl AdamW {
                 let lr = group.lr * factor;
                 let wd = group.weight_decay;
                 for (param, st) in group.params.iter_mut().zip(states.iter_mut()) {
+                    crate::faults::point("optimizer.step");
                     let grad = param.f_grad()?;
                     if !grad.defined() {
                         continue;
@@ -269,7 +273,79 @@ impl AdamW {
             grad_norm: norm,
             lr: lr0,
             skipped: false,
+            nonfinite: Vec::new(),
         })
+    }
+
+    /// The step that does nothing: gradients zeroed, skips counted, and an
+    /// error once `max_consecutive_skips` came in a row.
+    fn skip(&mut self, norm: f64, lr: f64, what: Vec<String>) -> Result<StepReport> {
+        self.zero_grad()?;
+        self.consecutive_skips += 1;
+        self.skipped_steps += 1;
+        let max = self.config.max_consecutive_skips;
+        if max > 0 && self.consecutive_skips >= max {
+            bail!(
+                "{} optimizer steps in a row were non-finite (last: {}; gradient norm {norm}); \
+                 stopping: lower the learning rate, check the data and the loss for NaN/inf, or \
+                 resume from the last checkpoint",
+                self.consecutive_skips,
+                describe_nonfinite(&what)
+            );
+        }
+        Ok(StepReport {
+            grad_norm: norm,
+            lr,
+            skipped: true,
+            nonfinite: what,
+        })
+    }
+
+    /// The names of the groups with a non-finite gradient.
+    fn nonfinite_groups(&self) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for g in &self.groups {
+            if !grad_norm(g.params.iter())?.is_finite() {
+                out.push(g.name.clone());
+            }
+        }
+        Ok(out)
+    }
+
+    /// The test hook `nan@grad.GROUP:N` (see `faults`): NaN gradients for a group.
+    fn inject_faults(&self) -> Result<()> {
+        for g in &self.groups {
+            if crate::faults::nan(&format!("grad.{}", g.name)) {
+                for p in &g.params {
+                    let grad = p.f_grad()?;
+                    if grad.defined() {
+                        let _ = tch::no_grad(|| grad.shallow_clone().f_fill_(f64::NAN))?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// "loss, gradients of router_weight, router_bias" for a skip's `nonfinite`.
+pub fn describe_nonfinite(what: &[String]) -> String {
+    let loss = what.iter().any(|w| w == "loss");
+    let groups: Vec<&str> = (what.iter())
+        .filter(|w| *w != "loss")
+        .map(String::as_str)
+        .collect();
+    let mut parts = Vec::new();
+    if loss {
+        parts.push("loss".to_string());
+    }
+    if !groups.is_empty() {
+        parts.push(format!("gradients of {}", groups.join(", ")));
+    }
+    if parts.is_empty() {
+        "gradients".to_string()
+    } else {
+        parts.join(", ")
     }
 }
 
@@ -459,6 +535,7 @@ mod tests {
         let r = opt.step().unwrap();
         assert!(r.skipped);
         assert!(r.grad_norm.is_nan());
+        assert_eq!(r.nonfinite, ["g"]);
         assert_eq!(Vec::<f32>::try_from(p.detach()).unwrap(), vec![1.0, 2.0]);
         assert_eq!(Vec::<f32>::try_from(p.grad()).unwrap(), vec![0.0, 0.0]);
         assert_eq!(opt.step_count(), 0);
@@ -480,6 +557,41 @@ mod tests {
     }
 
     #[test]
+    fn a_skip_names_the_loss_and_the_groups_that_were_not_finite() {
+        let (a, b) = (param(&[1.0, 2.0], &[2]), param(&[3.0], &[1]));
+        let mut opt = AdamW::new(
+            vec![
+                ParamGroup::new("lora", vec![a.shallow_clone()], 0.1, 0.1),
+                ParamGroup::new("router_bias", vec![b.shallow_clone()], 0.1, 0.0),
+            ],
+            AdamWConfig::default(),
+        )
+        .unwrap();
+        add_grad(&a, &Tensor::from_slice(&[1f32, 1.0]));
+        add_grad(&b, &Tensor::from_slice(&[f32::INFINITY]));
+        let r = opt.step().unwrap();
+        assert_eq!(
+            (r.skipped, r.nonfinite.clone()),
+            (true, vec!["router_bias".into()])
+        );
+        assert_eq!(describe_nonfinite(&r.nonfinite), "gradients of router_bias");
+        // A non-finite loss skips even with finite gradients.
+        add_grad(&a, &Tensor::from_slice(&[1f32, 1.0]));
+        let r = opt.step_guarded(false).unwrap();
+        assert_eq!(
+            (r.skipped, r.nonfinite.clone()),
+            (true, vec!["loss".into()])
+        );
+        assert_eq!(Vec::<f32>::try_from(a.detach()).unwrap(), vec![1.0, 2.0]);
+        assert_eq!((opt.step_count(), opt.skipped_steps()), (0, 2));
+        let both = ["loss".to_string(), "lora".into(), "router_bias".into()];
+        assert_eq!(
+            describe_nonfinite(&both),
+            "loss, gradients of lora, router_bias"
+        );
+    }
+
+    #[test]
     fn three_nonfinite_steps_in_a_row_fail() {
         let p = param(&[1.0, 2.0], &[2]);
         let mut opt = one_group(vec![p.shallow_clone()], 0.1, 0.1, AdamWConfig::default());
@@ -491,7 +603,7 @@ mod tests {
             } else {
                 let e = r.unwrap_err().to_string();
                 assert!(
-                    e.contains("3 consecutive steps had non-finite gradients; stopping"),
+                    e.contains("3 optimizer steps in a row were non-finite (last: gradients of g;"),
                     "{e}"
                 );
             }

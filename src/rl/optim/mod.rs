@@ -20,7 +20,7 @@ mod clip;
 mod schedule;
 mod state;
 
-pub use adamw::{AdamW, AdamWConfig, ParamGroup, StepReport};
+pub use adamw::{describe_nonfinite, AdamW, AdamWConfig, ParamGroup, StepReport};
 pub use clip::{clip_grad_norm, grad_norm, scale_grads, zero_grads};
 pub use schedule::{Schedule, ScheduleKind};
 
