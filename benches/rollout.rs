@@ -21,9 +21,11 @@ use tch::{Device, Kind, Tensor};
 const GROUP: usize = 8;
 const NEW: usize = 128;
 
-/// Read bandwidth in bytes/s: summing a 512 MB tensor with the same threads.
+/// Read bandwidth in bytes/s: summing a 512 MB tensor with the same threads,
+/// on huge pages like the model's weights (`host_memory::pack_weights`).
 fn read_bandwidth() -> f64 {
     let t = Tensor::ones([128 * 1024 * 1024], (Kind::Float, Device::Cpu));
+    tarpo::model::host_memory::pack_weights(&[&t]).expect("pack the probe");
     let _ = t.sum(Kind::Float);
     let runs = 5;
     let start = Instant::now();

@@ -70,6 +70,7 @@ impl Model {
         let weights = Weights::open(dir, device, dtype)?;
         let eos = stop_tokens(dir, &cfg, &tok)?;
         let net = Llama::load(cfg, &weights)?;
+        host_memory::pack_weights(&net.tensors())?;
         Ok(Model {
             dir: dir.to_path_buf(),
             net,
