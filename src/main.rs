@@ -36,6 +36,41 @@ struct ModelArgs {
     dtype: String,
 }
 
+/// Resource limits of `run` and `repl` (tarpo::script::Limits; 0 = none).
+#[derive(Args)]
+struct LimitArgs {
+    /// Most elements an array may hold, nested arrays' elements counted
+    /// (0: no limit). rhai re-measures an array after each push, so filling
+    /// one takes time quadratic in its size; see README "Resource limits".
+    #[arg(long, value_name = "N", default_value_t = tarpo::script::Limits::DEFAULT.array)]
+    max_array: usize,
+    /// Most entries an object map may hold, nested maps' entries counted (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = tarpo::script::Limits::DEFAULT.map)]
+    max_map: usize,
+    /// Longest string in bytes (0: no limit).
+    #[arg(long, value_name = "BYTES", default_value_t = tarpo::script::Limits::DEFAULT.string)]
+    max_string: usize,
+    /// Deepest nesting of script function calls (0: no limit; past a few
+    /// thousand levels the process's stack overflows and it aborts).
+    #[arg(long, value_name = "N", default_value_t = tarpo::script::Limits::DEFAULT.call_depth)]
+    max_call_depth: usize,
+    /// Most operations a script (or one REPL input) may run (0: no limit).
+    #[arg(long, value_name = "N", default_value_t = tarpo::script::Limits::DEFAULT.operations)]
+    max_operations: u64,
+}
+
+impl LimitArgs {
+    fn limits(&self) -> tarpo::script::Limits {
+        tarpo::script::Limits {
+            array: self.max_array,
+            map: self.max_map,
+            string: self.max_string,
+            call_depth: self.max_call_depth,
+            operations: self.max_operations,
+        }
+    }
+}
+
 impl ModelArgs {
     fn load(&self) -> Result<Model> {
         let dev = device::parse_device(&self.device)?;
@@ -119,6 +154,8 @@ enum Cmd {
         /// (Gloo over loopback; each gets cores / N threads unless --threads).
         #[arg(long, value_name = "N")]
         nproc: Option<usize>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
     /// Every chart of a run directory (PNG and SVG) and an HTML report
     /// (scripts/analyze_run.rhai, built in).
@@ -147,6 +184,8 @@ enum Cmd {
         device: String,
         #[arg(long = "set", value_name = "KEY=VALUE")]
         set: Vec<String>,
+        #[command(flatten)]
+        limits: LimitArgs,
     },
 }
 
@@ -255,8 +294,9 @@ fn write_arith(out: &Path, n: usize, cfg: tarpo::data::arith::ArithConfig) -> Re
     Ok(())
 }
 
-/// A session for `run`/`repl`: --set values as `args`, progress bars on.
-fn session(set: &[String]) -> Result<tarpo::script::Session> {
+/// A session for `run`/`repl`: --set values as `args`, progress bars on,
+/// the engine under `limits`.
+fn session(set: &[String], limits: tarpo::script::Limits) -> Result<tarpo::script::Session> {
     let mut args = rhai::Map::new();
     for kv in set {
         let (k, v) = tarpo::script::parse_set(kv).map_err(|e| anyhow!(e))?;
@@ -265,7 +305,7 @@ fn session(set: &[String]) -> Result<tarpo::script::Session> {
     tarpo::ctl::show_progress(true);
     // Panics inside scripts come back as the session's error message.
     std::panic::set_hook(Box::new(|_| {}));
-    Ok(tarpo::script::Session::new(args))
+    Ok(tarpo::script::Session::with_limits(args, limits))
 }
 
 /// `--model DIR`, or the embedded default model.
@@ -365,7 +405,15 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(o) = out {
                 set.push(format!("out={}", o.display()));
             }
-            let mut s = session(&set)?;
+            // The built-in script's arrays grow with the run, and analyze
+            // has no flags to raise a size limit: none for it.
+            let limits = tarpo::script::Limits {
+                array: 0,
+                map: 0,
+                string: 0,
+                ..tarpo::script::Limits::DEFAULT
+            };
+            let mut s = session(&set, limits)?;
             tarpo::ctl::install_interrupt_handler()?;
             let script = include_str!("../scripts/analyze_run.rhai");
             if let Err(e) = s.eval(script, "scripts/analyze_run.rhai") {
@@ -377,10 +425,14 @@ fn run(cli: Cli) -> Result<()> {
             std::process::exit(tarpo::dist::launch::local(n, cli.threads)?);
         }
         Cmd::Run {
-            script, code, set, ..
+            script,
+            code,
+            set,
+            limits,
+            ..
         } => {
             tarpo::dist::init_from_env()?;
-            let mut s = session(&set)?;
+            let mut s = session(&set, limits.limits())?;
             tarpo::ctl::install_interrupt_handler()?;
             let out = match (script, code) {
                 (_, Some(code)) => s.eval(&code, "<-e>"),
@@ -465,11 +517,16 @@ fn run(cli: Cli) -> Result<()> {
             let from = from.unwrap_or_else(sources::champ_file);
             write_source(&out, sources::champ(&from))?
         }
-        Cmd::Repl { model, device, set } => {
+        Cmd::Repl {
+            model,
+            device,
+            set,
+            limits,
+        } => {
             if std::env::var("WORLD_SIZE").is_ok_and(|w| w.trim() != "1") {
                 bail!("the REPL is single-process: run a script under the launcher instead (`tarpo run --nproc N SCRIPT`, or torchrun --no-python ... tarpo run SCRIPT)");
             }
-            let s = session(&set)?;
+            let s = session(&set, limits.limits())?;
             let m = model_dir(&model);
             // The default model loads only when it exists (a fresh clone
             // before make_default_model, say); a named one must.

@@ -131,10 +131,11 @@ pub fn run(mut session: Session, preload: Option<String>) -> anyhow::Result<()> 
     }
     loop {
         *words.borrow_mut() = session.completion_words();
+        // Names only: a variable may hold a large array or map.
         *methods.borrow_mut() = session
-            .variables()
+            .variable_names()
             .into_iter()
-            .filter_map(|(name, _, _)| Some((name.clone(), session.methods_of(&name)?)))
+            .filter_map(|name| Some((name.clone(), session.methods_of(&name)?)))
             .collect();
         match rl.readline("tarpo> ") {
             Ok(line) => {

@@ -1,5 +1,6 @@
 //! `tarpo repl` driven through a pseudo-terminal (tests/drivers/repl_pty.py):
-//! persistence, completion, multi-line input, errors, Ctrl-C, history, Ctrl-D;
+//! persistence, completion, multi-line input, errors, a runaway loop stopped
+//! by the array limit, Ctrl-C, history, Ctrl-D;
 //! and `m.stream` (tests/drivers/stream_pty.py): soft tokens coloured live.
 mod common;
 use std::path::Path;

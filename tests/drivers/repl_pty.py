@@ -104,6 +104,18 @@ send("x + 1\r")
 expect("41")
 prompt()
 
+# A runaway loop stops at the array limit (in seconds, not at the machine's
+# memory); earlier variables and functions survive and new lines run.
+send("let a = []; loop { a.push(1) }\r")
+expect("array grew past 100000 elements (the limit; raise it with --max-array N, 0 for none)", timeout=60)
+prompt()
+send("twice(x) + 1\r")
+expect("81")
+prompt()
+send("let b = [1, 2, 3]; b.len() * 10\r")
+expect("30")
+prompt()
+
 # A misspelled option key lists the valid ones.
 send("compute_advantages([1.0], #{grop: 1})\r")
 expect("valid options: estimator, group")
