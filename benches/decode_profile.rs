@@ -6,7 +6,9 @@
 //! the LM head, attention (the fused kernel over the cache), the rest of the
 //! decoder (norms, RoPE, cache writes, adds, SiLU: op dispatch mostly), and
 //! sampling with the step's statistics. "step" is a whole decode step as the
-//! rollout runs it; "other" is what the parts leave of it.
+//! rollout runs it; "other" is what the parts leave of it. The decoder is
+//! timed both fused (`model::llama::fused`, what rollouts run) and as
+//! libtorch layers.
 //!
 //! Run: `cargo bench --bench decode_profile` (env of ./dev.sh).
 //! Env: TARPO_BENCH_REPS (default 50), TARPO_BENCH_ROWS (default 8).
@@ -69,7 +71,7 @@ fn main() -> Result<()> {
     // A cache as after 64 decode steps, and the step's shapes.
     let (ids, valid) = left_pad(&prompts, Device::Cpu)?;
     let l = ids.size()[1];
-    let mut cache = net.new_cache(rows as i64, l + new as i64 + reps as i64 + 2)?;
+    let mut cache = net.new_cache(rows as i64, l + new as i64 + 2 * reps as i64 + 4)?;
     let st = cache.step(&valid)?;
     let _ = net.forward(&net.embed(&ids)?, &st, Some(&cache))?;
     let one = Tensor::ones([rows as i64, 1], (Kind::Bool, Device::Cpu));
@@ -79,11 +81,16 @@ fn main() -> Result<()> {
         let _ = net.forward(&x, &st, Some(&cache))?;
     }
     let _one_thread = tarpo::policy::rollout::IntraOpThreads::set(1);
-    let decoder_ms = time_ms(reps, || {
-        let st = cache.step(&one)?;
-        let _ = net.forward(&x, &st, Some(&cache))?;
-        Ok(())
-    })?;
+    let mut decoder = |fused: bool| {
+        tarpo::model::llama::fused::set_enabled(fused);
+        time_ms(reps, || {
+            let st = cache.step(&one)?;
+            let _ = net.forward(&x, &st, Some(&cache))?;
+            Ok(())
+        })
+    };
+    let layers_ms = decoder(false)?;
+    let decoder_ms = decoder(true)?;
 
     let named = net.named_tensors();
     let weights: Vec<&Tensor> = named
@@ -149,6 +156,8 @@ fn main() -> Result<()> {
     line("attention", attention_ms);
     line("decoder, rest (dispatch)", rest);
     line("sampling and statistics", sampling_ms);
+    line("(decoder as libtorch layers)", layers_ms);
+    line("(decoder, fused)", decoder_ms);
     line("other (host, records)", other);
     println!(
         "  weights streamed {:.0} MB per step: {:.1} GB/s in the whole step",

@@ -229,3 +229,59 @@ fn sampling_is_seeded_and_stops_at_eos() {
         assert_eq!(row_d, &row_a[..cut]);
     }
 }
+
+#[test]
+fn fused_decode_steps_equal_the_libtorch_layers() {
+    // The fused CPU decode stack (model::llama::fused) against the same
+    // steps through the libtorch layers: every tiny configuration (GQA/MQA,
+    // q/k/v biases, tied and untied heads), a left-padded batch, 6 steps.
+    use tarpo::model::llama::fused;
+    let _g = tch::no_grad_guard();
+    for name in common::TINY_NAMES {
+        let (m, exp) = load(name);
+        let (ids, mask) = (&exp["input_ids"], &exp["attention_mask"]);
+        let run = |on: bool| -> Vec<Tensor> {
+            fused::set_enabled(on);
+            let b = ids.size()[0];
+            let mut cache = m.net.new_cache(b, ids.size()[1] + 8).unwrap();
+            let step = cache.step(&mask.to_kind(Kind::Bool)).unwrap();
+            let h = m
+                .net
+                .forward(&m.net.embed(ids).unwrap(), &step, Some(&cache))
+                .unwrap();
+            let mut next = m.net.logits(&h.select(1, -1)).unwrap().argmax(-1, false);
+            let mut out = Vec::new();
+            for _ in 0..6 {
+                let step = cache
+                    .step(&Tensor::ones([b, 1], (Kind::Bool, Device::Cpu)))
+                    .unwrap();
+                let h = m
+                    .net
+                    .forward(
+                        &m.net.embed(&next.unsqueeze(1)).unwrap(),
+                        &step,
+                        Some(&cache),
+                    )
+                    .unwrap();
+                let logits = m.net.logits(&h).unwrap().squeeze_dim(1);
+                next = logits.argmax(-1, false);
+                out.push(logits);
+            }
+            fused::set_enabled(true);
+            out
+        };
+        let before = fused::steps();
+        let fast = run(true);
+        assert_eq!(fused::steps() - before, 6, "{name}: the fused path ran");
+        let slow = run(false);
+        assert_eq!(fused::steps() - before, 6, "{name}: switched off");
+        for (i, (a, b)) in fast.iter().zip(&slow).enumerate() {
+            let scale = b.abs().max().double_value(&[]);
+            let diff = common::max_abs_diff(a, b);
+            assert!(
+                diff <= 1e-5 * scale.max(1.0),
+                "{name} step {i}: {diff} of {scale}"
+            );
+        }
+    }
+}

@@ -34,7 +34,7 @@ pub fn applies(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
 pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     let (qs, ks) = (q.size(), k.size());
     let (b, h, d) = (qs[0] as usize, qs[1] as usize, qs[3] as usize);
-    let (g, s) = (ks[1] as usize, ks[2] as usize);
+    let s = ks[2] as usize;
     ensure!(
         mask.size() == [b as i64, 1, 1, s as i64],
         "decode attention: mask {:?} for {b} rows and {s} keys",
@@ -47,6 +47,47 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> 
         [b as i64, h as i64, 1, d as i64],
         (Kind::Float, Device::Cpu),
     )?;
+    // SAFETY: contiguous f32 q and y, bool mask, of the sizes used.
+    unsafe {
+        let qs = std::slice::from_raw_parts(q.data_ptr() as *const f32, b * h * d);
+        let ms = std::slice::from_raw_parts(mask.data_ptr() as *const bool, b * s);
+        let ys = std::slice::from_raw_parts_mut(y.data_ptr() as *mut f32, b * h * d);
+        attend_into(qs, h, k, v, s, ms, scale, ys)?;
+    }
+    Ok(if kind == Kind::Float {
+        y
+    } else {
+        y.f_to_kind(kind)?
+    })
+}
+
+/// `attend` on slices: q (B, H, D) and the output (B, H, D) as f32 rows,
+/// over the first `s` key slots of k and v (B, G, >= s, D), `mask` (B, s).
+/// The fused decode layer's call (no tensors made).
+#[allow(clippy::too_many_arguments)]
+pub fn attend_into(
+    qs: &[f32],
+    h: usize,
+    k: &Tensor,
+    v: &Tensor,
+    s: usize,
+    mask: &[bool],
+    scale: f64,
+    out: &mut [f32],
+) -> Result<()> {
+    let ks = k.size();
+    let (b, g, d) = (ks[0] as usize, ks[1] as usize, ks[3] as usize);
+    ensure!(
+        qs.len() == b * h * d
+            && out.len() == qs.len()
+            && mask.len() == b * s
+            && s <= ks[2] as usize,
+        "decode attention: sizes"
+    );
+    ensure!(
+        k.stride()[3] == 1 && k.stride() == v.stride() && k.kind() == v.kind() && h % g == 0,
+        "decode attention: cache layout"
+    );
     let sh = Shape {
         b,
         h,
@@ -56,26 +97,20 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> 
         row: k.stride()[0] as usize,
         head: k.stride()[1] as usize,
     };
-    // SAFETY: contiguous q, y and mask of the sizes used; k and v are views
-    // with unit stride in D (`applies`), read as f32 or as bf16 bit patterns
-    // (`cache`); all outlive this call.
+    // SAFETY: out holds b * h * d f32 (checked); k and v have unit stride in
+    // D, read as f32 or as bf16 bit patterns (`cache`); everything outlives
+    // this call.
     unsafe {
-        let qs = std::slice::from_raw_parts(q.data_ptr() as *const f32, b * h * d);
-        let ms = std::slice::from_raw_parts(mask.data_ptr() as *const bool, b * s);
-        let out = SharedOut::new(y.data_ptr() as *mut f32);
-        if kind == Kind::BFloat16 {
+        let out = SharedOut::new(out.as_mut_ptr());
+        if k.kind() == Kind::BFloat16 {
             let kv = (cache::<Bf16>(k, &sh), cache::<Bf16>(v, &sh));
-            run(qs, kv, ms, scale as f32, &sh, &out);
+            run(qs, kv, mask, scale as f32, &sh, &out);
         } else {
             let kv = (cache::<f32>(k, &sh), cache::<f32>(v, &sh));
-            run(qs, kv, ms, scale as f32, &sh, &out);
+            run(qs, kv, mask, scale as f32, &sh, &out);
         }
     }
-    Ok(if kind == Kind::Float {
-        y
-    } else {
-        y.f_to_kind(kind)?
-    })
+    Ok(())
 }
 
 /// Sizes and cache strides (rows, kv heads) of one `attend` call.
@@ -110,6 +145,7 @@ fn run<E: Widen>(
 ) {
     let (h, g, s, d) = (sh.h, sh.g, sh.s, sh.d);
     let per_group = h / g;
+    let wide = E::wide(d);
     SpinPool::global().share(sh.b * g, 1, &|pairs| {
         let (mut scores, mut acc) = (vec![0f32; s], vec![0f32; d]);
         for pair in pairs.flatten() {
@@ -120,10 +156,14 @@ fn run<E: Widen>(
                 let at = (r * h + j) * d;
                 acc.fill(0.0);
                 let (qh, mr) = (&qs[at..at + d], &ms[r * s..(r + 1) * s]);
-                // SAFETY: `applies` checked AVX2 and FMA; (r, j) is written
-                // by this part alone, inside y.
+                // SAFETY: `applies` checked AVX2 and FMA (`E::wide` AVX-512
+                // and 16 | d); (r, j) is written by this part alone, inside y.
                 unsafe {
-                    one_head(qh, kr, vr, mr, scale, &mut scores, &mut acc);
+                    if wide {
+                        E::one_head_wide(qh, kr, vr, mr, scale, &mut scores, &mut acc);
+                    } else {
+                        one_head(qh, kr, vr, mr, scale, &mut scores, &mut acc);
+                    }
                     out.write(at, &acc);
                 }
             }
@@ -134,12 +174,109 @@ fn run<E: Widen>(
 /// An element of the cache, read as f32.
 trait Widen: Copy + Sync {
     fn widen(self) -> f32;
+
+    /// Whether `one_head_wide` runs here for head size d.
+    fn wide(_d: usize) -> bool {
+        false
+    }
+
+    /// `one_head` with explicit AVX-512 (callers check `wide`).
+    /// # Safety
+    /// AVX-512F is available and 16 divides q.len().
+    unsafe fn one_head_wide(
+        q: &[f32],
+        k: &[Self],
+        v: &[Self],
+        mask: &[bool],
+        scale: f32,
+        scores: &mut [f32],
+        acc: &mut [f32],
+    ) {
+        unsafe { one_head(q, k, v, mask, scale, scores, acc) }
+    }
 }
 
 impl Widen for f32 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self
+    }
+
+    fn wide(d: usize) -> bool {
+        d % 16 == 0 && d <= 256 && super::small_matmul::has_avx512()
+    }
+
+    unsafe fn one_head_wide(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        mask: &[bool],
+        scale: f32,
+        scores: &mut [f32],
+        acc: &mut [f32],
+    ) {
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            one_head_avx512(q, k, v, mask, scale, scores, acc)
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        unsafe {
+            one_head(q, k, v, mask, scale, scores, acc)
+        }
+    }
+}
+
+/// `one_head` for an f32 cache with 16 | d <= 256: q and the output row stay
+/// in registers, each key's dot is one tree reduction instead of a chain of
+/// 16 scalar adds (the chain was most of a decode step's attention).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn one_head_avx512(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    mask: &[bool],
+    scale: f32,
+    scores: &mut [f32],
+    acc: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let d = q.len();
+    let n = d / 16;
+    let mut qv = [_mm512_setzero_ps(); 16];
+    for c in 0..n {
+        qv[c] = _mm512_loadu_ps(q.as_ptr().add(16 * c));
+    }
+    let mut max = f32::NEG_INFINITY;
+    for (i, sc) in scores.iter_mut().enumerate() {
+        *sc = if mask[i] {
+            let kp = k.as_ptr().add(i * d);
+            let mut sum = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
+            for c in 1..n {
+                sum = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kp.add(16 * c)), sum);
+            }
+            scale * _mm512_reduce_add_ps(sum)
+        } else {
+            f32::NEG_INFINITY
+        };
+        max = max.max(*sc);
+    }
+    let mut total = 0f32;
+    for sc in scores.iter_mut() {
+        *sc = (*sc - max).exp();
+        total += *sc;
+    }
+    let mut out = [_mm512_setzero_ps(); 16];
+    for (i, &p) in scores.iter().enumerate() {
+        if p != 0.0 {
+            let (w, vp) = (_mm512_set1_ps(p / total), v.as_ptr().add(i * d));
+            for c in 0..n {
+                out[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(16 * c)), out[c]);
+            }
+        }
+    }
+    for c in 0..n {
+        _mm512_storeu_ps(acc.as_mut_ptr().add(16 * c), out[c]);
     }
 }
 

@@ -13,6 +13,8 @@ use super::rope::{Angles, Rope};
 use super::small_matmul;
 use super::weights::Weights;
 use anyhow::{Context, Result};
+#[path = "decode_fused.rs"]
+pub mod fused;
 use std::cell::Cell;
 use tch::{Kind, Tensor};
 
@@ -479,6 +481,10 @@ impl Llama {
     ) -> Result<Vec<Tensor>> {
         let rot = self.rope.angles(&step.positions, x.kind())?;
         let lora = self.lora_use.get();
+        if let Some(c) = cache.filter(|&c| fused::applies(self, x, step, Some(c), lora)) {
+            let h = fused::forward(self, x, &rot, step, c)?;
+            return Ok(vec![self.norm.forward(&h)?]);
+        }
         let n = self.layers.len();
         let mut h = x.shallow_clone();
         let mut out = Vec::with_capacity(self.cfg.loops);

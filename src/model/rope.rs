@@ -98,6 +98,11 @@ pub struct Angles {
 }
 
 impl Angles {
+    /// cos and the sign-folded sin, each (B, 1, T, head_dim).
+    pub(crate) fn parts(&self) -> (&Tensor, &Tensor) {
+        (&self.cos, &self.signed_sin)
+    }
+
     /// x * cos + rotate_half(x) * sin, for x (B, H, T, D), in four ops.
     pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
         let rotated = x.f_index_select(3, &self.perm)?;

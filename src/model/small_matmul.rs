@@ -112,31 +112,87 @@ fn matmul_kernels(
         x.f_to_kind(Kind::Float)?.f_contiguous()?
     };
     let rows = x.numel() / k;
+    let ys = (ws.iter())
+        .map(|(w, _)| Tensor::f_empty([rows as i64, w.size()[0]], (Kind::Float, Device::Cpu)))
+        .collect::<Result<Vec<_>, _>>()?;
     // SAFETY: x is contiguous on the CPU with rows * k elements and outlives
-    // this borrow (nothing writes to it meanwhile).
-    let xs = unsafe { Elems::of(&x, rows * k) };
-    let mut outs = Vec::with_capacity(ws.len());
+    // this borrow (nothing writes to it meanwhile); each y is a fresh
+    // (rows, n) f32 tensor held until we return.
+    unsafe {
+        let xs = Elems::of(&x, rows * k);
+        let outs: Vec<*mut f32> = ys.iter().map(|y| y.data_ptr() as *mut f32).collect();
+        run_jobs(xs, rows, k, ws, &outs, wide)?;
+    }
+    ys.into_iter()
+        .map(|y| {
+            Ok(if bf16 {
+                y.f_to_kind(Kind::BFloat16)?
+            } else {
+                y
+            })
+        })
+        .collect()
+}
+
+/// `matmul_many` for an f32 x given as rows of a slice, each product written
+/// into `outs[i]` (rows x n_i): the fused decode layer's call, no tensors
+/// made. Callers check `applies` for each W.
+pub fn matmul_into(
+    x: &[f32],
+    rows: usize,
+    ws: &[(&Tensor, Option<&Tensor>)],
+    outs: &mut [&mut [f32]],
+) -> Result<()> {
+    let k = ws[0].0.size()[1] as usize;
+    anyhow::ensure!(
+        x.len() == rows * k && outs.len() == ws.len(),
+        "matmul_into: sizes"
+    );
+    for ((w, _), out) in ws.iter().zip(outs.iter()) {
+        anyhow::ensure!(
+            out.len() == rows * w.size()[0] as usize,
+            "matmul_into: output size"
+        );
+    }
+    let ptrs: Vec<*mut f32> = outs.iter_mut().map(|o| o.as_mut_ptr()).collect();
+    // SAFETY: x holds rows * k f32 and each out rows * n (checked above);
+    // all outlive the call.
+    unsafe { run_jobs(Elems::F32(x), rows, k, ws, &ptrs, has_avx512()) }
+}
+
+/// y_i = x W_i^T + b_i for every (W_i, b_i) of `ws` into `outs[i]`, rows of
+/// all the Ws split over the pool.
+/// # Safety
+/// x holds rows * k elements; each `outs[i]` points at rows * n_i writable
+/// f32 that nothing else touches during the call.
+unsafe fn run_jobs(
+    xs: Elems,
+    rows: usize,
+    k: usize,
+    ws: &[(&Tensor, Option<&Tensor>)],
+    outs: &[*mut f32],
+    wide: bool,
+) -> Result<()> {
+    let mut biases = Vec::with_capacity(ws.len());
     let mut jobs = Vec::with_capacity(ws.len());
-    for (w, b) in ws {
+    for ((w, b), &out) in ws.iter().zip(outs) {
         let n = w.size()[0] as usize;
         anyhow::ensure!(w.size()[1] as usize == k, "matmul_many: widths differ");
         let b = b
             .map(|b| b.f_to_kind(Kind::Float)?.f_contiguous())
             .transpose()?;
-        let y = Tensor::f_empty([rows as i64, n as i64], (Kind::Float, Device::Cpu))?;
         // SAFETY: W is a contiguous f32 or bf16 CPU tensor of n * k elements
-        // (`applies`), b f32 of n, y a fresh (rows, n) f32 tensor; the caller
-        // or `outs` holds them until we return.
+        // (`applies`), b f32 of n (held in `biases` until we return).
         jobs.push(unsafe {
             Job {
                 w: Elems::of(w, n * k),
                 b: b.as_ref()
                     .map(|b| std::slice::from_raw_parts(b.data_ptr() as *const f32, n)),
-                out: SharedOut::new(y.data_ptr() as *mut f32),
+                out: SharedOut::new(out),
                 n,
             }
         });
-        outs.push((y, b));
+        biases.push(b);
     }
     // Chunks of rows of all the Ws, one after the other.
     let total: usize = jobs.iter().map(|j| j.n).sum();
@@ -152,15 +208,7 @@ fn matmul_kernels(
             }
         }
     });
-    outs.into_iter()
-        .map(|(y, _)| {
-            Ok(if bf16 {
-                y.f_to_kind(Kind::BFloat16)?
-            } else {
-                y
-            })
-        })
-        .collect()
+    Ok(())
 }
 
 /// The elements of a matrix: f32, or bf16 (widened or pair-dotted).
