@@ -5,7 +5,6 @@
 //! either used or refused with an error naming it, so a checkpoint we cannot
 //! run exactly never loads silently.
 use anyhow::{anyhow, bail, Context, Result};
-use serde::Deserialize;
 use serde_json::Value;
 use std::path::Path;
 
@@ -64,138 +63,337 @@ pub struct ModelConfig {
     pub early_exit_threshold: f64,
 }
 
-/// The subset of HF fields we read; unknown fields are ignored unless they
-/// change the computation, in which case `check_refused` names them.
-#[derive(Deserialize)]
-struct Raw {
-    vocab_size: i64,
-    hidden_size: i64,
-    intermediate_size: i64,
-    num_hidden_layers: i64,
-    num_attention_heads: i64,
-    num_key_value_heads: Option<i64>,
-    head_dim: Option<i64>,
-    rms_norm_eps: f64,
-    rope_theta: Option<f64>,
-    rope_scaling: Option<Value>,
-    rope_parameters: Option<Value>,
-    max_position_embeddings: Option<i64>,
-    tie_word_embeddings: Option<bool>,
-    attention_bias: Option<bool>,
-    mlp_bias: Option<bool>,
-    hidden_act: Option<String>,
-    use_sliding_window: Option<bool>,
-    layer_types: Option<Vec<String>>,
-    bos_token_id: Option<Value>,
-    eos_token_id: Option<Value>,
-    total_ut_steps: Option<Value>,
-    early_exit_threshold: Option<Value>,
+/// Largest sizes we accept: far above any real checkpoint, and small enough
+/// that products of them (q heads x head_dim, ...) cannot overflow.
+const MAX_VOCAB: i64 = 1 << 31;
+const MAX_WIDTH: i64 = 1 << 22;
+const MAX_LAYERS: i64 = 4096;
+const MAX_HEADS: i64 = 1 << 14;
+const MAX_HEAD_DIM: i64 = 1 << 16;
+
+/// The JSON object of a config, read key by key: every refusal names its key.
+struct Fields<'a>(&'a serde_json::Map<String, Value>);
+
+impl Fields<'_> {
+    /// A key's value; null counts as absent.
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.0.get(key).filter(|v| !v.is_null())
+    }
+
+    fn int(&self, key: &str, range: std::ops::RangeInclusive<i64>) -> Result<Option<i64>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let n = v
+            .as_i64()
+            .ok_or_else(|| anyhow!("key `{key}`: expected an integer, got {}", describe(v)))?;
+        if !range.contains(&n) {
+            bail!(
+                "key `{key}`: {n} is out of range (expected {} to {})",
+                range.start(),
+                range.end()
+            );
+        }
+        Ok(Some(n))
+    }
+
+    fn required_int(&self, key: &str, range: std::ops::RangeInclusive<i64>) -> Result<i64> {
+        self.int(key, range)?
+            .ok_or_else(|| anyhow!("key `{key}`: missing (an integer is required)"))
+    }
+
+    /// A finite number, positive unless `zero_ok`.
+    fn number(&self, key: &str, zero_ok: bool) -> Result<Option<f64>> {
+        let Some(v) = self.get(key) else {
+            return Ok(None);
+        };
+        let x = v
+            .as_f64()
+            .ok_or_else(|| anyhow!("key `{key}`: expected a number, got {}", describe(v)))?;
+        if !x.is_finite() || x < 0.0 || (x == 0.0 && !zero_ok) {
+            let want = if zero_ok { ">= 0" } else { "> 0" };
+            bail!("key `{key}`: expected a finite number {want}, got {x}");
+        }
+        Ok(Some(x))
+    }
+
+    fn bool(&self, key: &str) -> Result<Option<bool>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(*b)),
+            Some(v) => bail!("key `{key}`: expected true or false, got {}", describe(v)),
+        }
+    }
+
+    fn str(&self, key: &str) -> Result<Option<&str>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(v) => bail!("key `{key}`: expected a string, got {}", describe(v)),
+        }
+    }
+
+    fn object(&self, key: &str) -> Result<Option<Fields<'_>>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::Object(o)) => Ok(Some(Fields(o))),
+            Some(v) => bail!("key `{key}`: expected an object, got {}", describe(v)),
+        }
+    }
+}
+
+/// A JSON value for an error message: its type and a short rendering.
+pub fn describe(v: &Value) -> String {
+    match v {
+        Value::Null => "null".into(),
+        Value::Bool(b) => format!("bool {b}"),
+        Value::Number(n) if n.is_f64() => format!("float {n}"),
+        Value::Number(n) => format!("integer {n}"),
+        Value::String(s) => format!("string {}", shorten(s)),
+        Value::Array(a) => format!("an array of {} items", a.len()),
+        Value::Object(o) => format!("an object of {} keys", o.len()),
+    }
+}
+
+/// A JSON value as JSON text for an error message, cut after 60 characters.
+pub fn json_short(v: &Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 60 {
+        format!("{}...", s.chars().take(60).collect::<String>())
+    } else {
+        s
+    }
+}
+
+/// A user string for an error message: quoted, escaped (one line), and cut
+/// after 60 characters.
+pub fn shorten(s: &str) -> String {
+    const KEEP: usize = 60;
+    let mut out: String = s.chars().take(KEEP).collect();
+    let cut = out.len() < s.len();
+    out = format!("{out:?}");
+    if cut {
+        out.insert_str(out.len() - 1, "...");
+    }
+    out
+}
+
+/// A (third-party) error message fit for one line: whitespace runs made
+/// single spaces, and a long one cut in the middle, keeping its end (where
+/// serde_json says "at line L column C").
+pub fn clip(msg: &str) -> String {
+    const HEAD: usize = 160;
+    const TAIL: usize = 80;
+    let words: Vec<&str> = msg.split_whitespace().collect();
+    let one: String = words.join(" ");
+    let chars: Vec<char> = one.chars().collect();
+    if chars.len() <= HEAD + TAIL + 5 {
+        return one;
+    }
+    let head: String = chars[..HEAD].iter().collect();
+    let tail: String = chars[chars.len() - TAIL..].iter().collect();
+    format!("{head} ... {tail}")
+}
+
+/// A text file, with a clear error for unreadable or non-UTF-8 content (the
+/// byte offset of the first bad byte). A leading UTF-8 byte-order mark is
+/// dropped.
+pub fn read_text(path: &Path) -> Result<String> {
+    let bytes =
+        std::fs::read(path).map_err(|e| anyhow!("{}: cannot read ({e})", path.display()))?;
+    let text = String::from_utf8(bytes).map_err(|e| {
+        anyhow!(
+            "{}: not UTF-8 text (invalid byte at byte {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    })
 }
 
 impl ModelConfig {
-    /// Reads `dir/config.json`.
+    /// Reads `dir/config.json`. Errors are one line: the path, then the key
+    /// (or the JSON syntax error's line and column).
     pub fn load(dir: &Path) -> Result<Self> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let text = read_text(&path)?;
         Self::from_json(&text).with_context(|| format!("{}", path.display()))
     }
 
     pub fn from_json(text: &str) -> Result<Self> {
         let value: Value = serde_json::from_str(text).context("malformed JSON")?;
-        let arch = detect_arch(&value)?;
-        let raw: Raw = serde_json::from_value(value).map_err(|e| anyhow!("{e}"))?;
-        if let Some(act) = &raw.hidden_act {
+        let Value::Object(obj) = &value else {
+            bail!("expected a JSON object at line 1, got {}", describe(&value));
+        };
+        let f = Fields(obj);
+        let arch = detect_arch(&f)?;
+        if let Some(act) = f.str("hidden_act")? {
             if act != "silu" {
-                bail!("hidden_act {act:?} is not supported (only \"silu\")");
+                bail!(
+                    "key `hidden_act`: {} is not supported (only \"silu\")",
+                    shorten(act)
+                );
             }
         }
-        if raw.use_sliding_window == Some(true) {
-            bail!("use_sliding_window = true is not supported");
+        if f.bool("use_sliding_window")? == Some(true) {
+            bail!("key `use_sliding_window`: true is not supported");
         }
-        if let Some(t) = raw
-            .layer_types
-            .iter()
-            .flatten()
-            .find(|t| *t != "full_attention")
-        {
-            bail!("layer_types entry {t:?} is not supported (only \"full_attention\")");
+        if let Some(v) = f.get("layer_types") {
+            let Value::Array(items) = v else {
+                bail!(
+                    "key `layer_types`: expected an array of strings, got {}",
+                    describe(v)
+                );
+            };
+            if let Some(t) = items.iter().find(|t| t.as_str() != Some("full_attention")) {
+                bail!(
+                    "key `layer_types`: entry {} is not supported (only \"full_attention\")",
+                    describe(t)
+                );
+            }
         }
-        let heads = raw.num_attention_heads;
-        let kv_heads = raw.num_key_value_heads.unwrap_or(heads);
-        if heads <= 0 || kv_heads <= 0 || heads % kv_heads != 0 {
-            bail!("num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({kv_heads})");
+        let vocab_size = f.required_int("vocab_size", 1..=MAX_VOCAB)?;
+        let hidden_size = f.required_int("hidden_size", 1..=MAX_WIDTH)?;
+        let intermediate_size = f.required_int("intermediate_size", 1..=MAX_WIDTH)?;
+        let num_hidden_layers = f.required_int("num_hidden_layers", 1..=MAX_LAYERS)?;
+        let heads = f.required_int("num_attention_heads", 1..=MAX_HEADS)?;
+        let kv_heads = f
+            .int("num_key_value_heads", 1..=MAX_HEADS)?
+            .unwrap_or(heads);
+        if heads % kv_heads != 0 {
+            bail!("key `num_key_value_heads`: num_attention_heads ({heads}) must be a multiple of num_key_value_heads ({kv_heads})");
         }
-        if raw.hidden_size % heads != 0 && raw.head_dim.is_none() {
-            bail!(
-                "hidden_size ({}) is not divisible by num_attention_heads ({heads})",
-                raw.hidden_size
-            );
+        let head_dim = match f.int("head_dim", 1..=MAX_HEAD_DIM)? {
+            Some(d) => d,
+            None => {
+                if hidden_size % heads != 0 {
+                    bail!(
+                        "key `num_attention_heads`: hidden_size ({hidden_size}) is not divisible by num_attention_heads ({heads}) (and no head_dim is given)"
+                    );
+                }
+                hidden_size / heads
+            }
+        };
+        if head_dim % 2 != 0 || head_dim > MAX_HEAD_DIM {
+            bail!("key `head_dim`: head_dim ({head_dim}) must be even (rotary embeddings) and at most {MAX_HEAD_DIM}");
         }
-        let head_dim = raw.head_dim.unwrap_or(raw.hidden_size / heads);
-        if head_dim % 2 != 0 {
-            bail!("head_dim ({head_dim}) must be even for rotary embeddings");
-        }
-        let (rope_theta, rope_scaling) = parse_rope(&raw)?;
-        let attention_bias = raw.attention_bias.unwrap_or(false);
-        let (loops, early_exit_threshold) = parse_loops(&raw, arch)?;
+        let rms_norm_eps = f
+            .number("rms_norm_eps", true)?
+            .ok_or_else(|| anyhow!("key `rms_norm_eps`: missing (a number is required)"))?;
+        let (rope_theta, rope_scaling) = parse_rope(&f)?;
+        let attention_bias = f.bool("attention_bias")?.unwrap_or(false);
+        let (loops, early_exit_threshold) = parse_loops(&f, arch)?;
+        let bos_token_id = match f.get("bos_token_id") {
+            None => None,
+            Some(v) => Some(token_id(v).ok_or_else(|| {
+                anyhow!(
+                    "key `bos_token_id`: expected a token id (an integer >= 0), got {}",
+                    describe(v)
+                )
+            })?),
+        };
+        let eos_token_ids = match f.get("eos_token_id") {
+            None => Vec::new(),
+            Some(v @ Value::Array(items)) => items
+                .iter()
+                .map(|t| {
+                    token_id(t).ok_or_else(|| {
+                        anyhow!(
+                            "key `eos_token_id`: expected token ids (integers >= 0), got {} in {}",
+                            describe(t),
+                            describe(v)
+                        )
+                    })
+                })
+                .collect::<Result<_>>()?,
+            Some(v) => vec![token_id(v).ok_or_else(|| {
+                anyhow!(
+                    "key `eos_token_id`: expected a token id or a list of them, got {}",
+                    describe(v)
+                )
+            })?],
+        };
         Ok(ModelConfig {
             arch,
-            vocab_size: raw.vocab_size,
-            hidden_size: raw.hidden_size,
-            intermediate_size: raw.intermediate_size,
-            num_hidden_layers: raw.num_hidden_layers,
+            vocab_size,
+            hidden_size,
+            intermediate_size,
+            num_hidden_layers,
             num_attention_heads: heads,
             num_key_value_heads: kv_heads,
             head_dim,
-            rms_norm_eps: raw.rms_norm_eps,
+            rms_norm_eps,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(4096),
-            tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
+            max_position_embeddings: f
+                .int("max_position_embeddings", 1..=i64::MAX)?
+                .unwrap_or(4096),
+            tie_word_embeddings: f.bool("tie_word_embeddings")?.unwrap_or(false),
             qkv_bias: arch == Arch::Qwen2 || attention_bias,
             o_bias: arch != Arch::Qwen2 && attention_bias,
-            mlp_bias: raw.mlp_bias.unwrap_or(false),
-            bos_token_id: raw.bos_token_id.as_ref().and_then(Value::as_i64),
-            eos_token_ids: token_ids(raw.eos_token_id.as_ref()),
+            mlp_bias: f.bool("mlp_bias")?.unwrap_or(false),
+            bos_token_id,
+            eos_token_ids,
             loops,
             early_exit_threshold,
         })
     }
 }
 
+fn token_id(v: &Value) -> Option<i64> {
+    v.as_i64().filter(|&i| i >= 0)
+}
+
 /// Ouro's loop count and exit threshold (1 and 1.0 for plain models).
-fn parse_loops(raw: &Raw, arch: Arch) -> Result<(usize, f64)> {
+fn parse_loops(f: &Fields, arch: Arch) -> Result<(usize, f64)> {
     if arch != Arch::Ouro {
-        if raw.total_ut_steps.is_some() {
-            bail!("total_ut_steps is an Ouro field (model_type \"ouro\"), not {arch:?}'s");
+        if f.get("total_ut_steps").is_some() {
+            bail!("key `total_ut_steps`: an Ouro field (model_type \"ouro\"), not {arch:?}'s");
         }
         return Ok((1, 1.0));
     }
-    let loops = match &raw.total_ut_steps {
-        None => bail!("total_ut_steps is missing (the number of passes through the shared stack)"),
+    let loops = match f.get("total_ut_steps") {
+        None => {
+            bail!("key `total_ut_steps`: total_ut_steps is missing (the number of passes through the shared stack)")
+        }
         Some(v) => v
             .as_u64()
             .filter(|&n| (1..=64).contains(&n))
-            .ok_or_else(|| anyhow!("total_ut_steps must be an integer from 1 to 64, got {v}"))?,
+            .ok_or_else(|| {
+                anyhow!(
+                    "key `total_ut_steps`: total_ut_steps must be an integer from 1 to 64, got {}",
+                    json_short(v)
+                )
+            })?,
     };
-    let q = match &raw.early_exit_threshold {
-        None | Some(Value::Null) => 1.0,
+    let q = match f.get("early_exit_threshold") {
+        None => 1.0,
         Some(v) => v
             .as_f64()
             .filter(|q| *q > 0.0 && *q <= 1.0)
-            .ok_or_else(|| anyhow!("early_exit_threshold must be a number in (0, 1], got {v}"))?,
+            .ok_or_else(|| {
+                anyhow!(
+                    "key `early_exit_threshold`: early_exit_threshold must be a number in (0, 1], got {}",
+                    json_short(v)
+                )
+            })?,
     };
     Ok((loops as usize, q))
 }
 
-fn detect_arch(v: &Value) -> Result<Arch> {
-    let model_type = v.get("model_type").and_then(Value::as_str);
-    let archs: Vec<&str> = v
-        .get("architectures")
-        .and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).collect())
-        .unwrap_or_default();
+fn detect_arch(f: &Fields) -> Result<Arch> {
+    let model_type = f.str("model_type")?;
+    let archs: Vec<&str> = match f.get("architectures") {
+        None => Vec::new(),
+        Some(Value::Array(a)) => a.iter().filter_map(Value::as_str).collect(),
+        Some(v) => bail!(
+            "key `architectures`: expected a list of class names, got {}",
+            describe(v)
+        ),
+    };
     match model_type {
         Some("llama") => return Ok(Arch::Llama),
         Some("qwen2") => return Ok(Arch::Qwen2),
@@ -210,10 +408,11 @@ fn detect_arch(v: &Value) -> Result<Arch> {
             _ => {}
         }
     }
+    let archs: Vec<String> = archs.iter().take(4).map(|a| shorten(a)).collect();
     bail!(
-        "unknown architecture (model_type {:?}, architectures {:?}); supported: llama, qwen2, ouro",
-        model_type.unwrap_or("missing"),
-        archs
+        "key `model_type`: unknown architecture (model_type {}, architectures [{}]); supported: llama, qwen2, ouro",
+        model_type.map_or("missing".into(), shorten),
+        archs.join(", ")
     )
 }
 
@@ -227,44 +426,57 @@ pub fn token_ids(v: Option<&Value>) -> Vec<i64> {
 }
 
 /// Reads `rope_theta` + `rope_scaling` (transformers < 5) or `rope_parameters` (>= 5).
-fn parse_rope(raw: &Raw) -> Result<(f64, RopeScaling)> {
-    let params = raw.rope_parameters.as_ref().filter(|v| !v.is_null());
-    let theta = params
-        .and_then(|p| p.get("rope_theta"))
-        .and_then(Value::as_f64)
-        .or(raw.rope_theta)
-        .unwrap_or(10000.0);
-    let scaling = params.or(raw.rope_scaling.as_ref().filter(|v| !v.is_null()));
-    let Some(s) = scaling else {
+fn parse_rope(f: &Fields) -> Result<(f64, RopeScaling)> {
+    let (key, params) = match f.object("rope_parameters")? {
+        Some(p) => ("rope_parameters", Some(p)),
+        None => ("rope_scaling", f.object("rope_scaling")?),
+    };
+    // Errors inside name the nested key: `rope_scaling`.`factor`.
+    let inner =
+        |e: anyhow::Error| anyhow!("key `{key}`.{}", e.to_string().trim_start_matches("key "));
+    let nested = match &params {
+        Some(p) if key == "rope_parameters" => p.number("rope_theta", false).map_err(inner)?,
+        _ => None,
+    };
+    let theta = match nested {
+        Some(t) => t,
+        None => f.number("rope_theta", false)?.unwrap_or(10000.0),
+    };
+    let Some(s) = params else {
         return Ok((theta, RopeScaling::Default));
     };
-    let key = if params.is_some() {
-        "rope_parameters"
-    } else {
-        "rope_scaling"
+    let kind = match s.str("rope_type").map_err(inner)? {
+        Some(k) => k,
+        None => s.str("type").map_err(inner)?.unwrap_or("default"),
     };
-    let kind = s
-        .get("rope_type")
-        .or_else(|| s.get("type"))
-        .and_then(Value::as_str)
-        .unwrap_or("default");
     let num = |name: &str| -> Result<f64> {
-        s.get(name)
-            .and_then(Value::as_f64)
-            .ok_or_else(|| anyhow!("{key}.{name} is missing or not a number"))
+        s.number(name, false)
+            .map_err(inner)?
+            .ok_or_else(|| anyhow!("key `{key}`.`{name}`: missing (a number > 0 is required)"))
     };
     let scaling = match kind {
         "default" => RopeScaling::Default,
         "linear" => RopeScaling::Linear {
             factor: num("factor")?,
         },
-        "llama3" => RopeScaling::Llama3 {
-            factor: num("factor")?,
-            low_freq_factor: num("low_freq_factor")?,
-            high_freq_factor: num("high_freq_factor")?,
-            original_max_position_embeddings: num("original_max_position_embeddings")?,
-        },
-        other => bail!("{key}.rope_type {other:?} is not supported (default, linear, llama3)"),
+        "llama3" => {
+            let (low, high) = (num("low_freq_factor")?, num("high_freq_factor")?);
+            if low == high {
+                bail!(
+                    "key `{key}`.`high_freq_factor`: must differ from low_freq_factor (both {low})"
+                );
+            }
+            RopeScaling::Llama3 {
+                factor: num("factor")?,
+                low_freq_factor: low,
+                high_freq_factor: high,
+                original_max_position_embeddings: num("original_max_position_embeddings")?,
+            }
+        }
+        other => bail!(
+            "key `{key}`.`rope_type`: {} is not supported (default, linear, llama3)",
+            shorten(other)
+        ),
     };
     Ok((theta, scaling))
 }
@@ -309,7 +521,15 @@ mod tests {
         assert!(
             err(format!(r#"{{"model_type": "gpt2", {BASE}}}"#)).contains("unknown architecture")
         );
-        assert!(err(r#"{"model_type": "llama"}"#.into()).contains("vocab_size"));
+        assert!(err(r#"{"model_type": "llama"}"#.into()).contains("key `vocab_size`: missing"));
+        assert!(err(format!(
+            r#"{{"model_type": "llama", {BASE}, "hidden_size": "8"}}"#
+        ))
+        .contains("key `hidden_size`: expected an integer, got string \"8\""));
+        assert!(err(format!(
+            r#"{{"model_type": "llama", {BASE}, "num_hidden_layers": 0}}"#
+        ))
+        .contains("key `num_hidden_layers`: 0 is out of range"));
         assert!(err(format!(
             r#"{{"model_type": "llama", "hidden_act": "gelu", {BASE}}}"#
         ))
@@ -317,6 +537,6 @@ mod tests {
         assert!(err(format!(
             r#"{{"model_type": "llama", "rope_scaling": {{"rope_type": "yarn"}}, {BASE}}}"#
         ))
-        .contains("rope_scaling.rope_type \"yarn\""));
+        .contains("key `rope_scaling`.`rope_type`: \"yarn\" is not supported"));
     }
 }

@@ -111,7 +111,8 @@ impl LoraConfig {
         for t in &self.targets {
             if !TARGETS.contains(&t.as_str()) {
                 bail!(
-                    "LoRA target {t:?} matches no layer (valid targets: {})",
+                    "LoRA target {} matches no layer (valid targets: {})",
+                    super::config::shorten(t),
                     TARGETS.join(", ")
                 );
             }

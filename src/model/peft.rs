@@ -8,9 +8,10 @@
 //!   missing, misshapen or unexpected tensors are errors naming the file and key.
 //! - The saved adapter is fp32; a merge is done in fp32 and rounded once to the
 //!   model dtype.
+use super::config::{describe, read_text, shorten};
 use super::llama::{Linear, Llama};
 use super::lora::{lora_key, LoraAdapter, LoraConfig};
-use super::weights::TensorBytes;
+use super::weights::{read_header, short_dims, show_name, TensorBytes};
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
@@ -91,12 +92,11 @@ impl Llama {
         }
         let bytes =
             std::fs::read(&path).map_err(|e| anyhow!("{}: cannot read ({e})", path.display()))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| {
-            anyhow!(
-                "{}: not a valid safetensors file (truncated or corrupt: {e:?})",
-                path.display()
-            )
-        })?;
+        let bad = |e: &dyn std::fmt::Display| {
+            anyhow!("{}: not a valid safetensors file: {e:#}", path.display())
+        };
+        read_header(&bytes).map_err(|e| bad(&e))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| bad(&format!("{e:?}")))?;
         let device = self.embed_tokens.device();
         let mut expected = BTreeSet::new();
         let mut adapters = HashMap::new();
@@ -116,8 +116,9 @@ impl Llama {
         names.sort();
         if let Some(extra) = names.iter().find(|n| !expected.contains(*n)) {
             bail!(
-                "{}: unexpected tensor '{extra}' (not the LoRA A/B weight of a targeted module of this model)",
-                path.display()
+                "{}: unexpected tensor {} (not the LoRA A/B weight of a targeted module of this model)",
+                path.display(),
+                show_name(extra)
             );
         }
         let cfg = LoraConfig {
@@ -252,53 +253,73 @@ const COPIED_FILES: [&str; 10] = [
 
 /// `adapter_config.json` -> LoraConfig, refusing options we do not implement.
 fn read_adapter_config(path: &Path) -> Result<LoraConfig> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| anyhow!("{}: cannot read ({e})", path.display()))?;
+    let text = read_text(path)?;
     let v: Value = serde_json::from_str(&text)
         .map_err(|e| anyhow!("{}: malformed JSON ({e})", path.display()))?;
     let err = |key: &str, what: &str| anyhow!("{}: key '{key}' {what}", path.display());
     if !v.is_object() {
-        bail!("{}: not a JSON object", path.display());
+        bail!(
+            "{}: expected a JSON object at line 1, got {}",
+            path.display(),
+            describe(&v)
+        );
     }
-    match v.get("peft_type").and_then(Value::as_str) {
-        Some("LORA") => {}
+    match v.get("peft_type") {
+        Some(Value::String(t)) if t == "LORA" => {}
+        Some(Value::String(other)) => {
+            return Err(err(
+                "peft_type",
+                &format!("is {}, expected \"LORA\"", shorten(other)),
+            ))
+        }
         Some(other) => {
             return Err(err(
                 "peft_type",
-                &format!("is {other:?}, expected \"LORA\""),
+                &format!("is {}, expected \"LORA\"", describe(other)),
             ))
         }
         None => return Err(err("peft_type", "is missing (expected \"LORA\")")),
     }
     let rank = match v.get("r") {
         None => return Err(err("r", "is missing")),
-        Some(r) => r
-            .as_i64()
-            .filter(|&r| r > 0)
-            .ok_or_else(|| err("r", &format!("must be a positive integer, got {r}")))?,
+        Some(r) => r.as_i64().filter(|&r| r > 0).ok_or_else(|| {
+            err(
+                "r",
+                &format!("must be a positive integer, got {}", describe(r)),
+            )
+        })?,
     };
     let alpha = match v.get("lora_alpha") {
         None => return Err(err("lora_alpha", "is missing")),
         Some(a) => a
             .as_f64()
             .filter(|a| a.is_finite() && *a > 0.0)
-            .ok_or_else(|| err("lora_alpha", &format!("must be a positive number, got {a}")))?,
+            .ok_or_else(|| {
+                err(
+                    "lora_alpha",
+                    &format!("must be a positive number, got {}", describe(a)),
+                )
+            })?,
     };
     let targets = match v.get("target_modules") {
         None | Some(Value::Null) => return Err(err("target_modules", "is missing")),
         Some(Value::Array(items)) => items
             .iter()
             .map(|t| {
-                t.as_str()
-                    .map(str::to_string)
-                    .ok_or_else(|| err("target_modules", &format!("has a non-string entry {t}")))
+                t.as_str().map(str::to_string).ok_or_else(|| {
+                    err(
+                        "target_modules",
+                        &format!("has a non-string entry: {}", describe(t)),
+                    )
+                })
             })
             .collect::<Result<Vec<_>>>()?,
         Some(other) => {
             return Err(err(
                 "target_modules",
                 &format!(
-                    "must be a list of module names, got {other} (regex targets are not supported)"
+                    "must be a list of module names, got {} (regex targets are not supported)",
+                    describe(other)
                 ),
             ))
         }
@@ -334,14 +355,17 @@ fn read_adapter_config(path: &Path) -> Result<LoraConfig> {
             || matches!(got, Value::Array(a) if a.is_empty())
             || matches!(got, Value::Object(o) if o.is_empty());
         if !neutral {
-            return Err(err(key, &format!("is {got}, only {ok} is supported")));
+            return Err(err(
+                key,
+                &format!("is {}, only {ok} is supported", describe(got)),
+            ));
         }
     }
     if let Some(d) = v.get("lora_dropout") {
         if !d.as_f64().is_some_and(|d| (0.0..1.0).contains(&d)) {
             return Err(err(
                 "lora_dropout",
-                &format!("must be a number in [0, 1), got {d}"),
+                &format!("must be a number in [0, 1), got {}", describe(d)),
             ));
         }
     }
@@ -367,8 +391,9 @@ fn read_tensor(
     let got: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
     if got != shape {
         bail!(
-            "{}: tensor '{key}' has shape {got:?}, expected {shape:?}",
-            path.display()
+            "{}: tensor '{key}' has shape {}, expected {shape:?}",
+            path.display(),
+            short_dims(&got)
         );
     }
     let kind = match view.dtype() {

@@ -1,10 +1,35 @@
 //! `tokenizer.json` through the `tokenizers` crate, and chat templates
 //! (`chat_template.jinja` or `tokenizer_config.json`) rendered with minijinja
 //! configured like transformers' Jinja environment.
+use super::config::{clip, read_text};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;
 use std::path::Path;
+
+/// `tokenizer.json` through the tokenizers crate. The JSON is checked first
+/// (that crate panics on some syntax errors inside a component), and a panic
+/// still raised inside it becomes an error naming the component.
+fn parse_tokenizer(text: &str) -> std::result::Result<tokenizers::Tokenizer, String> {
+    if let Err(e) = serde_json::from_str::<serde::de::IgnoredAny>(text) {
+        return Err(format!("malformed JSON ({})", clip(&e.to_string())));
+    }
+    match std::panic::catch_unwind(|| text.parse::<tokenizers::Tokenizer>()) {
+        Ok(Ok(t)) => Ok(t),
+        Ok(Err(e)) => Err(clip(&e.to_string())),
+        Err(payload) => {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_default();
+            Err(format!(
+                "key `model`/`normalizer`/`pre_tokenizer`/`post_processor`/`decoder`: not understood by the tokenizers library (it panicked: {})",
+                clip(&msg)
+            ))
+        }
+    }
+}
 
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
@@ -34,12 +59,12 @@ impl Tokenizer {
         if !path.exists() {
             bail!("{}: missing (a tokenizer.json is required)", path.display());
         }
-        let inner = tokenizers::Tokenizer::from_file(&path)
+        let text = read_text(&path)?;
+        let inner = parse_tokenizer(&text)
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", path.display()))?;
         let cfg_path = dir.join("tokenizer_config.json");
         let cfg: Value = if cfg_path.exists() {
-            let text = std::fs::read_to_string(&cfg_path)
-                .with_context(|| format!("{}: cannot read", cfg_path.display()))?;
+            let text = read_text(&cfg_path)?;
             serde_json::from_str(&text)
                 .with_context(|| format!("{}: malformed JSON", cfg_path.display()))?
         } else {

@@ -41,8 +41,18 @@ impl Weights {
         };
         let mut shards = Vec::new();
         let mut index = HashMap::new();
+        let sharded = index_path.exists();
         for path in files {
-            let shard = open_shard(&path)?;
+            let shard = if sharded {
+                open_shard(&path).with_context(|| {
+                    format!(
+                        "{}: key `weight_map` lists this shard",
+                        index_path.display()
+                    )
+                })?
+            } else {
+                open_shard(&path)?
+            };
             for name in shard.meta.tensors().keys() {
                 index.insert(name.clone(), shards.len());
             }
@@ -87,49 +97,261 @@ impl Weights {
 
     /// Like `get` but with an explicit dtype (e.g. fp32 router or norms).
     pub fn get_as(&self, name: &str, shape: &[i64], dtype: Kind) -> Result<Tensor> {
-        let (shard, info_shape, t) = self.raw(name)?;
+        let shard = self.shard_of(name)?;
+        let info = shard.meta.info(name).ok_or_else(|| {
+            anyhow!(
+                "{}: tensor {} is missing",
+                shard.path.display(),
+                show_name(name)
+            )
+        })?;
+        // Headers were checked on open: every dimension fits an i64.
+        let info_shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
         if info_shape != shape {
             bail!(
-                "{}: tensor '{name}' has shape {info_shape:?}, expected {shape:?}",
-                shard.path.display()
+                "{}: tensor {} has shape {}, expected {shape:?}",
+                shard.path.display(),
+                show_name(name),
+                short_dims(&info_shape)
             );
         }
-        t.f_to_kind(dtype)
+        let kind = kind_of(info.dtype).ok_or_else(|| {
+            anyhow!(
+                "{}: tensor {} has unsupported dtype {:?}",
+                shard.path.display(),
+                show_name(name),
+                info.dtype
+            )
+        })?;
+        let start = 8 + shard.header_len + info.data_offsets.0;
+        let end = 8 + shard.header_len + info.data_offsets.1;
+        let bytes = shard.mmap.get(start..end).ok_or_else(|| {
+            anyhow!(
+                "{}: tensor {}: data bytes {start}..{end} are past the end of the file",
+                shard.path.display(),
+                show_name(name)
+            )
+        })?;
+        Tensor::f_from_data_size(bytes, &info_shape, kind)
+            .and_then(|t| t.f_to_kind(dtype))
             .and_then(|t| t.f_to_device(self.device))
-            .with_context(|| format!("{}: tensor '{name}'", shard.path.display()))
+            .with_context(|| format!("{}: tensor {}", shard.path.display(), show_name(name)))
     }
 
-    fn raw(&self, name: &str) -> Result<(&Shard, Vec<i64>, Tensor)> {
+    fn shard_of(&self, name: &str) -> Result<&Shard> {
         let &i = self.index.get(name).ok_or_else(|| {
             let files: Vec<String> = self
                 .shards
                 .iter()
-                .map(|s| {
-                    s.path
-                        .file_name()
-                        .unwrap_or_default()
-                        .to_string_lossy()
-                        .into_owned()
-                })
+                .map(|s| s.path.display().to_string())
                 .collect();
-            anyhow!("{}: tensor '{name}' is missing", files.join(", "))
-        })?;
-        let shard = &self.shards[i];
-        let info = shard.meta.info(name).expect("indexed name is in its shard");
-        let kind = kind_of(info.dtype).ok_or_else(|| {
             anyhow!(
-                "{}: tensor '{name}' has unsupported dtype {:?}",
-                shard.path.display(),
-                info.dtype
+                "{}: tensor {} is missing",
+                files.join(", "),
+                show_name(name)
             )
         })?;
-        let shape: Vec<i64> = info.shape.iter().map(|&d| d as i64).collect();
-        let start = 8 + shard.header_len + info.data_offsets.0;
-        let end = 8 + shard.header_len + info.data_offsets.1;
-        let t = Tensor::f_from_data_size(&shard.mmap[start..end], &shape, kind)
-            .with_context(|| format!("{}: tensor '{name}'", shard.path.display()))?;
-        Ok((shard, shape, t))
+        Ok(&self.shards[i])
     }
+}
+
+/// A tensor (or other user-given) name for an error message: quoted, on
+/// one line, and cut after 120 characters.
+pub fn show_name(name: &str) -> String {
+    const KEEP: usize = 120;
+    let mut out = String::from("'");
+    for (i, c) in name.chars().enumerate() {
+        if i == KEEP {
+            out.push_str("...");
+            break;
+        }
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\'' => out.push_str("\\'"),
+            c if c.is_control() => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// Largest header safetensors reads (its own limit).
+const MAX_HEADER: u64 = 100_000_000;
+
+/// Reads and checks a safetensors file's header, with an error that says
+/// where the file is wrong: the header length (bytes 0..8), a byte of the
+/// header, a tensor's entry by name, or the data section. Returns the
+/// header length and the metadata, as `SafeTensors::read_metadata`; on
+/// success `SafeTensors::deserialize` of the same bytes succeeds too, and
+/// every dimension fits an i64.
+pub fn read_header(bytes: &[u8]) -> Result<(usize, Metadata)> {
+    let len = bytes.len();
+    let Some(head) = bytes.get(..8) else {
+        bail!("truncated: the file has {len} bytes, fewer than the 8 of its header length");
+    };
+    let n = u64::from_le_bytes(head.try_into().expect("8 bytes"));
+    if n > (len - 8) as u64 {
+        bail!(
+            "truncated or corrupt: the header length (bytes 0..8) is {n}, past the end of the file ({len} bytes)"
+        );
+    }
+    if n > MAX_HEADER {
+        bail!("the header length (bytes 0..8) is {n}, over the limit of {MAX_HEADER} bytes");
+    }
+    let n = n as usize;
+    let text = std::str::from_utf8(&bytes[8..8 + n])
+        .map_err(|e| anyhow!("header: invalid UTF-8 at byte {}", 8 + e.valid_up_to()))?;
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        anyhow!(
+            "header: malformed JSON at byte {} ({e})",
+            8 + byte_of(text, e.line(), e.column())
+        )
+    })?;
+    let serde_json::Value::Object(entries) = v else {
+        bail!("header: expected a JSON object at byte 8");
+    };
+    let mut spans: Vec<(usize, usize, &str)> = Vec::new();
+    for (name, entry) in &entries {
+        if name == "__metadata__" {
+            match entry {
+                serde_json::Value::Null => {}
+                serde_json::Value::Object(m) => {
+                    if let Some((k, _)) = m.iter().find(|(_, v)| !v.is_string()) {
+                        bail!(
+                            "header: __metadata__ entry {}: expected a string value",
+                            show_name(k)
+                        );
+                    }
+                }
+                _ => bail!("header: __metadata__: expected an object of strings"),
+            }
+            continue;
+        }
+        let at = || format!("header: tensor {}", show_name(name));
+        let obj = entry.as_object().ok_or_else(|| {
+            anyhow!(
+                "{}: expected an object {{dtype, shape, data_offsets}}",
+                at()
+            )
+        })?;
+        let dtype: Dtype = match obj.get("dtype") {
+            None => bail!("{}: no dtype", at()),
+            Some(d) => serde_json::from_value(d.clone())
+                .map_err(|_| anyhow!("{}: unknown dtype {}", at(), short_json(d)))?,
+        };
+        let shape: Vec<usize> = match obj.get("shape").and_then(|s| s.as_array()) {
+            None => bail!("{}: shape: expected an array of integers", at()),
+            Some(dims) => dims
+                .iter()
+                .map(|d| {
+                    d.as_u64()
+                        .filter(|&d| d <= i64::MAX as u64)
+                        .map(|d| d as usize)
+                        .ok_or_else(|| {
+                            anyhow!(
+                                "{}: shape: dimension {} is not an integer from 0 to {}",
+                                at(),
+                                short_json(d),
+                                i64::MAX
+                            )
+                        })
+                })
+                .collect::<Result<_>>()?,
+        };
+        let (start, end) = match obj.get("data_offsets").and_then(|o| o.as_array()) {
+            Some(o) if o.len() == 2 => match (o[0].as_u64(), o[1].as_u64()) {
+                (Some(s), Some(e)) if e >= s && e <= usize::MAX as u64 => (s as usize, e as usize),
+                _ => bail!(
+                    "{}: data_offsets {}: expected [start, end] with start <= end",
+                    at(),
+                    short_json(&obj["data_offsets"])
+                ),
+            },
+            _ => bail!("{}: data_offsets: expected [start, end]", at()),
+        };
+        let elements = shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let bits = elements.and_then(|e| e.checked_mul(dtype.bitsize()));
+        let Some(bits) = bits else {
+            bail!(
+                "{}: shape {} has too many elements",
+                at(),
+                short_dims(&shape)
+            );
+        };
+        if bits % 8 != 0 {
+            bail!(
+                "{}: shape {shape:?} of {dtype:?} is not a whole number of bytes",
+                at()
+            );
+        }
+        if end - start != bits / 8 {
+            bail!(
+                "{}: data_offsets [{start}, {end}] hold {} bytes, but shape {} of {dtype:?} needs {}",
+                at(),
+                end - start,
+                short_dims(&shape),
+                bits / 8
+            );
+        }
+        spans.push((start, end, name));
+    }
+    spans.sort();
+    let mut next = 0;
+    for &(start, end, name) in &spans {
+        if start != next {
+            bail!(
+                "header: tensor {}: data_offsets [{start}, {end}] {} (the previous tensor ends at byte {next} of the data section)",
+                show_name(name),
+                if start < next { "overlap another tensor" } else { "leave a gap" }
+            );
+        }
+        next = end;
+    }
+    let data = len - 8 - n;
+    if next > data {
+        bail!(
+            "truncated: the tensors need {next} bytes of data, the data section after the header has {data}"
+        );
+    }
+    if next < data {
+        bail!(
+            "the data section has {} bytes past the last tensor (at byte {})",
+            data - next,
+            8 + n + next
+        );
+    }
+    // The checks above are safetensors' own; should it still disagree, say so.
+    SafeTensors::read_metadata(bytes).map_err(|e| anyhow!("header: {e:?}"))
+}
+
+/// A shape for an error message, its first dimensions if it has many.
+pub fn short_dims<T: std::fmt::Debug>(shape: &[T]) -> String {
+    if shape.len() <= 8 {
+        format!("{shape:?}")
+    } else {
+        format!("{:?}... ({} dimensions)", &shape[..8], shape.len())
+    }
+}
+
+/// A JSON value, shortened for an error message.
+fn short_json(v: &serde_json::Value) -> String {
+    let s = v.to_string();
+    if s.chars().count() > 60 {
+        format!("{}...", s.chars().take(60).collect::<String>())
+    } else {
+        s
+    }
+}
+
+/// The byte offset of a (1-based) line and column of serde_json's errors.
+fn byte_of(text: &str, line: usize, column: usize) -> usize {
+    let start: usize = text
+        .split_inclusive('\n')
+        .take(line.saturating_sub(1))
+        .map(str::len)
+        .sum();
+    (start + column.saturating_sub(1)).min(text.len())
 }
 
 /// The tch kind of a safetensors dtype.
@@ -155,12 +377,8 @@ fn open_shard(path: &Path) -> Result<Shard> {
     // that at worst yields wrong numbers, as with any reader.
     let mmap =
         unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot map", path.display()))?;
-    let (header_len, meta) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-        anyhow!(
-            "{}: not a valid safetensors file (truncated or corrupt: {e:?})",
-            path.display()
-        )
-    })?;
+    let (header_len, meta) = read_header(&mmap)
+        .map_err(|e| anyhow!("{}: not a valid safetensors file: {e:#}", path.display()))?;
     Ok(Shard {
         path: path.to_path_buf(),
         mmap,
@@ -169,25 +387,44 @@ fn open_shard(path: &Path) -> Result<Shard> {
     })
 }
 
-/// The shard file names listed in `model.safetensors.index.json`.
+/// The shard files listed in `model.safetensors.index.json`: names of files
+/// in the checkpoint's directory.
 fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
-    let text = std::fs::read_to_string(index_path)
-        .with_context(|| format!("{}: cannot read", index_path.display()))?;
-    let v: serde_json::Value = serde_json::from_str(&text)
-        .with_context(|| format!("{}: malformed JSON", index_path.display()))?;
-    let map = v
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| anyhow!("{}: no 'weight_map' object", index_path.display()))?;
+    let at = index_path.display();
+    let text = super::config::read_text(index_path)?;
+    let v: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| anyhow!("{at}: malformed JSON ({e})"))?;
+    let map = match v.get("weight_map") {
+        Some(serde_json::Value::Object(m)) => m,
+        Some(other) => bail!(
+            "{at}: key `weight_map`: expected an object of tensor names to shard files, got {}",
+            super::config::describe(other)
+        ),
+        None => bail!("{at}: key `weight_map`: missing"),
+    };
     let mut files = BTreeMap::new();
     for (tensor, file) in map {
-        let file = file.as_str().ok_or_else(|| {
-            anyhow!(
-                "{}: weight_map['{tensor}'] is not a string",
-                index_path.display()
-            )
-        })?;
+        let Some(file) = file.as_str() else {
+            bail!(
+                "{at}: key `weight_map`, tensor {}: expected a shard file name, got {}",
+                show_name(tensor),
+                super::config::describe(file)
+            );
+        };
+        let plain = Path::new(file)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if file.is_empty() || file.len() > 255 || !plain || file.chars().any(char::is_control) {
+            bail!(
+                "{at}: key `weight_map`, tensor {}: shard {} is not a file name in the checkpoint's directory",
+                show_name(tensor),
+                super::config::shorten(file)
+            );
+        }
         files.insert(file.to_string(), ());
+    }
+    if files.is_empty() {
+        bail!("{at}: key `weight_map`: empty (no shard files)");
     }
     let dir = index_path.parent().unwrap_or(Path::new("."));
     Ok(files.into_keys().map(|f| dir.join(f)).collect())

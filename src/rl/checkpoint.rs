@@ -14,6 +14,7 @@ use super::optim::AdamW;
 use super::policy::Policy;
 use crate::faults;
 use crate::fsio;
+use crate::model::config::clip;
 use crate::model::lora::ADAPTER_WEIGHTS;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -229,15 +230,15 @@ fn checksum(path: &Path) -> Result<FileSum> {
 /// its size and checksum, nothing unlisted. The error names the file.
 pub fn verify(dir: &Path) -> Result<()> {
     let path = dir.join(MANIFEST);
-    let text = match std::fs::read_to_string(&path) {
+    let text = match std::fs::read(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && format_of(dir) == Some(1) => {
             return Ok(()); // written before manifests: nothing to check against
         }
         Err(e) => return Err(e).with_context(|| format!("{}: cannot read", path.display())),
     };
-    let m: Manifest =
-        serde_json::from_str(&text).map_err(|e| anyhow!("{}: malformed: {e}", path.display()))?;
+    let m: Manifest = serde_json::from_slice(&text)
+        .map_err(|e| anyhow!("{}: malformed: {}", path.display(), clip(&e.to_string())))?;
     for (rel, want) in &m.files {
         let file = dir.join(rel);
         if rel.split(['/', '\\']).any(|c| c == ".." || c.is_empty()) || Path::new(rel).is_absolute()
@@ -280,8 +281,8 @@ pub fn verify(dir: &Path) -> Result<()> {
 
 /// The `format` a checkpoint's state.json declares, if it can be read.
 fn format_of(dir: &Path) -> Option<u32> {
-    let text = std::fs::read_to_string(dir.join("state.json")).ok()?;
-    serde_json::from_str::<serde_json::Value>(&text).ok()?["format"]
+    let text = std::fs::read(dir.join("state.json")).ok()?;
+    serde_json::from_slice::<serde_json::Value>(&text).ok()?["format"]
         .as_u64()
         .map(|f| f as u32)
 }
@@ -357,10 +358,15 @@ pub fn clear_partial(run_dir: &Path) -> Result<()> {
 pub fn load_parts(policy: &Policy, opt: &mut AdamW, dir: &Path) -> Result<Restored> {
     verify(dir)?;
     let state_path = dir.join("state.json");
-    let text = std::fs::read_to_string(&state_path)
+    let text = std::fs::read(&state_path)
         .with_context(|| format!("{}: cannot read", state_path.display()))?;
-    let state: State = serde_json::from_str(&text)
-        .map_err(|e| anyhow!("{}: malformed: {e}", state_path.display()))?;
+    let state: State = serde_json::from_slice(&text).map_err(|e| {
+        anyhow!(
+            "{}: malformed: {}",
+            state_path.display(),
+            clip(&e.to_string())
+        )
+    })?;
     if state.format == 0 || state.format > FORMAT {
         bail!(
             "{}: checkpoint format {} (this build reads 1 to {FORMAT})",

@@ -18,13 +18,19 @@ impl Row {
     /// A row from a JSON object with string (or number) `prompt` and `answer`.
     pub fn from_json(v: &serde_json::Value) -> Result<Row> {
         let Some(obj) = v.as_object() else {
-            bail!("a row must be a JSON object");
+            bail!(
+                "a row must be a JSON object, got {}",
+                crate::model::config::describe(v)
+            );
         };
         let field = |k: &str| -> Result<String> {
             match obj.get(k) {
                 Some(serde_json::Value::String(s)) => Ok(s.clone()),
                 Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
-                Some(_) => bail!("field {k:?} must be a string"),
+                Some(v) => bail!(
+                    "field {k:?} must be a string, got {}",
+                    crate::model::config::describe(v)
+                ),
                 None => bail!("missing field {k:?} (rows need \"prompt\" and \"answer\")"),
             }
         };
@@ -47,10 +53,20 @@ pub struct Dataset {
 impl Dataset {
     /// Reads a JSONL file; a bad line is an error naming the file and line.
     pub fn load(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let bytes =
+            std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let bytes = bytes.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&bytes);
         let mut rows = Vec::new();
-        for (i, line) in text.lines().enumerate() {
+        for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            let line = std::str::from_utf8(line).map_err(|e| {
+                anyhow!(
+                    "{}:{}: invalid UTF-8 at byte {} of the line",
+                    path.display(),
+                    i + 1,
+                    e.valid_up_to()
+                )
+            })?;
             if line.trim().is_empty() {
                 continue;
             }

@@ -1,6 +1,7 @@
 //! Runs, frames and charts in scripts: `new_run`/`load_run` (metrics rows and
 //! token records under `runs/NAME/`), `routing_frame` and the Frame type
 //! (a polars DataFrame), `plot_*`, plus `pass_at_k` and `check_options`.
+use super::opts::one_line;
 use super::types::*;
 use crate::analysis::{frame, samples, tensorboard};
 use crate::rl::checkpoint;
@@ -593,7 +594,8 @@ pub fn pass_at_k(n: i64, c: i64, k: i64) -> Result<f64> {
     Ok(1.0 - miss)
 }
 
-/// `defaults` overlaid by `opts`; unknown keys and type changes are errors.
+/// `defaults` overlaid by `opts`; unknown keys and type changes are errors
+/// (keys and values shown on one line, shortened).
 fn check_options(name: &str, opts: Map, defaults: Map) -> Result<Map> {
     let mut out = defaults.clone();
     for (k, v) in opts {
@@ -604,8 +606,10 @@ fn check_options(name: &str, opts: Map, defaults: Map) -> Result<Map> {
                 .map(|c| format!(" (did you mean `{c}`?)"))
                 .unwrap_or_default();
             bail!(
-                "{name}: unknown option `{k}`{hint}; valid options: {}",
-                valid.join(", ")
+                "{}: unknown option `{}`{hint}; valid options: {}",
+                one_line(name),
+                one_line(&k),
+                one_line(&valid.join(", "))
             );
         };
         // A reward may be a name or a function.
@@ -616,9 +620,13 @@ fn check_options(name: &str, opts: Map, defaults: Map) -> Result<Map> {
             || (d.is_float() && v.is_int());
         if !ok {
             bail!(
-                "{name}: option `{k}` must be {} (like its default {d}), got {} ({v})",
+                "{}: option `{}` must be {} (like its default {}), got {} ({})",
+                one_line(name),
+                one_line(&k),
                 d.type_name(),
-                v.type_name()
+                one_line(&d.to_string()),
+                v.type_name(),
+                one_line(&v.to_string())
             );
         }
         let v = if d.is_float() && v.is_int() {

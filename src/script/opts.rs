@@ -110,17 +110,19 @@ impl Opts {
                     .map(|c| format!(" (did you mean `{c}`?)"))
                     .unwrap_or_default();
                 bail!(
-                    "{func}: unknown option `{k}`{hint}; valid options: {}",
+                    "{func}: unknown option `{}`{hint}; valid options: {}",
+                    one_line(k),
                     valid.join(", ")
                 );
             };
             let ty = o.def.ty();
             if !v.is_unit() && !type_ok(ty, v) {
                 bail!(
-                    "{func}: option `{k}` must be {} {}, got {} ({v})",
+                    "{func}: option `{k}` must be {} {}, got {} ({})",
                     article(ty),
                     ty.name(),
-                    v.type_name()
+                    v.type_name(),
+                    one_line(&v.to_string())
                 );
             }
         }
@@ -265,13 +267,14 @@ impl Opts {
         let v = self.str(name)?;
         if !choices.contains(&v.as_str()) {
             bail!(
-                "{}: option `{name}` must be one of {}, got {v:?}",
+                "{}: option `{name}` must be one of {}, got {}",
                 self.func,
                 choices
                     .iter()
                     .map(|c| format!("{c:?}"))
                     .collect::<Vec<_>>()
-                    .join(", ")
+                    .join(", "),
+                one_line(&format!("{v:?}"))
             );
         }
         Ok(v)
@@ -287,6 +290,25 @@ pub fn as_f64(v: &Dynamic) -> Option<f64> {
     }
 }
 
+/// A user-given key or value for an error message: control characters
+/// escaped (one line) and cut after 60 characters.
+pub fn one_line(s: &str) -> String {
+    const KEEP: usize = 60;
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i == KEEP {
+            out.push_str("...");
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 fn article(ty: Ty) -> &'static str {
     match ty {
         Ty::Int | Ty::Array | Ty::Any => "an",
@@ -296,8 +318,12 @@ fn article(ty: Ty) -> &'static str {
 
 /// The valid name nearest to a misspelling (edit distance <= 2).
 pub(crate) fn closest<'a>(word: &str, valid: &[&'a str]) -> Option<&'a str> {
+    // The distance is at least the difference in length: long words skip
+    // the quadratic comparison.
+    let n = word.chars().count();
     valid
         .iter()
+        .filter(|v| n.abs_diff(v.chars().count()) <= 2)
         .map(|v| (edit_distance(word, v), *v))
         .filter(|(d, _)| *d <= 2)
         .min_by_key(|(d, _)| *d)

@@ -2,6 +2,7 @@
 //! the moments, with the scalars as JSON in its metadata.
 use super::adamw::{AdamW, ParamState};
 use super::schedule::Schedule;
+use crate::model::config::{clip, shorten};
 use crate::model::weights::{self, kind_of, TensorBytes};
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::Dtype;
@@ -61,6 +62,15 @@ fn dtype_name(kind: Kind) -> Result<String> {
 fn blob(t: &Tensor) -> Result<TensorBytes> {
     dtype_of(t.f_kind()?)?;
     TensorBytes::of(t)
+}
+
+/// A shape from the file, shortened for an error message.
+fn short_shape(shape: &[i64]) -> String {
+    if shape.len() <= 8 {
+        format!("{shape:?}")
+    } else {
+        format!("{:?}... ({} dimensions)", &shape[..8], shape.len())
+    }
 }
 
 fn tmp_path(path: &Path) -> PathBuf {
@@ -154,20 +164,27 @@ impl AdamW {
     pub fn load(&mut self, path: &Path) -> Result<()> {
         let ctx = || format!("loading optimizer state {}", path.display());
         let bytes = std::fs::read(path).with_context(ctx)?;
-        let (_, header) = SafeTensors::read_metadata(&bytes)
-            .map_err(|e| anyhow!("not a safetensors file: {e}"))
+        let (_, header) = weights::read_header(&bytes)
+            .map_err(|e| anyhow!("not a valid safetensors file: {e:#}"))
             .with_context(ctx)?;
         let json = header
             .metadata()
             .as_ref()
             .and_then(|m| m.get(STATE_KEY))
-            .ok_or_else(|| anyhow!("no {STATE_KEY:?} metadata: not an optimizer state file"))
+            .ok_or_else(|| {
+                anyhow!("header: no {STATE_KEY:?} metadata: not an optimizer state file")
+            })
             .with_context(ctx)?;
         let saved: SavedState = serde_json::from_str(json)
-            .context("malformed optimizer state metadata")
+            .map_err(|e| {
+                anyhow!(
+                    "header: malformed {STATE_KEY:?} metadata ({})",
+                    clip(&e.to_string())
+                )
+            })
             .with_context(ctx)?;
         let st = SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow!("damaged safetensors file: {e}"))
+            .map_err(|e| anyhow!("header: damaged safetensors file: {e:?}"))
             .with_context(ctx)?;
         let new_state = self.restore(&saved, &st).with_context(ctx)?;
         self.state = new_state;
@@ -180,13 +197,13 @@ impl AdamW {
     fn restore(&self, saved: &SavedState, st: &SafeTensors) -> Result<Vec<Vec<ParamState>>> {
         if saved.format != STATE_FORMAT {
             bail!(
-                "unsupported optimizer state format {:?} (expected {STATE_FORMAT:?})",
-                saved.format
+                "metadata key `format`: unsupported optimizer state format {} (expected {STATE_FORMAT:?})",
+                shorten(&saved.format)
             );
         }
         if saved.groups.len() != self.groups.len() {
             bail!(
-                "the file has {} parameter groups, the optimizer {}",
+                "metadata key `groups`: the file has {} parameter groups, the optimizer {}",
                 saved.groups.len(),
                 self.groups.len()
             );
@@ -196,8 +213,8 @@ impl AdamW {
         for (gi, (g, sg)) in self.groups.iter().zip(&saved.groups).enumerate() {
             if g.name != sg.name {
                 bail!(
-                    "group {gi} is {:?} in the file but {:?} in the optimizer",
-                    sg.name,
+                    "group {gi} is {} in the file but {:?} in the optimizer",
+                    shorten(&sg.name),
                     g.name
                 );
             }
@@ -215,9 +232,9 @@ impl AdamW {
                 let kind = p.f_kind()?;
                 if sp.shape != shape {
                     bail!(
-                        "group {gi} ({}) parameter {pi}: shape {:?} in the file but {:?} in the optimizer",
+                        "group {gi} ({}) parameter {pi}: shape {} in the file but {:?} in the optimizer",
                         g.name,
-                        sp.shape,
+                        short_shape(&sp.shape),
                         shape
                     );
                 }
@@ -226,7 +243,7 @@ impl AdamW {
                     bail!(
                         "group {gi} ({}) parameter {pi}: dtype {} in the file but {dtype} in the optimizer",
                         g.name,
-                        sp.dtype
+                        shorten(&sp.dtype)
                     );
                 }
                 if sp.step == 0 {
@@ -236,10 +253,15 @@ impl AdamW {
                 expected_tensors += 2;
                 let (nm, nv) = moment_names(gi, pi);
                 let read = |name: &str| -> Result<Tensor> {
-                    let view = st.tensor(name).map_err(|e| anyhow!("tensor {name}: {e}"))?;
+                    let view = st
+                        .tensor(name)
+                        .map_err(|_| anyhow!("tensor {name}: missing (the metadata says group {gi} parameter {pi} has stepped)"))?;
                     let vshape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
                     if vshape != shape {
-                        bail!("tensor {name}: shape {vshape:?}, expected {shape:?}");
+                        bail!(
+                            "tensor {name}: shape {}, expected {shape:?}",
+                            weights::short_dims(&vshape)
+                        );
                     }
                     if kind_of(view.dtype()) != Some(kind) {
                         bail!("tensor {name}: dtype {:?}, expected {dtype}", view.dtype());
@@ -261,7 +283,7 @@ impl AdamW {
         }
         if st.len() != expected_tensors {
             bail!(
-                "the file holds {} tensors but its metadata describes {expected_tensors}",
+                "header: the file holds {} tensors but its metadata describes {expected_tensors}",
                 st.len()
             );
         }
