@@ -112,7 +112,7 @@ impl LoraConfig {
             if !TARGETS.contains(&t.as_str()) {
                 bail!(
                     "LoRA target {} matches no layer (valid targets: {})",
-                    super::config::shorten(t),
+                    super::text::shorten(t),
                     TARGETS.join(", ")
                 );
             }

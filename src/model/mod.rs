@@ -14,6 +14,7 @@ pub mod scratch;
 mod simd_dots;
 pub mod small_matmul;
 pub mod spin_pool;
+pub mod text;
 pub mod tokenizer;
 pub mod trainable;
 pub mod weights;

@@ -8,9 +8,9 @@
 //!   missing, misshapen or unexpected tensors are errors naming the file and key.
 //! - The saved adapter is fp32; a merge is done in fp32 and rounded once to the
 //!   model dtype.
-use super::config::{describe, read_text, shorten};
 use super::llama::{Linear, Llama};
 use super::lora::{lora_key, LoraAdapter, LoraConfig};
+use super::text::{describe, read_text, shorten};
 use super::weights::{read_header, short_dims, show_name, TensorBytes};
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
@@ -457,28 +457,14 @@ fn kind_name(kind: Kind) -> Result<&'static str> {
 }
 
 fn write_safetensors(path: &Path, tensors: Vec<(String, TensorBytes)>) -> Result<()> {
-    let tmp = tmp_path(path);
     let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
     let views = tensors.iter().map(|(n, b)| (n.as_str(), b));
-    safetensors::tensor::serialize_to_file(views, Some(meta), &tmp)
-        .map_err(|e| anyhow!("{}: cannot write ({e})", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow!("{}: cannot write ({e})", path.display())
-    })
+    let bytes = safetensors::tensor::serialize(views, Some(meta))
+        .map_err(|e| anyhow!("{}: cannot write ({e})", path.display()))?;
+    write_atomic(path, &bytes)
 }
 
+/// A whole file, atomically and synced (`fsio::write_atomic`).
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    std::fs::write(&tmp, data).map_err(|e| anyhow!("{}: cannot write ({e})", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        anyhow!("{}: cannot write ({e})", path.display())
-    })
-}
-
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut name = path.file_name().unwrap_or_default().to_os_string();
-    name.push(format!(".tmp{}", std::process::id()));
-    path.with_file_name(name)
+    crate::fsio::write_atomic(path, |f| Ok(std::io::Write::write_all(f, data)?))
 }

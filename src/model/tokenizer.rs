@@ -1,7 +1,7 @@
 //! `tokenizer.json` through the `tokenizers` crate, and chat templates
 //! (`chat_template.jinja` or `tokenizer_config.json`) rendered with minijinja
 //! configured like transformers' Jinja environment.
-use super::config::{clip, read_text};
+use super::text::{clip, read_text};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use serde_json::Value;

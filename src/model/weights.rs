@@ -391,14 +391,14 @@ fn open_shard(path: &Path) -> Result<Shard> {
 /// in the checkpoint's directory.
 fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
     let at = index_path.display();
-    let text = super::config::read_text(index_path)?;
+    let text = super::text::read_text(index_path)?;
     let v: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| anyhow!("{at}: malformed JSON ({e})"))?;
     let map = match v.get("weight_map") {
         Some(serde_json::Value::Object(m)) => m,
         Some(other) => bail!(
             "{at}: key `weight_map`: expected an object of tensor names to shard files, got {}",
-            super::config::describe(other)
+            super::text::describe(other)
         ),
         None => bail!("{at}: key `weight_map`: missing"),
     };
@@ -408,7 +408,7 @@ fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
             bail!(
                 "{at}: key `weight_map`, tensor {}: expected a shard file name, got {}",
                 show_name(tensor),
-                super::config::describe(file)
+                super::text::describe(file)
             );
         };
         let plain = Path::new(file)
@@ -418,7 +418,7 @@ fn shard_files(index_path: &Path) -> Result<Vec<PathBuf>> {
             bail!(
                 "{at}: key `weight_map`, tensor {}: shard {} is not a file name in the checkpoint's directory",
                 show_name(tensor),
-                super::config::shorten(file)
+                super::text::shorten(file)
             );
         }
         files.insert(file.to_string(), ());

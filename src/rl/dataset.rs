@@ -20,7 +20,7 @@ impl Row {
         let Some(obj) = v.as_object() else {
             bail!(
                 "a row must be a JSON object, got {}",
-                crate::model::config::describe(v)
+                crate::model::text::describe(v)
             );
         };
         let field = |k: &str| -> Result<String> {
@@ -29,7 +29,7 @@ impl Row {
                 Some(serde_json::Value::Number(n)) => Ok(n.to_string()),
                 Some(v) => bail!(
                     "field {k:?} must be a string, got {}",
-                    crate::model::config::describe(v)
+                    crate::model::text::describe(v)
                 ),
                 None => bail!("missing field {k:?} (rows need \"prompt\" and \"answer\")"),
             }

@@ -1,9 +1,9 @@
 //! Runs, frames and charts in scripts: `new_run`/`load_run` (metrics rows and
 //! token records under `runs/NAME/`), `routing_frame` and the Frame type
 //! (a polars DataFrame), `plot_*`, plus `pass_at_k` and `check_options`.
-use super::opts::one_line;
 use super::types::*;
 use crate::analysis::{frame, samples, tensorboard};
+use crate::model::text::one_line;
 use crate::rl::checkpoint;
 use anyhow::{bail, Context, Result};
 use polars::prelude::DataFrame;

@@ -3,6 +3,7 @@
 //! that names the key and lists the valid ones, never silently ignored. The
 //! same table gives `help(name)` its options and defaults, so the two cannot
 //! drift apart.
+use crate::model::text::one_line;
 use anyhow::{anyhow, bail, Result};
 use rhai::{Dynamic, Map};
 
@@ -288,25 +289,6 @@ pub fn as_f64(v: &Dynamic) -> Option<f64> {
     } else {
         v.as_int().ok().map(|i| i as f64)
     }
-}
-
-/// A user-given key or value for an error message: control characters
-/// escaped (one line) and cut after 60 characters.
-pub fn one_line(s: &str) -> String {
-    const KEEP: usize = 60;
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i == KEEP {
-            out.push_str("...");
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 fn article(ty: Ty) -> &'static str {

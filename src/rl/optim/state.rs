@@ -2,7 +2,7 @@
 //! the moments, with the scalars as JSON in its metadata.
 use super::adamw::{AdamW, ParamState};
 use super::schedule::Schedule;
-use crate::model::config::{clip, shorten};
+use crate::model::text::{clip, shorten};
 use crate::model::weights::{self, kind_of, TensorBytes};
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::tensor::Dtype;
@@ -10,7 +10,7 @@ use safetensors::SafeTensors;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use tch::{Kind, Tensor};
 
 const STATE_KEY: &str = "tarpo.optim";
@@ -73,12 +73,6 @@ fn short_shape(shape: &[i64]) -> String {
     }
 }
 
-fn tmp_path(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".tmp");
-    PathBuf::from(s)
-}
-
 fn moment_names(gi: usize, pi: usize) -> (String, String) {
     (
         format!("group{gi}.param{pi}.exp_avg"),
@@ -89,7 +83,7 @@ fn moment_names(gi: usize, pi: usize) -> (String, String) {
 impl AdamW {
     /// Writes the optimizer state (moments, per-parameter and global step
     /// counts, skip counters) to one safetensors file, the scalars as JSON in
-    /// its metadata. Written to `PATH.tmp`, synced, then renamed over `path`.
+    /// its metadata. Written atomically and synced (`fsio::write_atomic`).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut blobs: Vec<(String, TensorBytes)> = Vec::new();
         let mut groups = Vec::new();
@@ -130,29 +124,7 @@ impl AdamW {
         let meta = HashMap::from([(STATE_KEY.to_string(), serde_json::to_string(&saved)?)]);
         let bytes = safetensors::serialize(blobs.iter().map(|(n, b)| (n.as_str(), b)), Some(meta))
             .map_err(|e| anyhow!("serializing optimizer state: {e}"))?;
-        let tmp = tmp_path(path);
-        let write = || -> std::io::Result<()> {
-            let mut f = std::fs::File::create(&tmp)?;
-            f.write_all(&bytes)?;
-            f.sync_all()?;
-            Ok(())
-        };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e).with_context(|| format!("writing {}", tmp.display()));
-        }
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
-        if let Some(dir) = path.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            if let Ok(d) = std::fs::File::open(dir) {
-                let _ = d.sync_all();
-            }
-        }
+        crate::fsio::write_atomic(path, |f| Ok(f.write_all(&bytes)?))?;
         Ok(())
     }
 
@@ -360,7 +332,10 @@ mod tests {
         );
         assert!(a.step().unwrap().skipped);
         a.save(&path).unwrap();
-        assert!(!tmp_path(&path).exists());
+        let dir = path.parent().unwrap();
+        assert!(!std::fs::read_dir(dir)
+            .unwrap()
+            .any(|e| crate::fsio::is_temp(&e.unwrap().path())));
 
         let pb: Vec<Tensor> = pa
             .iter()
