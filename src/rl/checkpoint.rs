@@ -15,7 +15,7 @@ use super::policy::Policy;
 use crate::faults;
 use crate::fsio;
 use crate::model::lora::ADAPTER_WEIGHTS;
-use crate::model::text::clip;
+use crate::model::text::{clip, shorten};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -241,11 +241,12 @@ pub fn verify(dir: &Path) -> Result<()> {
         .map_err(|e| anyhow!("{}: malformed: {}", path.display(), clip(&e.to_string())))?;
     for (rel, want) in &m.files {
         let file = dir.join(rel);
-        if rel.split(['/', '\\']).any(|c| c == ".." || c.is_empty()) || Path::new(rel).is_absolute()
-        {
+        let odd = |c: &str| c.is_empty() || c == ".." || c.chars().any(char::is_control);
+        if rel.split(['/', '\\']).any(odd) || Path::new(rel).is_absolute() {
             bail!(
-                "{}: lists {rel:?}, not a file of the checkpoint",
-                path.display()
+                "{}: lists {}, not a file of the checkpoint",
+                path.display(),
+                shorten(rel)
             );
         }
         if !file.is_file() {
