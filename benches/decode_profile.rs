@@ -66,7 +66,8 @@ fn main() -> Result<()> {
         })
     };
     // Without the prefill: a rollout of 1 token is the prefill and one step.
-    let step_ms = (gen_ms(new)? - gen_ms(1)?) / (new - 1) as f64;
+    let first_ms = gen_ms(1)?;
+    let step_ms = (gen_ms(new)? - first_ms) / (new - 1) as f64;
 
     // A cache as after 64 decode steps, and the step's shapes.
     let (ids, valid) = left_pad(&prompts, Device::Cpu)?;
@@ -151,6 +152,11 @@ fn main() -> Result<()> {
     let line =
         |name: &str, ms: f64| println!("  {name:<28} {ms:7.2} ms  {:5.1}%", 100.0 * ms / step_ms);
     line("step (rollout)", step_ms);
+    println!(
+        "  {:<28} {:7.2} ms  (once per rollout)",
+        "prefill",
+        first_ms - step_ms
+    );
     line("decoder matmuls", matmul_ms);
     line("LM head", head_ms);
     line("attention", attention_ms);

@@ -103,7 +103,13 @@ fn shared_prompt_replay_of_every_loop_equals_one_forward() {
         let steps = batch.steps.to_kind(Kind::Float).unsqueeze(-1);
         let shared = replay::hidden_states(&m.net, &batch).unwrap();
         let d = common::max_abs_diff(&(&exit * &steps), &(&shared * &steps));
-        assert!(d < 1e-5, "{name}: exit states differ by {d}");
+        // Relative to the states' scale, as the loop states above (two
+        // orders of summation in f32; up to 1.5e-5 absolute seen here).
+        let scale = exit.abs().max().double_value(&[]);
+        assert!(
+            d < 2e-5 * scale.max(1.0),
+            "{name}: exit states differ by {d} of {scale}"
+        );
     }
 }
 

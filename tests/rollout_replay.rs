@@ -331,6 +331,45 @@ fn shared_prompt_replay_equals_one_forward() {
 }
 
 #[test]
+fn a_prefix_shared_by_every_prompt_runs_once_and_changes_nothing() {
+    // A chat template's system prompt: 10 tokens every prompt starts with,
+    // run once in the prefill and copied to every row.
+    let mut m = model();
+    common::attach_moved_lora(&mut m.net, 0.02);
+    let system: Vec<i64> = (60..70).collect();
+    let with = |rest: &[i64]| [system.as_slice(), rest].concat();
+    let prompts = vec![
+        with(&[5, 9]),
+        with(&[7]),
+        with(&[5, 9]),
+        with(&[40, 41, 42, 43]),
+    ];
+    let ro = rollout(&m.net, None, None, &prompts, &options(6)).unwrap();
+    let params = m.net.lora_parameters();
+    let batch = replay::build(&m.net, &ro, &[0, 1, 2, 3]).unwrap();
+    let g = common::assert_shared_replay_is_one_forward(&m.net, &batch, &params);
+    assert!(g > 1e-6, "no gradient reached the adapters ({g})");
+    // The rollout scored its tokens as one forward over the padded rows does.
+    let _g = tch::no_grad_guard();
+    let h = common::one_forward_states(&m.net, &batch).pop().unwrap();
+    let lp = replay::token_logp(&m.net, &h, &batch.tokens, ro.temperature).unwrap();
+    let recorded: Vec<Vec<f64>> = ro
+        .records
+        .iter()
+        .map(|r| r.iter().map(|t| t.logp as f64).collect())
+        .collect();
+    for (i, rec) in recorded.iter().enumerate() {
+        for (t, want) in rec.iter().enumerate() {
+            let got = lp.double_value(&[i as i64, t as i64]);
+            assert!(
+                (got - want).abs() < 1e-4,
+                "row {i} token {t}: {got} vs {want}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_decode_step_copies_to_the_host_once() {
     // One copy per token step, whatever the rows do: the sampled ids, the
     // stats, the router's log-probs and the mixtures travel together.

@@ -200,9 +200,25 @@ pub(crate) fn prefill_loops(
 ) -> Result<(Vec<Tensor>, KvCache)> {
     let device = net.embed_tokens.device();
     let (distinct, of_row) = distinct_rows(prompts);
-    let (ids, valid) = left_pad(&distinct, device)?;
+    // A prefix every distinct prompt shares (a chat template's system
+    // prompt) runs once, its keys and values copied to every row; each row
+    // then runs only its own part, left-padded.
+    let p = shared_prefix(&distinct);
+    let rest: Vec<Vec<i64>> = distinct.iter().map(|d| d[p..].to_vec()).collect();
+    let (ids, valid) = left_pad(&rest, device)?;
     let l = ids.size()[1];
-    let mut cache = net.new_cache(distinct.len() as i64, l + extra)?;
+    let mut cache = if p > 0 {
+        let mut one = net.new_cache(1, p as i64 + l + extra)?;
+        let prefix = Tensor::from_slice(&distinct[0][..p])
+            .f_to_device(device)?
+            .f_unsqueeze(0)?;
+        let step = one.step(&Tensor::f_ones([1, p as i64], (Kind::Bool, device))?)?;
+        net.forward_loops(&net.embed(&prefix)?, &step, Some(&one))?;
+        let rows = Tensor::f_zeros([distinct.len() as i64], (Kind::Int64, device))?;
+        one.select_rows(&rows)?
+    } else {
+        net.new_cache(distinct.len() as i64, l + extra)?
+    };
     let step = cache.step(&valid)?;
     let states = net.forward_loops(&net.embed(&ids)?, &step, Some(&cache))?;
     let last = (states.iter().map(|h| h.f_narrow(1, l - 1, 1))).collect::<Result<Vec<_>, _>>()?;
@@ -214,6 +230,29 @@ pub(crate) fn prefill_loops(
     let rows = Tensor::from_slice(&of_row).f_to_device(device)?;
     let last = (last.iter().map(|h| h.f_index_select(0, &rows))).collect::<Result<_, _>>()?;
     Ok((last, cache.select_rows(&rows)?))
+}
+
+/// Tokens at the start of every prompt worth running once for all: the
+/// longest common prefix of at least 2 prompts when it is 8 tokens or more,
+/// leaving each prompt at least one token of its own (0: none).
+fn shared_prefix(prompts: &[Vec<i64>]) -> usize {
+    let Some((first, others)) = prompts.split_first() else {
+        return 0;
+    };
+    if others.is_empty() {
+        return 0;
+    }
+    let shortest = prompts.iter().map(Vec::len).min().unwrap_or(0);
+    let common = (others.iter())
+        .map(|p| p.iter().zip(first).take_while(|(a, b)| a == b).count())
+        .min()
+        .unwrap_or(0)
+        .min(shortest.saturating_sub(1));
+    if common >= 8 {
+        common
+    } else {
+        0
+    }
 }
 
 /// The distinct prompts (first-seen order) and, per prompt, its index among them.
