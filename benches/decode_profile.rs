@@ -17,7 +17,7 @@ use anyhow::Result;
 use common::{env_or, median};
 use std::time::Instant;
 use tarpo::model::{left_pad, llama::linear, Model};
-use tarpo::policy::{mix, sampler::sample, Rng};
+use tarpo::policy::{step_stats::token_stats, Rng};
 use tch::{Device, Kind, Tensor};
 
 /// Median milliseconds of `reps` calls of `f` (after one warm-up call).
@@ -134,16 +134,16 @@ fn main() -> Result<()> {
 
     let logits = net.logits(&h)?;
     let mut rng = Rng::new(1);
-    let sampling_ms = time_ms(reps, || {
-        let next = sample(&logits, &common::SAMPLING, &mut rng)?;
-        let lp = logits.f_div_scalar(0.7)?.f_log_softmax(-1, Kind::Float)?;
-        let p = lp.f_exp()?;
-        let _ = lp.f_gather(-1, &next.f_unsqueeze(-1)?, false)?;
-        let _ = p.f_mul(&lp)?.f_sum_dim_intlist(-1, false, Kind::Float)?;
-        let (_, w) = mix::top_k(&p, 10)?;
-        let _ = mix::entropy(&w)?;
-        Ok(())
-    })?;
+    // The rollout's token statistics: the CPU scan, and the tensor ops.
+    let mut stats_ms = [0.0; 2];
+    for (i, fast) in [true, false].into_iter().enumerate() {
+        tarpo::model::llama::fused::set_enabled(fast);
+        stats_ms[i] = time_ms(reps, || {
+            token_stats(&logits, &common::SAMPLING, 10, &mut rng).map(|_| ())
+        })?;
+    }
+    tarpo::model::llama::fused::set_enabled(true);
+    let sampling_ms = stats_ms[0];
 
     let rest = decoder_ms - matmul_ms - attention_ms;
     let other = step_ms - decoder_ms - head_ms - sampling_ms;
@@ -162,6 +162,7 @@ fn main() -> Result<()> {
     line("attention", attention_ms);
     line("decoder, rest (dispatch)", rest);
     line("sampling and statistics", sampling_ms);
+    line("(the same as tensor ops)", stats_ms[1]);
     line("(decoder as libtorch layers)", layers_ms);
     line("(decoder, fused)", decoder_ms);
     line("other (host, records)", other);

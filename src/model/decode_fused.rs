@@ -10,7 +10,7 @@
 //! products, f32 throughout. Taken for f32 Llama/Qwen2 stacks (no loops,
 //! no sandwich norms) with no LoRA adapter in use, outside autograd.
 use super::{Angles, KvCache, Llama, LoraUse, RmsNorm, Step};
-use crate::model::{decode_attention, small_matmul};
+use crate::model::{decode_attention, small_matmul, vec_exp};
 use anyhow::{ensure, Result};
 use std::cell::Cell;
 use std::sync::OnceLock;
@@ -27,13 +27,14 @@ pub fn steps() -> u64 {
 }
 
 /// Turns the fused path off (or back on) for this thread, to compare it
-/// with the libtorch layers (tests, benchmarks). Off everywhere with
+/// with the libtorch layers (tests, benchmarks); the rollout's CPU scan of
+/// the logits (`policy::step_stats`) follows the same switch. Off everywhere with
 /// TARPO_FUSED_DECODE=0.
 pub fn set_enabled(on: bool) {
     ENABLED.set(on);
 }
 
-fn enabled() -> bool {
+pub fn enabled() -> bool {
     static ENV_OFF: OnceLock<bool> = OnceLock::new();
     ENABLED.get()
         && !*ENV_OFF.get_or_init(|| std::env::var("TARPO_FUSED_DECODE").is_ok_and(|v| v == "0"))
@@ -205,9 +206,7 @@ pub(super) fn forward(
             (&m.up.weight, m.up.bias.as_ref()),
         ];
         small_matmul::matmul_into(&r.xn, b, &gu, &mut [&mut r.gate, &mut r.up])?;
-        for (g, u) in r.gate.iter_mut().zip(r.up.iter()) {
-            *g = *g / (1.0 + (-*g).exp()) * u;
-        }
+        silu_mul(&mut r.gate, &r.up);
         small_matmul::matmul_into(
             &r.gate,
             b,
@@ -270,6 +269,28 @@ fn write_cache(cache: &Tensor, new: &[f32], g: usize, d: usize, at: usize) -> Re
         all[(rh * cap + at) * d..][..d].copy_from_slice(src);
     }
     Ok(())
+}
+
+/// g = silu(g) * u, in AVX-512 registers (`vec_exp`; `applies` checked it).
+fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    #[inline(always)]
+    fn each(gate: &mut [f32], up: &[f32]) {
+        for (g, u) in gate.iter_mut().zip(up) {
+            *g = *g / (1.0 + vec_exp::exp(-*g)) * u;
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    fn wide(gate: &mut [f32], up: &[f32]) {
+        each(gate, up)
+    }
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the fused path runs only where AVX-512 is (`applies`).
+    unsafe {
+        wide(gate, up)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    each(gate, up)
 }
 
 fn add(h: &mut [f32], y: &[f32]) {

@@ -17,6 +17,7 @@ pub mod spin_pool;
 pub mod text;
 pub mod tokenizer;
 pub mod trainable;
+pub mod vec_exp;
 pub mod weights;
 
 use anyhow::{Context, Result};

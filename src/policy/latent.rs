@@ -109,13 +109,24 @@ impl Latent {
 pub(super) struct StepView<'a> {
     /// (B, V) fp32 logits.
     pub logits: &'a Tensor,
-    /// (B, V) softmax(z / T).
-    pub probs: &'a Tensor,
+    /// T of softmax(z / T) (1 when greedy).
+    pub temp: f64,
     /// (B, k) the renormalised top-k mixture of `probs`.
     pub mix_ids: &'a Tensor,
     pub mix_w: &'a Tensor,
     /// (B, H) E[y_t], the hard input.
     pub x_hard: &'a Tensor,
+}
+
+impl StepView<'_> {
+    /// (B, V) softmax(z / T), made only for the rules that need it.
+    fn probs(&self) -> Result<Tensor> {
+        Ok(self
+            .logits
+            .f_div_scalar(self.temp)?
+            .f_log_softmax(-1, Kind::Float)?
+            .f_exp()?)
+    }
 }
 
 /// The rules of one rollout, with the per-row state they keep.
@@ -143,7 +154,7 @@ impl<'a> Rules<'a> {
         latent.check(router, gate, net.cfg.hidden_size)?;
         let needs_e_t = match latent {
             Latent::SoftThinking { .. } => true,
-            Latent::Hrpo => !top_k_cut(&sampling, net.cfg.vocab_size),
+            Latent::Hrpo => sampling.top_k_cut(net.cfg.vocab_size) == 0,
             _ => false,
         };
         let e_t = if needs_e_t {
@@ -192,7 +203,7 @@ impl<'a> Rules<'a> {
         match self.latent {
             Latent::Router => Ok((mix::embed(&net.embed_tokens, s.mix_ids, s.mix_w)?, None)),
             Latent::SoftThinking { .. } => {
-                let x = expect_embedding(s.probs, self.e_t()?)?;
+                let x = expect_embedding(&s.probs()?, self.e_t()?)?;
                 Ok((x.shallow_clone(), Some(x)))
             }
             Latent::Coconut { .. } => bail!("internal: Coconut's text steps are hard"),
@@ -220,7 +231,7 @@ impl<'a> Rules<'a> {
     fn hrpo_state(&self, net: &Llama, logits: &Tensor) -> Result<Tensor> {
         let cut = self.sampling.truncate(logits)?;
         let num = match &cut.ids {
-            Some(ids) if top_k_cut(&self.sampling, net.cfg.vocab_size) => {
+            Some(ids) if self.sampling.top_k_cut(net.cfg.vocab_size) > 0 => {
                 let rows = net.embed(ids)?.f_to_kind(Kind::Float)?; // (B, k, H)
                 rows.f_mul(&cut.probs.f_unsqueeze(-1)?)?.f_sum_dim_intlist(
                     -2,
@@ -244,11 +255,6 @@ fn router_mode(has_router: bool, hard: bool, u: f64, p_soft: f32) -> (i64, bool)
     let forced = !has_router || hard;
     let soft = !forced && u < p_soft as f64;
     (if soft { SOFT } else { HARD }, forced)
-}
-
-/// Whether sampling keeps only a top-k (not greedy, 0 < k < V).
-fn top_k_cut(s: &Sampling, vocab: i64) -> bool {
-    s.temperature != 0.0 && s.top_k > 0 && s.top_k < vocab
 }
 
 /// x (B, V) @ E (V, H) given E^T (H, V) contiguous: (B, H) in E's dtype. Few

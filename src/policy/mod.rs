@@ -11,6 +11,7 @@ pub mod replay;
 pub mod rollout;
 pub mod router;
 pub mod sampler;
+pub mod step_stats;
 
 pub use generate::{generate, GenerateOptions};
 pub use hrpo::HrpoGate;

@@ -13,10 +13,10 @@
 //! thoughts sample nothing and draw nothing).
 use super::hrpo::HrpoGate;
 use super::latent::{Latent, Rules, StepView};
-use super::mix;
 use super::records::{LatentRecord, Rollout, TokenRecord, HARD, LATENT, SOFT};
 use super::router::Router;
-use super::sampler::{sample, Rng, Sampling};
+use super::sampler::{Rng, Sampling};
+use super::step_stats::token_stats;
 use crate::model::{left_pad, KvCache, Llama, Tokenizer};
 use anyhow::{bail, Result};
 use tch::{Device, Kind, Tensor};
@@ -478,20 +478,8 @@ impl Decode<'_> {
         let (net, opts) = (self.net, self.opts);
         let b = records.len();
         let logits = net.logits(h)?.f_to_kind(Kind::Float)?; // (B, V)
-        let next = sample(&logits, &opts.sampling, rng)?;
-        let logp_all = logits
-            .f_div_scalar(self.temp)?
-            .f_log_softmax(-1, Kind::Float)?;
-        let probs = logp_all.f_exp()?;
-        let logp = logp_all
-            .f_gather(-1, &next.f_unsqueeze(-1)?, false)?
-            .f_squeeze_dim(-1)?;
-        let entropy = probs
-            .f_mul(&logp_all)?
-            .f_sum_dim_intlist(-1, false, Kind::Float)?
-            .f_neg()?;
-        let (mix_ids, mix_w) = mix::top_k(&probs, opts.mix_k)?;
-        let mix_entropy = mix::entropy(&mix_w)?;
+        let st = token_stats(&logits, &opts.sampling, opts.mix_k, rng)?;
+        let (next, mix_ids, mix_w) = (&st.next, &st.mix_ids, &st.mix_w);
         let router_lp = match self.router {
             Some(r) => Some(r.log_probs(h)?), // (B, 2)
             None => None,
@@ -501,9 +489,9 @@ impl Decode<'_> {
         let u_mode: Vec<f64> = (0..b).map(|_| rng.next_f64()).collect();
 
         let host = StepHost::fetch(
-            &next,
-            &[&logp, &entropy, &mix_entropy],
-            router_lp.as_ref().map(|lp| (lp, &mix_ids, &mix_w)),
+            next,
+            &[&st.logp, &st.entropy, &st.mix_entropy],
+            router_lp.as_ref().map(|lp| (lp, mix_ids, mix_w)),
         )?;
         let (next_ids, stats, soft_lp, mix_host) = (host.ids, host.stats, host.soft_lp, host.mix);
         let mut modes = vec![HARD; b];
@@ -548,15 +536,15 @@ impl Decode<'_> {
             });
             done[i] = opts.eos.contains(&tok_i);
         }
-        let x_hard = net.embed(&next)?; // (B, H)
+        let x_hard = net.embed(next)?; // (B, H)
         if self.last || !modes.contains(&SOFT) {
             return Ok(x_hard);
         }
         let view = StepView {
             logits: &logits,
-            probs: &probs,
-            mix_ids: &mix_ids,
-            mix_w: &mix_w,
+            temp: self.temp,
+            mix_ids,
+            mix_w,
             x_hard: &x_hard,
         };
         let (soft, recorded) = rules.soft_input(net, &view)?;

@@ -63,38 +63,64 @@ impl Truncated {
 }
 
 impl Sampling {
+    /// The temperature the logits are divided by: 1 when greedy.
+    pub fn scale(&self) -> f64 {
+        if self.temperature == 0.0 {
+            1.0
+        } else {
+            self.temperature
+        }
+    }
+
+    /// The k of the top-k cut over a vocabulary of `v`: 0 when nothing is cut
+    /// (greedy decoding, k = 0, or k >= v).
+    pub fn top_k_cut(&self, v: i64) -> i64 {
+        if self.temperature != 0.0 && self.top_k > 0 && self.top_k < v {
+            self.top_k
+        } else {
+            0
+        }
+    }
+
     /// The distribution a token is drawn from, cut in transformers' order:
     /// temperature, then top-k, then top-p. Greedy decoding cuts nothing and
     /// scales by 1 (softmax(z)).
     pub fn truncate(&self, logits: &Tensor) -> Result<Truncated> {
-        let v = logits.size()[1];
-        let greedy = self.temperature == 0.0;
-        let temp = if greedy { 1.0 } else { self.temperature };
-        let top_k = if !greedy && self.top_k > 0 && self.top_k < v {
-            self.top_k
-        } else {
-            0
-        };
-        let top_p = if greedy { 1.0 } else { self.top_p };
-        let scaled = logits.f_to_kind(Kind::Float)?.f_div_scalar(temp)?;
+        let scaled = logits.f_to_kind(Kind::Float)?.f_div_scalar(self.scale())?;
         // Only truncation needs the order: without it the columns stay token
         // ids (a sort of V per row was a sixth of a decode step).
+        let top_k = self.top_k_cut(scaled.size()[1]);
         let (vals, ids) = if top_k > 0 {
             let (vals, idx) = scaled.f_topk(top_k, -1, true, true)?;
             (vals, Some(idx))
-        } else if top_p < 1.0 {
+        } else if self.top_p() < 1.0 {
             let (vals, idx) = scaled.f_sort(-1, true)?;
             (vals, Some(idx))
         } else {
             (scaled, None)
         };
+        self.cut(&vals, ids)
+    }
+
+    /// The top-p cut of candidates: `vals` (B, K) scaled logits, descending
+    /// when `ids` (B, K) says which token each column is, else in vocabulary
+    /// order (then there is no top-p to apply).
+    pub fn cut(&self, vals: &Tensor, ids: Option<Tensor>) -> Result<Truncated> {
         let mut probs = vals.f_softmax(-1, Kind::Float)?; // descending when ordered
-        if top_p < 1.0 {
+        if self.top_p() < 1.0 {
             // Drop a token once the mass strictly before it reaches top_p (keeps the first).
             let before = probs.f_cumsum(-1, Kind::Float)?.f_sub(&probs)?;
-            probs = probs.f_mul(&before.f_lt(top_p)?.f_to_kind(Kind::Float)?)?;
+            probs = probs.f_mul(&before.f_lt(self.top_p)?.f_to_kind(Kind::Float)?)?;
         }
         Ok(Truncated { probs, ids })
+    }
+
+    fn top_p(&self) -> f64 {
+        if self.temperature == 0.0 {
+            1.0
+        } else {
+            self.top_p
+        }
     }
 }
 
@@ -104,14 +130,20 @@ pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut Rng) -> Result<Tensor> {
     if s.temperature == 0.0 {
         return Ok(logits.f_argmax(-1, false)?);
     }
-    let b = logits.size()[0];
-    let Truncated { probs, ids } = s.truncate(logits)?;
-    // Inverse CDF: the first cumulative mass above u * total.
+    draw(&s.truncate(logits)?, rng)
+}
+
+/// One token per row of a cut distribution by inverse CDF, from one uniform
+/// per row: (B,) int64 ids.
+pub fn draw(cut: &Truncated, rng: &mut Rng) -> Result<Tensor> {
+    let probs = &cut.probs;
+    let b = probs.size()[0];
+    // The first cumulative mass above u * total.
     let cum = probs.f_cumsum(-1, Kind::Float)?;
     let total = cum.f_narrow(1, cum.size()[1] - 1, 1)?;
     let u: Vec<f32> = (0..b).map(|_| rng.next_f32()).collect();
     let target = Tensor::from_slice(&u)
-        .f_to_device(logits.device())?
+        .f_to_device(probs.device())?
         .f_view([b, 1])?
         .f_mul(&total)?;
     // Never past the last token with mass (rounding in u * total must not
@@ -126,7 +158,7 @@ pub fn sample(logits: &Tensor, s: &Sampling, rng: &mut Rng) -> Result<Tensor> {
         .f_le_tensor(&target)?
         .f_sum_dim_intlist(-1, true, Kind::Int64)?
         .f_minimum(&last_kept)?;
-    let j = match ids {
+    let j = match &cut.ids {
         Some(ids) => ids.f_gather(-1, &j, false)?,
         None => j,
     };
