@@ -8,6 +8,7 @@
 //! Only for f32 or bf16 CPU tensors outside autograd (bf16 keys and values
 //! are read as stored and widened; sums in f32); the rest goes to libtorch.
 use super::spin_pool::{SharedOut, SpinPool};
+use super::vec_exp;
 use anyhow::{ensure, Result};
 use tch::{Device, Kind, Tensor};
 
@@ -261,11 +262,7 @@ unsafe fn one_head_avx512(
         };
         max = max.max(*sc);
     }
-    let mut total = 0f32;
-    for sc in scores.iter_mut() {
-        *sc = (*sc - max).exp();
-        total += *sc;
-    }
+    let total = vec_exp::exp_shifted_sum(scores, max);
     let mut out = [_mm512_setzero_ps(); 16];
     for (i, &p) in scores.iter().enumerate() {
         if p != 0.0 {
@@ -314,11 +311,7 @@ unsafe fn one_head<E: Widen>(
         };
         max = max.max(*sc);
     }
-    let mut total = 0f32;
-    for sc in scores.iter_mut() {
-        *sc = (*sc - max).exp();
-        total += *sc;
-    }
+    let total = vec_exp::exp_shifted_sum(scores, max);
     for (i, &p) in scores.iter().enumerate() {
         if p != 0.0 {
             axpy(p / total, &v[i * d..(i + 1) * d], acc);

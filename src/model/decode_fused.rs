@@ -245,8 +245,10 @@ fn rope(x: &mut [f32], heads: usize, d: usize, cos: &[f32], sin: &[f32]) {
         let row = i / heads;
         let (c, s) = (&cos[row * d..(row + 1) * d], &sin[row * d..(row + 1) * d]);
         tmp.copy_from_slice(head);
-        for j in 0..d {
-            head[j] = tmp[j] * c[j] + tmp[(j + half) % d] * s[j];
+        let (lo, hi) = tmp.split_at(half);
+        for j in 0..half {
+            head[j] = lo[j] * c[j] + hi[j] * s[j];
+            head[half + j] = hi[j] * c[half + j] + lo[j] * s[half + j];
         }
     }
 }

@@ -4,8 +4,8 @@
 //! 370k exponentials (about 1 % of the rollout's samples) and most of the
 //! step's statistics (softmax sums over 8 x 49k logits). This is Cephes'
 //! `expf` (Cody-Waite reduction by ln 2, a degree-6 polynomial), within 2
-//! ulp of e^x, with no calls, tables or branches, so a loop over it becomes
-//! SIMD code (AVX-512 inside a function compiled for it).
+//! ulp of e^x, with no calls, tables, branches or int conversions, so a
+//! loop over it becomes SIMD code (AVX-512 inside a function compiled for it).
 
 const LOG2E: f32 = std::f32::consts::LOG2_E;
 /// ln 2 split so that n * LN2_HI is exact for the n that occur.
@@ -39,7 +39,9 @@ pub fn exp(x: f32) -> f32 {
         * (r * r)
         + r
         + 1.0;
-    let y = p * f32::from_bits(((n as i32 + 127) as u32) << 23);
+    // 2^n without a float-to-int conversion (that one stays scalar): n + 127
+    // is an integer in 1..=254, the low bits of n + 127 + 2^23.
+    let y = p * f32::from_bits((n + (127.0 + 8_388_608.0)).to_bits() << 23);
     if x < LO {
         0.0
     } else if x > HI {
@@ -47,6 +49,25 @@ pub fn exp(x: f32) -> f32 {
     } else {
         y
     }
+}
+
+/// xs[i] = exp(xs[i] - m) for every i; returns their sum (16 lanes, then
+/// added up). Inlined into the caller, SIMD where the caller is compiled for it.
+#[inline(always)]
+pub fn exp_shifted_sum(xs: &mut [f32], m: f32) -> f32 {
+    let mut lanes = [0f32; 16];
+    let mut blocks = xs.chunks_exact_mut(16);
+    for blk in &mut blocks {
+        for (x, l) in blk.iter_mut().zip(lanes.iter_mut()) {
+            *x = exp(*x - m);
+            *l += *x;
+        }
+    }
+    for x in blocks.into_remainder() {
+        *x = exp(*x - m);
+        lanes[0] += *x;
+    }
+    lanes.iter().sum()
 }
 
 #[cfg(test)]
