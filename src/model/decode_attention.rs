@@ -86,7 +86,10 @@ pub fn attend_into(
         "decode attention: sizes"
     );
     ensure!(
-        k.stride()[3] == 1 && k.stride() == v.stride() && k.kind() == v.kind() && h % g == 0,
+        k.stride()[3] == 1
+            && k.stride() == v.stride()
+            && k.kind() == v.kind()
+            && h.is_multiple_of(g),
         "decode attention: cache layout"
     );
     let sh = Shape {
@@ -204,7 +207,7 @@ impl Widen for f32 {
     }
 
     fn wide(d: usize) -> bool {
-        d % 16 == 0 && d <= 256 && super::small_matmul::has_avx512()
+        d.is_multiple_of(16) && d <= 256 && super::small_matmul::has_avx512()
     }
 
     unsafe fn one_head_wide(
