@@ -12,6 +12,7 @@
 use super::mix;
 use super::sampler::{draw, sample, Rng, Sampling};
 use crate::model::llama::fused;
+use crate::model::small_matmul;
 use crate::model::spin_pool::SpinPool;
 use crate::model::vec_exp;
 use anyhow::Result;
@@ -36,8 +37,8 @@ pub struct TokenStats {
 /// Samples a token per row of `logits` (B, V) f32 and computes the step's
 /// statistics, with mixtures of `mix_k` tokens.
 pub fn token_stats(logits: &Tensor, s: &Sampling, mix_k: i64, rng: &mut Rng) -> Result<TokenStats> {
-    if let Some(rows) = scan(logits, s, mix_k)? {
-        return from_scan(logits, &rows, s, mix_k, rng);
+    if let Some((rows, z)) = scan(logits, s, mix_k)? {
+        return from_scan(logits, z, &rows, s, mix_k, rng);
     }
     let next = sample(logits, s, rng)?;
     let logp_all = logits
@@ -76,7 +77,12 @@ pub struct RowScan {
 /// decode path on (`fused::set_enabled`), 1 <= mix_k <= V, at most 1024 top
 /// tokens kept, and no NaN or infinite maximum in any row (those go the
 /// tensor way, which says what it says about them).
-fn scan(logits: &Tensor, s: &Sampling, mix_k: i64) -> Result<Option<Vec<RowScan>>> {
+/// Returns the rows' scans and the logits as a slice.
+fn scan<'a>(
+    logits: &'a Tensor,
+    s: &Sampling,
+    mix_k: i64,
+) -> Result<Option<(Vec<RowScan>, &'a [f32])>> {
     let size = logits.size();
     let (b, v) = (size[0] as usize, size[1]);
     let k = s.top_k_cut(v).max(mix_k);
@@ -92,12 +98,19 @@ fn scan(logits: &Tensor, s: &Sampling, mix_k: i64) -> Result<Option<Vec<RowScan>
     // SAFETY: a contiguous f32 CPU tensor of b * v elements, borrowed while
     // `logits` lives and nothing writes to it.
     let z = unsafe { std::slice::from_raw_parts(logits.data_ptr() as *const f32, b * v as usize) };
-    Ok(scan_rows(z, v as usize, s.scale() as f32, k as usize))
+    Ok(scan_rows(z, v as usize, s.scale() as f32, k as usize).map(|rows| (rows, z)))
 }
 
-/// `scan_row` for every row of `z` (rows of `v`), over the spin pool.
+/// `scan_row` for every row of `z` (rows of `v`): over the spin pool for
+/// the few rows of the decode kernels' steps, where the rollout holds
+/// libtorch to one thread; on this thread for more (there libtorch keeps
+/// its threads, and a helper spinning after the scan would take a core
+/// from them: 4x slower steps on 2 cores).
 pub fn scan_rows(z: &[f32], v: usize, t: f32, k: usize) -> Option<Vec<RowScan>> {
     let rows = z.len() / v;
+    if rows > small_matmul::MAX_ROWS as usize {
+        return (z.chunks(v)).map(|row| scan_row(row, t, k)).collect();
+    }
     let out: Vec<OnceLock<Option<RowScan>>> = (0..rows).map(|_| OnceLock::new()).collect();
     SpinPool::global().share(rows, 1, &|chunks| {
         for i in chunks.flatten() {
@@ -210,6 +223,7 @@ fn insert(top: &mut Vec<(f32, i64)>, k: usize, x: f32, id: i64) {
 /// The statistics from the scanned rows (CPU tensors).
 fn from_scan(
     logits: &Tensor,
+    z: &[f32],
     rows: &[RowScan],
     s: &Sampling,
     mix_k: i64,
@@ -231,10 +245,7 @@ fn from_scan(
     let next_ids = Vec::<i64>::try_from(&next)?;
     let t = s.scale() as f32;
     let logp: Vec<f32> = (rows.iter().zip(&next_ids).enumerate())
-        .map(|(i, (r, &id))| {
-            let z = logits.double_value(&[i as i64, id]) as f32;
-            z / t - r.lse
-        })
+        .map(|(i, (r, &id))| z[i * v as usize + id as usize] / t - r.lse)
         .collect();
     let entropy: Vec<f32> = rows.iter().map(|r| r.entropy).collect();
     // The mixture: exp(z / T - max) over the top mix_k, renormalised.
@@ -352,7 +363,9 @@ mod tests {
         ];
         for (c, s) in cases.iter().enumerate() {
             // (libtorch orders tied values its own way: none in the top-k here.)
-            let z = logits(8, 4099, 10 + c as i64, 0.0);
+            // 40 rows take the scan on this thread, 8 the spin pool.
+            let rows = if c == 0 { 40 } else { 8 };
+            let z = logits(rows, 4099, 10 + c as i64, 0.0);
             let run = |fast: bool| {
                 fused::set_enabled(fast);
                 let out = token_stats(&z, s, 10, &mut Rng::new(3)).unwrap();
