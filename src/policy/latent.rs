@@ -109,24 +109,11 @@ impl Latent {
 pub(super) struct StepView<'a> {
     /// (B, V) fp32 logits.
     pub logits: &'a Tensor,
-    /// T of softmax(z / T) (1 when greedy).
-    pub temp: f64,
-    /// (B, k) the renormalised top-k mixture of `probs`.
+    /// (B, k) the renormalised top-k mixture of softmax(z / T).
     pub mix_ids: &'a Tensor,
     pub mix_w: &'a Tensor,
     /// (B, H) E[y_t], the hard input.
     pub x_hard: &'a Tensor,
-}
-
-impl StepView<'_> {
-    /// (B, V) softmax(z / T), made only for the rules that need it.
-    fn probs(&self) -> Result<Tensor> {
-        Ok(self
-            .logits
-            .f_div_scalar(self.temp)?
-            .f_log_softmax(-1, Kind::Float)?
-            .f_exp()?)
-    }
 }
 
 /// The rules of one rollout, with the per-row state they keep.
@@ -203,7 +190,11 @@ impl<'a> Rules<'a> {
         match self.latent {
             Latent::Router => Ok((mix::embed(&net.embed_tokens, s.mix_ids, s.mix_w)?, None)),
             Latent::SoftThinking { .. } => {
-                let x = expect_embedding(&s.probs()?, self.e_t()?)?;
+                // softmax(z / T), made only here.
+                let probs = (s.logits.f_div_scalar(self.sampling.scale())?)
+                    .f_log_softmax(-1, Kind::Float)?
+                    .f_exp()?;
+                let x = expect_embedding(&probs, self.e_t()?)?;
                 Ok((x.shallow_clone(), Some(x)))
             }
             Latent::Coconut { .. } => bail!("internal: Coconut's text steps are hard"),

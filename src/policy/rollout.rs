@@ -357,12 +357,6 @@ pub fn rollout_observed(
     };
     let device = net.embed_tokens.device();
     let mut rng = Rng::new(opts.seed);
-    // Log-probs and mixtures use softmax(z / T); greedy decoding scores at T = 1.
-    let temp = if opts.sampling.temperature > 0.0 {
-        opts.sampling.temperature
-    } else {
-        1.0
-    };
     let thoughts = opts.latent.thoughts();
     let steps = thoughts + opts.max_new;
     let (mut h, mut cache) = prefill(net, &prompts, steps as i64)?; // (B, H)
@@ -396,7 +390,6 @@ pub fn rollout_observed(
                 net,
                 router,
                 opts,
-                temp,
                 last,
             };
             let x = ctx.token_step(
@@ -426,7 +419,8 @@ pub fn rollout_observed(
         prompts,
         records,
         inputs,
-        temperature: temp,
+        // Log-probs and mixtures use softmax(z / T); greedy decoding scores at T = 1.
+        temperature: opts.sampling.scale(),
         mix_k: opts.mix_k,
     })
 }
@@ -457,7 +451,6 @@ struct Decode<'a> {
     net: &'a Llama,
     router: Option<&'a Router>,
     opts: &'a RolloutOptions,
-    temp: f64,
     /// The last step of the rollout (every row's token is its last).
     last: bool,
 }
@@ -542,7 +535,6 @@ impl Decode<'_> {
         }
         let view = StepView {
             logits: &logits,
-            temp: self.temp,
             mix_ids,
             mix_w,
             x_hard: &x_hard,

@@ -128,7 +128,7 @@ pub fn scan_row(z: &[f32], t: f32, k: usize) -> Option<RowScan> {
         scan_body(z, t, k)
     }
     #[cfg(target_arch = "x86_64")]
-    if crate::model::small_matmul::has_avx512() {
+    if small_matmul::has_avx512() {
         // SAFETY: the CPU has AVX-512 (checked on the line above).
         return unsafe { wide(z, t, k) };
     }
