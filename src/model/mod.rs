@@ -5,6 +5,7 @@ pub mod decode_attention;
 pub mod device;
 pub mod host_memory;
 pub mod kv_cache;
+pub mod linear;
 pub mod llama;
 pub mod lora;
 pub mod ouro;

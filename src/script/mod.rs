@@ -18,6 +18,7 @@ pub mod bind_train;
 pub mod help;
 mod help_analysis;
 pub mod opts;
+mod run_checkpoint;
 pub mod types;
 
 use rhai::module_resolvers::FileModuleResolver;

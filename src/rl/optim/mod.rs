@@ -14,14 +14,17 @@
 //! the gradients of a step it applies (only those of a skipped step).
 //!
 //! Layout: `schedule` (learning-rate schedules), `clip` (gradient norm and
-//! clipping), `adamw` (the optimizer and its step), `state` (save/load).
+//! clipping), `groups` (parameter groups and their checks), `adamw` (the optimizer and
+//! its step), `state` (save/load).
 mod adamw;
 mod clip;
+mod groups;
 mod schedule;
 mod state;
 
-pub use adamw::{describe_nonfinite, AdamW, AdamWConfig, ParamGroup, StepReport};
+pub use adamw::{describe_nonfinite, AdamW, AdamWConfig, StepReport};
 pub use clip::{clip_grad_norm, grad_norm, scale_grads, zero_grads};
+pub use groups::ParamGroup;
 pub use schedule::{Schedule, ScheduleKind};
 
 /// Helpers shared by the unit tests of the submodules.
