@@ -58,15 +58,19 @@ struct TarpoPg {
 
 extern "C" {
 
-// The rendezvous store: rank 0 serves it on `port`, every rank connects to
-// host:port, retrying until `timeout_ms`.
+// The rendezvous store: rank 0 serves it on `port` (or on `listen_fd`, a
+// socket already listening there), every rank connects to host:port,
+// retrying until `timeout_ms`.
 TarpoStore* tarpo_store_new(
-    const char* host, uint16_t port, bool server, int64_t timeout_ms,
-    char* err, size_t len) {
+    const char* host, uint16_t port, bool server, int listen_fd,
+    int64_t timeout_ms, char* err, size_t len) {
   try {
     c10d::TCPStoreOptions o;
     o.port = port;
     o.isServer = server;
+    if (listen_fd >= 0) {
+      o.masterListenFd = listen_fd;
+    }
     o.waitWorkers = false;
     o.timeout = milliseconds(timeout_ms);
     auto s = c10::make_intrusive<c10d::TCPStore>(std::string(host), o);

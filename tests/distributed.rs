@@ -53,9 +53,19 @@ fn torchrun(n: usize) -> Command {
     c
 }
 
+/// A port for a job this test starts by hand, free now: below the kernel's
+/// ephemeral range (no connection takes it as its source port, no launcher's
+/// bind to port 0 gets it) and a new one on every call in this binary.
 fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let base = 20_000 + (std::process::id() % 1000) as u16 * 10;
+    loop {
+        let p = base + NEXT.fetch_add(1, Ordering::Relaxed);
+        if std::net::TcpListener::bind(("127.0.0.1", p)).is_ok() {
+            return p;
+        }
+    }
 }
 
 fn checkpoint(run: &Path, step: usize) -> PathBuf {
@@ -403,6 +413,9 @@ fn a_wrong_launch_fails_within_seconds_naming_the_variable() {
     refused(&outs, "WORLD_SIZE=\"two\" is not a process count");
     let (outs, _) = launch(&[(0, "2")], &[("MASTER_PORT", "")]);
     refused(&outs, "MASTER_PORT is not set");
+    // A stale socket variable of `tarpo run --nproc` (stdin is no socket).
+    let (outs, _) = launch(&[(0, "2")], &[("TARPO_STORE_FD", "0")]);
+    refused(&outs, "TARPO_STORE_FD=0 is not a socket bound to MASTER_PORT=");
     // The backend: NCCL needs this rank's GPU (none here), and the name is checked.
     let (outs, _) = launch(&[(0, "1")], &[("TARPO_DIST_BACKEND", "nccl")]);
     refused(&outs, "TARPO_DIST_BACKEND=nccl: no CUDA device 0");

@@ -19,6 +19,7 @@ extern "C" {
         host: *const c_char,
         port: u16,
         server: bool,
+        listen_fd: i32,
         timeout_ms: i64,
         err: *mut c_char,
         len: usize,
@@ -114,11 +115,28 @@ unsafe impl Send for Store {}
 unsafe impl Sync for Store {}
 
 impl Store {
-    pub fn connect(host: &str, port: u16, server: bool, timeout_ms: i64) -> Result<Store> {
+    /// `listen_fd`: the server's socket, already bound and listening.
+    pub fn connect(
+        host: &str,
+        port: u16,
+        server: bool,
+        listen_fd: Option<i32>,
+        timeout_ms: i64,
+    ) -> Result<Store> {
         let mut e = ErrBuf::new();
         let h = cstr(host)?;
         // SAFETY: valid C strings and buffer; the shim returns null on error.
-        let p = unsafe { tarpo_store_new(h.as_ptr(), port, server, timeout_ms, e.ptr(), 2048) };
+        let p = unsafe {
+            tarpo_store_new(
+                h.as_ptr(),
+                port,
+                server,
+                listen_fd.unwrap_or(-1),
+                timeout_ms,
+                e.ptr(),
+                2048,
+            )
+        };
         if p.is_null() {
             bail!("{}", e.text());
         }

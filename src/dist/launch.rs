@@ -2,7 +2,13 @@
 //! run ...` does on one machine. N copies of this command, each with RANK,
 //! WORLD_SIZE, LOCAL_RANK and MASTER_ADDR/PORT (loopback, a free port); when
 //! one fails the others get a grace period to report, then are stopped.
+//!
+//! The launcher binds the rendezvous port itself and hands the listening
+//! socket to rank 0 (TARPO_STORE_FD), so no other job can take the port
+//! between its choice and rank 0's start (a probed-then-released port can).
 use anyhow::{bail, Context, Result};
+use std::net::TcpListener;
+use std::os::fd::AsRawFd;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -20,12 +26,18 @@ pub fn local(n: usize, threads: Option<i32>) -> Result<i32> {
     }
     let exe = std::env::current_exe().context("cannot find the tarpo executable")?;
     let args = child_args();
-    let port = free_port()?;
+    let listener =
+        TcpListener::bind("127.0.0.1:0").context("cannot open a rendezvous port on loopback")?;
+    let port = listener.local_addr()?.port();
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
     let per = threads.unwrap_or_else(|| (cores / n).max(1) as i32);
     let mut kids: Vec<Child> = Vec::with_capacity(n);
     for rank in 0..n {
-        let child = Command::new(&exe)
+        let mut cmd = Command::new(&exe);
+        if rank == 0 {
+            inherit(&mut cmd, &listener);
+        }
+        let child = cmd
             .arg("--threads")
             .arg(per.to_string())
             .args(&args)
@@ -63,9 +75,21 @@ fn child_args() -> Vec<String> {
     out
 }
 
-fn free_port() -> Result<u16> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").context("cannot find a free port")?;
-    Ok(l.local_addr()?.port())
+/// Rank 0 keeps `listener` open across exec and learns its number.
+fn inherit(cmd: &mut Command, listener: &TcpListener) {
+    use std::os::unix::process::CommandExt;
+    let fd = listener.as_raw_fd();
+    cmd.env(super::rendezvous::STORE_FD, fd.to_string());
+    // SAFETY: only fcntl (async-signal-safe) between fork and exec, on an fd
+    // the parent keeps open until the children have exited.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
 }
 
 fn wait_all(mut kids: Vec<Child>) -> Result<i32> {

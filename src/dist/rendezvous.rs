@@ -20,11 +20,16 @@ pub struct Env {
     port: u16,
     /// torchrun's agent already serves the store (rank 0 only connects).
     agent_store: bool,
+    /// Rank 0's store socket, already listening (from `tarpo run --nproc`).
+    listen_fd: Option<i32>,
     /// Keys of this attempt (torchrun restarts a failed job under a new count).
     prefix: String,
     init_ms: i64,
     pub timeout_ms: i64,
 }
+
+/// The variable through which `tarpo run --nproc` hands rank 0 its socket.
+pub const STORE_FD: &str = "TARPO_STORE_FD";
 
 fn var(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.trim().is_empty())
@@ -45,6 +50,27 @@ fn seconds(name: &str, default: f64) -> Result<i64> {
         bail!("{name}={s} must be a positive number of seconds");
     }
     Ok((s * 1e3) as i64)
+}
+
+/// The inherited listening socket named by TARPO_STORE_FD, checked to be
+/// bound to `port` (a stale variable must not hand the store another file).
+fn listen_fd(port: u16) -> Result<Option<i32>> {
+    let Some(v) = var(STORE_FD) else {
+        return Ok(None);
+    };
+    let fd: i32 = parse(STORE_FD, &v, "a file descriptor")?;
+    // SAFETY: getsockname writes at most `len` bytes into `addr`.
+    let mut addr: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let rc =
+        unsafe { libc::getsockname(fd, (&mut addr as *mut libc::sockaddr_in).cast(), &mut len) };
+    let bound = rc == 0
+        && i32::from(addr.sin_family) == libc::AF_INET
+        && u16::from_be(addr.sin_port) == port;
+    if !bound {
+        bail!("{STORE_FD}={fd} is not a socket bound to MASTER_PORT={port} (tarpo run --nproc sets it for rank 0; unset it)");
+    }
+    Ok(Some(fd))
 }
 
 impl Env {
@@ -82,6 +108,7 @@ impl Env {
             "MASTER_PORT is not set: the rendezvous port on MASTER_ADDR (torchrun sets it)",
         )?;
         let port: u16 = parse("MASTER_PORT", &port, "a TCP port")?;
+        let listen_fd = if rank == 0 { listen_fd(port)? } else { None };
         let restart = var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
         Ok(Some(Env {
             rank,
@@ -91,6 +118,7 @@ impl Env {
             port,
             agent_store: var("TORCHELASTIC_USE_AGENT_STORE")
                 .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+            listen_fd,
             prefix: format!("tarpo/{restart}/"),
             init_ms: seconds("TARPO_DIST_INIT_TIMEOUT", 60.0)?,
             timeout_ms: seconds("TARPO_DIST_TIMEOUT", 300.0)?,
@@ -105,7 +133,8 @@ impl Env {
     pub fn join(&self) -> Result<(Store, Group, Device)> {
         let secs = self.init_ms as f64 / 1e3;
         let server = self.rank == 0 && !self.agent_store;
-        let store = Store::connect(&self.addr, self.port, server, self.init_ms).map_err(|e| {
+        let fd = self.listen_fd.filter(|_| server);
+        let store = Store::connect(&self.addr, self.port, server, fd, self.init_ms).map_err(|e| {
             e.context(format!(
                 "rank {}: cannot reach the rendezvous store at {} within {secs} s (TARPO_DIST_INIT_TIMEOUT): is MASTER_ADDR rank 0's address, and MASTER_PORT free there?",
                 self.rank,
