@@ -110,7 +110,7 @@ case "$cmd" in
     step "running the test suite"
     log=$(mktemp)
     set +e
-    cargo test --release -- --test-threads=2 2>&1 | tee "$log"
+    cargo test --release --no-fail-fast -- --test-threads=2 2>&1 | tee "$log"
     status=${PIPESTATUS[0]}
     set -e
     awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
