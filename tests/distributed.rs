@@ -415,7 +415,10 @@ fn a_wrong_launch_fails_within_seconds_naming_the_variable() {
     refused(&outs, "MASTER_PORT is not set");
     // A stale socket variable of `tarpo run --nproc` (stdin is no socket).
     let (outs, _) = launch(&[(0, "2")], &[("TARPO_STORE_FD", "0")]);
-    refused(&outs, "TARPO_STORE_FD=0 is not a socket bound to MASTER_PORT=");
+    refused(
+        &outs,
+        "TARPO_STORE_FD=0 is not a socket bound to MASTER_PORT=",
+    );
     // The backend: NCCL needs this rank's GPU (none here), and the name is checked.
     let (outs, _) = launch(&[(0, "1")], &[("TARPO_DIST_BACKEND", "nccl")]);
     refused(&outs, "TARPO_DIST_BACKEND=nccl: no CUDA device 0");

@@ -344,7 +344,12 @@ fn a_prefix_shared_by_every_prompt_runs_once_and_changes_nothing() {
         with(&[5, 9]),
         with(&[40, 41, 42, 43]),
     ];
+    let before = tarpo::policy::rollout::prefill_positions();
     let ro = rollout(&m.net, None, None, &prompts, &options(6)).unwrap();
+    // The 10 system tokens once, then 3 distinct rests padded to 4 tokens
+    // (not 4 rows x 14 tokens, nor 3 x 14).
+    let ran = tarpo::policy::rollout::prefill_positions() - before;
+    assert_eq!(ran, 10 + 3 * 4, "prefill positions");
     let params = m.net.lora_parameters();
     let batch = replay::build(&m.net, &ro, &[0, 1, 2, 3]).unwrap();
     let g = common::assert_shared_replay_is_one_forward(&m.net, &batch, &params);

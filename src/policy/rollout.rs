@@ -23,6 +23,17 @@ use tch::{Device, Kind, Tensor};
 
 thread_local! {
     static HOST_COPIES: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+    static PREFILL_POSITIONS: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+}
+
+/// Token positions the prefills of this thread have run through the model
+/// (rows x length, padding included): a shared prefix counts once.
+pub fn prefill_positions() -> u64 {
+    PREFILL_POSITIONS.with(|c| c.get())
+}
+
+fn count_prefill(rows: usize, len: i64) {
+    PREFILL_POSITIONS.with(|c| c.set(c.get() + rows as u64 * len as u64));
 }
 
 /// Device-to-host copies the decode loops of this thread have made: one per
@@ -214,6 +225,7 @@ pub(crate) fn prefill_loops(
             .f_unsqueeze(0)?;
         let step = one.step(&Tensor::f_ones([1, p as i64], (Kind::Bool, device))?)?;
         net.forward_loops(&net.embed(&prefix)?, &step, Some(&one))?;
+        count_prefill(1, p as i64);
         let rows = Tensor::f_zeros([distinct.len() as i64], (Kind::Int64, device))?;
         one.select_rows(&rows)?
     } else {
@@ -221,6 +233,7 @@ pub(crate) fn prefill_loops(
     };
     let step = cache.step(&valid)?;
     let states = net.forward_loops(&net.embed(&ids)?, &step, Some(&cache))?;
+    count_prefill(distinct.len(), l);
     let last = (states.iter().map(|h| h.f_narrow(1, l - 1, 1))).collect::<Result<Vec<_>, _>>()?;
     // Under autograd the cache is always copied: the prompt's attention saved
     // its keys for the backward, and later steps write into the same buffer.
