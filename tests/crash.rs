@@ -285,7 +285,9 @@ fn damaged_checkpoints_are_reported_and_skipped() {
     let four = base.join("four").join("run");
     run_ok(command(&four, &data, 4));
     let step = |run: &Path, n: u32| run.join("checkpoints").join(format!("step-{n:06}"));
-    let cases: [(&str, &str, fn(&Path)); 3] = [
+    // (what, the message wanted, the damage done to the file)
+    type Case = (&'static str, &'static str, fn(&Path));
+    let cases: [Case; 3] = [
         ("truncated", "optimizer.safetensors: ", |p| {
             let b = std::fs::read(p).unwrap();
             std::fs::write(p, &b[..b.len() / 2]).unwrap();

@@ -152,8 +152,11 @@ struct Target {
     /// ... and contain one of these (the place).
     places: Vec<&'static str>,
     seeds: Vec<Vec<u8>>,
-    run: Box<dyn FnMut(&[u8]) -> Outcome>,
+    run: Parser,
 }
+
+/// A target's parser under test: the input's bytes to what it made of them.
+type Parser = Box<dyn FnMut(&[u8]) -> Outcome>;
 
 fn corpus_dir(target: &str) -> PathBuf {
     common::root().join("tests/fuzz_corpus").join(target)
@@ -1007,7 +1010,7 @@ fn st_split(b: &[u8]) -> Option<(JMap<String, Value>, Vec<u8>)> {
 
 fn st_join(header: &str, data: &[u8]) -> Vec<u8> {
     let mut h = header.as_bytes().to_vec();
-    while h.len() % 8 != 0 {
+    while !h.len().is_multiple_of(8) {
         h.push(b' ');
     }
     let mut out = (h.len() as u64).to_le_bytes().to_vec();
@@ -1306,7 +1309,7 @@ fn random_rhai_map(rng: &mut Rng) -> String {
 fn default_map_text(opts: &[tarpo::script::opts::Opt]) -> String {
     let entries: Vec<String> = opts
         .iter()
-        .filter_map(|o| {
+        .map(|o| {
             let v = match o.def {
                 Def::Int(i) => i.to_string(),
                 Def::Float(f) => format!("{f:?}"),
@@ -1322,7 +1325,7 @@ fn default_map_text(opts: &[tarpo::script::opts::Opt]) -> String {
                     Ty::Any => "()".into(),
                 },
             };
-            Some(format!("{}: {v}", o.name))
+            format!("{}: {v}", o.name)
         })
         .collect();
     format!("#{{{}}}", entries.join(", "))
@@ -1705,7 +1708,7 @@ fn optim_step(opt: &mut AdamW, params: &[Tensor], upto: usize) -> anyhow::Result
     opt.zero_grad()?;
     let mut loss = Tensor::zeros([], (Kind::Float, Device::Cpu));
     for (i, p) in params.iter().enumerate().take(upto) {
-        loss = loss + (p * (i as f64 + 0.5)).sum(Kind::Float);
+        loss += (p * (i as f64 + 0.5)).sum(Kind::Float);
     }
     loss.backward();
     opt.step()?;

@@ -248,16 +248,16 @@ unsafe fn one_head_avx512(
     let d = q.len();
     let n = d / 16;
     let mut qv = [_mm512_setzero_ps(); 16];
-    for c in 0..n {
-        qv[c] = _mm512_loadu_ps(q.as_ptr().add(16 * c));
+    for (c, r) in qv[..n].iter_mut().enumerate() {
+        *r = _mm512_loadu_ps(q.as_ptr().add(16 * c));
     }
     let mut max = f32::NEG_INFINITY;
     for (i, sc) in scores.iter_mut().enumerate() {
         *sc = if mask[i] {
             let kp = k.as_ptr().add(i * d);
             let mut sum = _mm512_mul_ps(qv[0], _mm512_loadu_ps(kp));
-            for c in 1..n {
-                sum = _mm512_fmadd_ps(qv[c], _mm512_loadu_ps(kp.add(16 * c)), sum);
+            for (c, &qc) in qv[..n].iter().enumerate().skip(1) {
+                sum = _mm512_fmadd_ps(qc, _mm512_loadu_ps(kp.add(16 * c)), sum);
             }
             scale * _mm512_reduce_add_ps(sum)
         } else {
@@ -270,13 +270,13 @@ unsafe fn one_head_avx512(
     for (i, &p) in scores.iter().enumerate() {
         if p != 0.0 {
             let (w, vp) = (_mm512_set1_ps(p / total), v.as_ptr().add(i * d));
-            for c in 0..n {
-                out[c] = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(16 * c)), out[c]);
+            for (c, o) in out[..n].iter_mut().enumerate() {
+                *o = _mm512_fmadd_ps(w, _mm512_loadu_ps(vp.add(16 * c)), *o);
             }
         }
     }
-    for c in 0..n {
-        _mm512_storeu_ps(acc.as_mut_ptr().add(16 * c), out[c]);
+    for (c, &o) in out[..n].iter().enumerate() {
+        _mm512_storeu_ps(acc.as_mut_ptr().add(16 * c), o);
     }
 }
 

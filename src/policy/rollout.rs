@@ -56,8 +56,11 @@ struct StepHost {
     ids: Vec<i64>,
     stats: Vec<Vec<f32>>,
     soft_lp: Vec<Vec<f32>>,
-    mix: Option<(Vec<Vec<i64>>, Vec<Vec<f32>>)>,
+    mix: Option<Mixtures>,
 }
+
+/// Per row, the soft input's top-k token ids and their weights.
+type Mixtures = (Vec<Vec<i64>>, Vec<Vec<f32>>);
 
 impl StepHost {
     fn fetch(

@@ -191,7 +191,7 @@ pub fn assert_shared_replay_is_one_forward(
         tch::manual_seed(7);
         let mut loss = Tensor::zeros([], (Kind::Float, tch::Device::Cpu));
         for h in &states {
-            loss = loss + (h * &steps * h.randn_like()).sum(Kind::Float);
+            loss += (h * &steps * h.randn_like()).sum(Kind::Float);
         }
         loss.backward();
         let masked = states.iter().map(|h| (h * &steps).detach()).collect();

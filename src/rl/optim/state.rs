@@ -367,7 +367,7 @@ mod tests {
         a.save(&path).unwrap();
         b.load(&path).unwrap();
         assert_eq!(b.step_count(), 5);
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]
