@@ -108,7 +108,14 @@ impl Env {
             "MASTER_PORT is not set: the rendezvous port on MASTER_ADDR (torchrun sets it)",
         )?;
         let port: u16 = parse("MASTER_PORT", &port, "a TCP port")?;
-        let listen_fd = if rank == 0 { listen_fd(port)? } else { None };
+        let agent_store =
+            var("TORCHELASTIC_USE_AGENT_STORE").is_some_and(|v| v.eq_ignore_ascii_case("true"));
+        // Rank 0 serves the store, unless torchrun's agent does.
+        let listen_fd = if rank == 0 && !agent_store {
+            listen_fd(port)?
+        } else {
+            None
+        };
         let restart = var("TORCHELASTIC_RESTART_COUNT").unwrap_or_else(|| "0".into());
         Ok(Some(Env {
             rank,
@@ -116,8 +123,7 @@ impl Env {
             local_rank,
             addr,
             port,
-            agent_store: var("TORCHELASTIC_USE_AGENT_STORE")
-                .is_some_and(|v| v.eq_ignore_ascii_case("true")),
+            agent_store,
             listen_fd,
             prefix: format!("tarpo/{restart}/"),
             init_ms: seconds("TARPO_DIST_INIT_TIMEOUT", 60.0)?,
@@ -133,8 +139,7 @@ impl Env {
     pub fn join(&self) -> Result<(Store, Group, Device)> {
         let secs = self.init_ms as f64 / 1e3;
         let server = self.rank == 0 && !self.agent_store;
-        let fd = self.listen_fd.filter(|_| server);
-        let store = Store::connect(&self.addr, self.port, server, fd, self.init_ms).map_err(|e| {
+        let store = Store::connect(&self.addr, self.port, server, self.listen_fd, self.init_ms).map_err(|e| {
             e.context(format!(
                 "rank {}: cannot reach the rendezvous store at {} within {secs} s (TARPO_DIST_INIT_TIMEOUT): is MASTER_ADDR rank 0's address, and MASTER_PORT free there?",
                 self.rank,

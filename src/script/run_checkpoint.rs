@@ -7,8 +7,24 @@ use crate::analysis::{frame, tensorboard};
 use crate::rl::checkpoint;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
+use std::cell::RefMut;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+
+/// `m`'s optimizer (checked: `what` names the caller), its parameter groups
+/// brought up to what the policy has now (a router attached after it).
+fn synced_optimizer<'a>(
+    o: &'a OptimizerHandle,
+    m: &Backbone,
+    what: &str,
+) -> Result<RefMut<'a, OptimizerState>> {
+    let mut opt = o.0.borrow_mut();
+    if !opt.backbone.same(m) {
+        bail!("{what}: the optimizer belongs to another backbone");
+    }
+    super::bind_train::sync_params(&mut opt, &m.0.borrow().policy)?;
+    Ok(opt)
+}
 
 /// Writes `RUN/checkpoints/step-N/` (adapter, router, gate, optimizer,
 /// rollout seed generator, data cursor); returns its path.
@@ -18,12 +34,8 @@ pub(super) fn save_checkpoint(
     o: &OptimizerHandle,
     d: Option<&DatasetHandle>,
 ) -> Result<String> {
-    let mut opt = o.0.borrow_mut();
-    if !opt.backbone.same(m) {
-        bail!("save_checkpoint: the optimizer belongs to another backbone");
-    }
+    let opt = synced_optimizer(o, m, "save_checkpoint")?;
     let st = m.0.borrow();
-    super::bind_train::sync_params(&mut opt, &st.policy)?;
     let sampler = d.map(|d| *d.sampler.borrow());
     let run = r.0.borrow();
     let taken = opt.adamw.step_count() + opt.adamw.skipped_steps();
@@ -113,12 +125,8 @@ fn restore(
     o: &OptimizerHandle,
     d: Option<&DatasetHandle>,
 ) -> Result<u64> {
-    let mut opt = o.0.borrow_mut();
-    if !opt.backbone.same(m) {
-        bail!("resume: the optimizer belongs to another backbone");
-    }
+    let mut opt = synced_optimizer(o, m, "resume")?;
     let mut st = m.0.borrow_mut();
-    super::bind_train::sync_params(&mut opt, &st.policy)?;
     let got = checkpoint::load_parts(&st.policy, &mut opt.adamw, dir)?;
     st.rng.state = got.rng;
     match (d, got.sampler) {
